@@ -1,0 +1,526 @@
+//! Configuration: the TOML file an operator writes, parsed into typed structs.
+//!
+//! Three steps, kept apart so each can be tested alone: [`load`] reads the file
+//! (the only I/O), [`from_toml`] parses and type-checks it, and [`Config::validate`]
+//! checks the rules that span several keys. Every error names the file, the line and
+//! the dotted key, because an operator fixing a config at 3 a.m. should not have to
+//! guess. Unknown keys are errors (`deny_unknown_fields`): a typo must never be
+//! silently ignored. Durations carry their unit in the key name (`_ms`).
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::HeaderName;
+use http::uri::Authority;
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue};
+
+/// A config that could not be read, parsed or validated.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read at all.
+    #[error("{file}: cannot read config: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file was read but something in it is wrong.
+    #[error("{}", InvalidDisplay { file, line: *line, key, message })]
+    Invalid {
+        file: String,
+        /// 1-based line of the offending key or value; 0 when it has no place in the file
+        /// (a required key that is missing).
+        line: usize,
+        /// Dotted path of the key, e.g. `routing.canary_percent`; empty for syntax errors.
+        key: String,
+        message: String,
+    },
+}
+
+struct InvalidDisplay<'a> {
+    file: &'a str,
+    line: usize,
+    key: &'a str,
+    message: &'a str,
+}
+
+impl fmt::Display for InvalidDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if self.line > 0 {
+            write!(f, ":{}", self.line)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": key `{}`", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub pools: PoolsConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+}
+
+/// `[server]`: where the proxy and the admin listener bind, and how long a drain may take.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `[pools.production]` and `[pools.canary]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsConfig {
+    pub production: PoolConfig,
+    #[serde(default)]
+    pub canary: PoolConfig,
+}
+
+/// One pool: the backends that serve one version of the application.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    #[serde(default)]
+    pub backends: Vec<BackendAddr>,
+}
+
+/// A backend's `host:port`. A hostname is resolved by the system resolver when a
+/// connection is opened, so DNS changes are followed without a reload.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct BackendAddr(pub Authority);
+
+impl TryFrom<String> for BackendAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        let authority =
+            Authority::from_str(&s).map_err(|_| format!("`{s}` is not a host:port address"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{s}` must not contain user info"));
+        }
+        if authority.port_u16().is_none() {
+            return Err(format!("`{s}` has no port (write host:port)"));
+        }
+        if authority.host().is_empty() {
+            return Err(format!("`{s}` has no host"));
+        }
+        Ok(Self(authority))
+    }
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+/// `[routing]`: how requests are split between the pools.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    pub canary_percent: u8,
+    pub sticky: Sticky,
+    pub override_header: OverrideHeader,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            canary_percent: 33,
+            sticky: Sticky::Cookie,
+            override_header: OverrideHeader(Some(HeaderName::from_static("x-canary"))),
+        }
+    }
+}
+
+/// What keeps a user on one version: `"cookie"`, `"header:<name>"`, `"ip"` or `"none"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Sticky {
+    /// The `canarygate_id` cookie, set by the proxy on a client's first response.
+    Cookie,
+    /// The value of a request header the application or an outer proxy sets.
+    Header(HeaderName),
+    /// The client's IP address as the proxy sees it (the TCP peer).
+    Ip,
+    /// No stickiness: every request draws its own bucket.
+    None,
+}
+
+impl TryFrom<String> for Sticky {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "cookie" => Ok(Self::Cookie),
+            "ip" => Ok(Self::Ip),
+            "none" => Ok(Self::None),
+            other => match other.strip_prefix("header:") {
+                Some(name) => HeaderName::from_str(name)
+                    .map(Self::Header)
+                    .map_err(|_| format!("`{name}` is not a valid header name")),
+                None => Err(format!(
+                    "`{s}` is not one of \"cookie\", \"header:<name>\", \"ip\", \"none\""
+                )),
+            },
+        }
+    }
+}
+
+/// The request header whose value `always`/`never` forces a pool; `""` turns it off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct OverrideHeader(pub Option<HeaderName>);
+
+impl TryFrom<String> for OverrideHeader {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.is_empty() {
+            return Ok(Self(None));
+        }
+        HeaderName::from_str(&s)
+            .map(|name| Self(Some(name)))
+            .map_err(|_| format!("`{s}` is not a valid header name"))
+    }
+}
+
+/// `[timeouts]`, all in milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsConfig {
+    pub connect_ms: u64,
+    pub response_header_ms: u64,
+    pub client_header_read_ms: u64,
+    pub idle_ms: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect_ms: 1_000,
+            response_header_ms: 30_000,
+            client_header_read_ms: 10_000,
+            idle_ms: 60_000,
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    pub fn connect(&self) -> Duration {
+        Duration::from_millis(self.connect_ms)
+    }
+    pub fn response_header(&self) -> Duration {
+        Duration::from_millis(self.response_header_ms)
+    }
+    pub fn client_header_read(&self) -> Duration {
+        Duration::from_millis(self.client_header_read_ms)
+    }
+    pub fn idle(&self) -> Duration {
+        Duration::from_millis(self.idle_ms)
+    }
+}
+
+/// A rule broken by an otherwise well-typed config: the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub key: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Checks the rules serde cannot express. Returns the first violation.
+    pub fn validate(&self) -> Result<(), Violation> {
+        let fail = |key: &str, message: String| {
+            Err(Violation {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        // Port 0 asks the OS for a free port, so two of them never collide.
+        if self.server.listen == self.server.admin_listen && self.server.listen.port() != 0 {
+            return fail(
+                "server.admin_listen",
+                format!(
+                    "{} is also server.listen; the admin listener needs its own address",
+                    self.server.admin_listen
+                ),
+            );
+        }
+        if self.pools.production.backends.is_empty() {
+            return fail(
+                "pools.production.backends",
+                "the production pool is empty; list at least one backend".to_owned(),
+            );
+        }
+        for (pool, cfg) in [
+            ("pools.production.backends", &self.pools.production),
+            ("pools.canary.backends", &self.pools.canary),
+        ] {
+            for (i, backend) in cfg.backends.iter().enumerate() {
+                if cfg.backends[..i].contains(backend) {
+                    return fail(pool, format!("{backend} is listed twice"));
+                }
+            }
+        }
+        if let Some(shared) = self
+            .pools
+            .canary
+            .backends
+            .iter()
+            .find(|b| self.pools.production.backends.contains(b))
+        {
+            return fail(
+                "pools.canary.backends",
+                format!("{shared} is in both pools; a backend serves one version"),
+            );
+        }
+        if self.routing.canary_percent > 100 {
+            return fail(
+                "routing.canary_percent",
+                format!(
+                    "{} is out of range; it must be 0..=100",
+                    self.routing.canary_percent
+                ),
+            );
+        }
+        let t = &self.timeouts;
+        for (key, value) in [
+            ("timeouts.connect_ms", t.connect_ms),
+            ("timeouts.response_header_ms", t.response_header_ms),
+            ("timeouts.client_header_read_ms", t.client_header_read_ms),
+            ("timeouts.idle_ms", t.idle_ms),
+        ] {
+            if value == 0 {
+                return fail(key, "must be greater than 0".to_owned());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads, parses and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    from_toml(&src, &file)
+}
+
+/// Parses and validates config text; `file` is only used in error messages.
+pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let invalid = |line: usize, key: String, message: String| ConfigError::Invalid {
+        file: file.to_owned(),
+        line,
+        key,
+        message,
+    };
+    let doc = DeTable::parse(src).map_err(|e| {
+        invalid(
+            e.span().map_or(0, |s| line_of(src, s.start)),
+            String::new(),
+            e.message().trim().to_owned(),
+        )
+    })?;
+    let config: Config = serde_path_to_error::deserialize(toml::de::Deserializer::from(
+        doc.clone(),
+    ))
+    .map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        // A missing key has no span of its own; point at its table if it has one.
+        let line = inner
+            .span()
+            .map(|s| line_of(src, s.start))
+            .or_else(|| span_of(&doc, &key).map(|s| line_of(src, s.start)))
+            .unwrap_or(0);
+        invalid(line, key, inner.message().trim().to_owned())
+    })?;
+    config.validate().map_err(|v| {
+        let line = span_of(&doc, &v.key).map_or(0, |s| line_of(src, s.start));
+        invalid(line, v.key, v.message)
+    })?;
+    Ok(config)
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(src: &str, offset: usize) -> usize {
+    src.as_bytes()[..offset.min(src.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Span of the value at a dotted key path, or of its deepest existing parent table.
+fn span_of(doc: &toml::Spanned<DeTable<'_>>, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut table = doc.get_ref();
+    let mut span = None;
+    for part in key.split('.').filter(|p| !p.is_empty()) {
+        let part = part.split('[').next().unwrap_or(part);
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        span = Some(value.span());
+        match value.get_ref() {
+            DeValue::Table(inner) => table = inner,
+            _ => break,
+        }
+    }
+    span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(src: &str) -> String {
+        from_toml(src, "test.toml").unwrap_err().to_string()
+    }
+
+    const MINIMAL: &str = "[pools.production]\nbackends = [\"127.0.0.1:3001\"]\n";
+
+    #[test]
+    fn minimal_config_takes_documented_defaults() {
+        let c = from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(c.server.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.server.admin_listen, "127.0.0.1:9090".parse().unwrap());
+        assert_eq!(c.server.drain_timeout_ms, 10_000);
+        assert_eq!(c.routing.canary_percent, 33);
+        assert_eq!(c.routing.sticky, Sticky::Cookie);
+        assert_eq!(c.routing.override_header.0.unwrap().as_str(), "x-canary");
+        assert_eq!(c.timeouts, TimeoutsConfig::default());
+        assert!(c.pools.canary.backends.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = err(
+            "[pools.production]\nbackends = [\"127.0.0.1:3001\"]\n\n[routing]\ncanary_pct = 5\n",
+        );
+        assert!(
+            e.starts_with("test.toml:5: key `routing.canary_pct`"),
+            "{e}"
+        );
+        assert!(e.contains("unknown field `canary_pct`"), "{e}");
+    }
+
+    #[test]
+    fn percent_out_of_range_names_line() {
+        let e = err(&format!("{MINIMAL}[routing]\ncanary_percent = 150\n"));
+        assert_eq!(
+            e,
+            "test.toml:4: key `routing.canary_percent`: 150 is out of range; it must be 0..=100"
+        );
+        let e = err(&format!("{MINIMAL}[routing]\ncanary_percent = -1\n"));
+        assert!(
+            e.starts_with("test.toml:4: key `routing.canary_percent`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_addresses_are_named() {
+        let e = err(
+            "[server]\nlisten = \"nope\"\n[pools.production]\nbackends = [\"127.0.0.1:3001\"]\n",
+        );
+        assert!(e.starts_with("test.toml:2: key `server.listen`"), "{e}");
+        let e = err("[pools.production]\nbackends = [\"127.0.0.1:3001\", \"hostonly\"]\n");
+        assert!(
+            e.starts_with("test.toml:2: key `pools.production.backends[1]`"),
+            "{e}"
+        );
+        assert!(e.contains("has no port"), "{e}");
+    }
+
+    #[test]
+    fn empty_production_pool_is_refused() {
+        let e = err("[pools.production]\nbackends = []\n");
+        assert_eq!(
+            e,
+            "test.toml:2: key `pools.production.backends`: the production pool is empty; list at least one backend"
+        );
+        let e = err("[pools.canary]\nbackends = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("key `pools`") && e.contains("production"), "{e}");
+    }
+
+    #[test]
+    fn sticky_modes_parse() {
+        let with = |s: &str| from_toml(&format!("{MINIMAL}[routing]\nsticky = \"{s}\"\n"), "t");
+        assert_eq!(with("ip").unwrap().routing.sticky, Sticky::Ip);
+        assert_eq!(with("none").unwrap().routing.sticky, Sticky::None);
+        assert_eq!(
+            with("header:X-User").unwrap().routing.sticky,
+            Sticky::Header(HeaderName::from_static("x-user"))
+        );
+        let e = with("session").unwrap_err().to_string();
+        assert!(e.starts_with("t:4: key `routing.sticky`"), "{e}");
+        assert!(with("header:bad name").is_err());
+    }
+
+    #[test]
+    fn syntax_error_names_line() {
+        let e = err("[pools.production]\nbackends = [\"a:1\"\n");
+        assert!(e.starts_with("test.toml:"), "{e}");
+    }
+
+    #[test]
+    fn backend_in_both_pools_and_zero_timeouts_are_refused() {
+        let e = err(
+            "[pools.production]\nbackends = [\"127.0.0.1:1\"]\n[pools.canary]\nbackends = [\"127.0.0.1:1\"]\n",
+        );
+        assert!(
+            e.starts_with("test.toml:4: key `pools.canary.backends`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[timeouts]\nconnect_ms = 0\n"));
+        assert_eq!(
+            e,
+            "test.toml:4: key `timeouts.connect_ms`: must be greater than 0"
+        );
+    }
+
+    #[test]
+    fn empty_override_header_turns_it_off() {
+        let c = from_toml(
+            &format!("{MINIMAL}[routing]\noverride_header = \"\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.routing.override_header, OverrideHeader(None));
+    }
+
+    #[test]
+    fn shipped_example_config_is_valid() {
+        let src = include_str!("../config.toml");
+        from_toml(src, "config.toml").unwrap();
+    }
+}

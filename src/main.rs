@@ -1,0 +1,243 @@
+//! The `canarygate` binary: parses the command line, loads the config, sets up
+//! logging and signals, and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use canarygate::backend::{self, AppIdentity};
+use canarygate::config::{self, Config};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Exit status for a bad config or bad usage (EX_USAGE from sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "canarygate", version, about = "Canary-splitting reverse proxy")]
+struct Cli {
+    /// Log format on stderr; the level comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy with a config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0, or 64 with the file, line, key and problem.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start two demo apps (production v1, canary v2) and the proxy in front of them.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin_listen: SocketAddr,
+    },
+    /// Serve the demo web app alone (for tests, benchmarks and deployments).
+    Backend {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Shown in the page and sent in the `x-backend` header.
+        #[arg(long)]
+        name: String,
+        /// Version label shown in the page.
+        #[arg(long, default_value = "v1")]
+        app_version: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match &cli.command {
+        Command::Check { config } => match config::load(config) {
+            Ok(_) => {
+                println!("{}: ok", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => config_failure(&e),
+        },
+        Command::Run { config } => match config::load(config) {
+            Ok(cfg) => exit_with(runtime().and_then(|rt| rt.block_on(run(cfg, config)))),
+            Err(e) => config_failure(&e),
+        },
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => exit_with(runtime().and_then(|rt| rt.block_on(demo(*listen, *admin_listen)))),
+        Command::Backend {
+            listen,
+            name,
+            app_version,
+        } => exit_with(runtime().and_then(|rt| {
+            rt.block_on(serve_backend(
+                *listen,
+                AppIdentity {
+                    name: name.clone(),
+                    version: app_version.clone(),
+                },
+            ))
+        })),
+    }
+}
+
+fn config_failure(error: &config::ConfigError) -> ExitCode {
+    eprintln!("error: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn exit_with(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = format!("{e:#}"), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the {what} on {addr}"))
+}
+
+/// Cancels `token` on SIGTERM or SIGINT; a second signal exits at once.
+fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+            _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+        }
+        token.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        warn!("second signal; exiting without draining");
+        std::process::exit(130);
+    });
+    Ok(())
+}
+
+async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+    let listener = bind(config.server.listen, "proxy listener").await?;
+    let admin = bind(config.server.admin_listen, "admin listener").await?;
+    info!(config = %path.display(), "config loaded");
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    canarygate::run(listener, admin, config, shutdown).await;
+    Ok(())
+}
+
+async fn serve_backend(listen: SocketAddr, identity: AppIdentity) -> anyhow::Result<()> {
+    let listener = bind(listen, "backend").await?;
+    info!(addr = %listener.local_addr()?, name = %identity.name, "backend listening");
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone())?;
+    backend::run(listener, identity, demo_serve_options(), shutdown).await;
+    Ok(())
+}
+
+fn demo_serve_options() -> canarygate::server::ServeOptions {
+    let defaults = config::TimeoutsConfig::default();
+    canarygate::server::ServeOptions {
+        header_read_timeout: defaults.client_header_read(),
+        idle_timeout: defaults.idle(),
+        drain_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    let mut backends = Vec::new();
+    for (name, version) in [("production", "v1"), ("canary", "v2")] {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "demo app").await?;
+        let addr = listener.local_addr()?;
+        let identity = AppIdentity {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        tokio::spawn(backend::run(
+            listener,
+            identity,
+            demo_serve_options(),
+            shutdown.clone(),
+        ));
+        backends.push(addr);
+    }
+    // The demo config goes through the same parser and validation as a real one.
+    let toml = format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
+         [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n",
+        backends[0], backends[1]
+    );
+    let config = config::from_toml(&toml, "<demo>")?;
+    let listener = bind(
+        listen,
+        "proxy listener (pass --listen to pick another port)",
+    )
+    .await?;
+    let admin = bind(
+        admin_listen,
+        "admin listener (pass --admin-listen to pick another)",
+    )
+    .await?;
+    let (proxy_addr, admin_addr) = (listener.local_addr()?, admin.local_addr()?);
+    println!(
+        "canarygate demo\n\
+         \x20 proxy       http://{proxy_addr}/   ({}% canary, sticky by cookie)\n\
+         \x20 admin       http://{admin_addr}/healthz\n\
+         \x20 production  http://{}/   (v1)\n\
+         \x20 canary      http://{}/   (v2)\n\
+         try:  for i in $(seq 9); do curl -s http://{proxy_addr}/ | grep -o '(v[12])'; done\n\
+         \x20     curl -si -H 'x-canary: always' http://{proxy_addr}/ | grep -i x-canarygate-pool\n\
+         Ctrl-C stops everything.",
+        config.routing.canary_percent, backends[0], backends[1]
+    );
+    spawn_signal_handler(shutdown.clone())?;
+    canarygate::run(listener, admin, config, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,455 @@
+//! The request path: route one client request to a backend and stream the answer back.
+//!
+//! `handle` loads the snapshot once, decides the pool and backend with the pure
+//! functions of [`crate::routing`], rewrites headers (hop-by-hop stripping per
+//! RFC 9110 7.6.1, `X-Forwarded-*`, `X-Request-Id`), forwards through the pooled
+//! client with a response-header deadline, and maps every failure to a status in one
+//! exhaustive match. Bodies are never buffered: hyper streams them both ways with
+//! backpressure, so a 64 MiB upload costs the proxy a few buffers, not 64 MiB.
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Scheme, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use crate::config::Sticky;
+use crate::routing;
+use crate::state::AppState;
+
+/// Response body: the upstream's streamed body, or a short body the proxy wrote.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Header on every proxied response naming the pool that served it.
+pub const POOL_HEADER: HeaderName = HeaderName::from_static("x-canarygate-pool");
+/// Request id, kept from the client or generated, sent upstream and returned.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Hop-by-hop headers (RFC 9110 7.6.1, plus the non-standard Proxy-Connection and the
+/// Trailer announcement): they describe one connection, never the next one.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// A year, the lifetime of the sticky cookie.
+const STICKY_COOKIE_MAX_AGE_S: u32 = 365 * 24 * 3600;
+
+/// What the proxy knows about the client connection a request came on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+}
+
+/// Why a request got no upstream response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("request cannot be proxied: {0}")]
+    BadRequest(&'static str),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("no backend available in pool {0}")]
+    NoBackend(&'static str),
+    #[error("connecting to the backend failed")]
+    Connect(#[source] hyper_util::client::legacy::Error),
+    #[error("backend sent no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("backend failed")]
+    Upstream(#[source] hyper_util::client::legacy::Error),
+}
+
+impl ProxyError {
+    /// The one place errors become statuses.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn body(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "400 bad request\n",
+            Self::MethodNotAllowed => "405 method not allowed\n",
+            Self::NoBackend(_) => "503 no backend available\n",
+            Self::Connect(_) => "502 bad gateway: backend unreachable\n",
+            Self::Upstream(_) => "502 bad gateway: backend failed\n",
+            Self::Timeout(_) => "504 gateway timeout: backend too slow\n",
+        }
+    }
+}
+
+/// Proxies one request. Never fails: every error becomes a short response.
+pub async fn handle(
+    state: &AppState,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snapshot = state.snapshot();
+    let config = &snapshot.config;
+    let routing = &config.routing;
+    let headers = req.headers();
+
+    let forced = routing
+        .override_header
+        .0
+        .as_ref()
+        .and_then(|name| headers.get(name))
+        .and_then(|v| routing::parse_override(v.as_bytes()));
+    let mut new_sticky_id = None;
+    let bucket = match &routing.sticky {
+        Sticky::Cookie => match sticky_cookie(headers) {
+            Some(id) => routing::bucket(id),
+            None => {
+                let id = random_hex_id();
+                let bucket = routing::bucket(&id);
+                new_sticky_id = Some(id);
+                bucket
+            }
+        },
+        Sticky::Header(name) => headers
+            .get(name)
+            .map_or_else(random_bucket, |v| routing::bucket(v.as_bytes())),
+        Sticky::Ip => ip_bucket(conn.peer.ip()),
+        Sticky::None => random_bucket(),
+    };
+    let kind = routing::choose_pool(
+        forced,
+        bucket,
+        routing.canary_percent,
+        !snapshot.pools.canary.is_empty(),
+    );
+    let request_id = match headers.get(REQUEST_ID) {
+        Some(id) if valid_request_id(id.as_bytes()) => id.clone(),
+        _ => header_value_from_id(&random_hex_id()),
+    };
+
+    let method = req.method().clone();
+    let pool = snapshot.pools.get(kind);
+    let (result, backend) = match pool.pick() {
+        None => (Err(ProxyError::NoBackend(kind.as_str())), None),
+        Some(backend) => {
+            let result = match upstream_request(req, conn, &backend.authority, &request_id) {
+                Ok(up) => forward(state, up, config.timeouts.response_header()).await,
+                Err(e) => Err(e),
+            };
+            (result, Some(backend))
+        }
+    };
+    let backend_addr = backend.map_or("-", |b| b.authority.as_str());
+
+    let mut response = match result {
+        Ok(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            response.map(Either::Left)
+        }
+        Err(error) => {
+            let status = error.status();
+            warn!(
+                pool = kind.as_str(),
+                backend = backend_addr,
+                status = status.as_u16(),
+                error = %error,
+                cause = error_cause(&error),
+                "proxy error"
+            );
+            error_response(&error)
+        }
+    };
+    let response_headers = response.headers_mut();
+    response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
+    response_headers.insert(REQUEST_ID, request_id);
+    if let Some(id) = new_sticky_id {
+        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
+    }
+    info!(
+        method = %method,
+        pool = kind.as_str(),
+        backend = backend_addr,
+        status = response.status().as_u16(),
+        duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "proxied"
+    );
+    response
+}
+
+/// Sends the request and waits for the response headers, at most `deadline`.
+async fn forward(
+    state: &AppState,
+    req: Request<Incoming>,
+    deadline: Duration,
+) -> Result<Response<Incoming>, ProxyError> {
+    match tokio::time::timeout(deadline, state.client.request(req)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(e)),
+        Ok(Err(e)) => Err(ProxyError::Upstream(e)),
+        Err(_) => Err(ProxyError::Timeout(deadline)),
+    }
+}
+
+/// Rewrites a client request into the request sent to `backend`.
+fn upstream_request(
+    req: Request<Incoming>,
+    conn: ConnInfo,
+    backend: &http::uri::Authority,
+    request_id: &HeaderValue,
+) -> Result<Request<Incoming>, ProxyError> {
+    if req.method() == Method::CONNECT {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    strip_hop_by_hop(&mut parts.headers);
+
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(backend.clone());
+    if uri.path_and_query.is_none() {
+        return Err(ProxyError::BadRequest("request target has no path"));
+    }
+    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    parts.version = Version::HTTP_11;
+
+    let h = &mut parts.headers;
+    if let Some(host) = host {
+        h.insert(X_FORWARDED_HOST, host.clone());
+        h.insert(header::HOST, host);
+    }
+    append_forwarded_for(h, conn.peer.ip());
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    h.insert(REQUEST_ID, request_id.clone());
+    Ok(Request::from_parts(parts, body))
+}
+
+/// Removes hop-by-hop headers: the fixed set, and every header the Connection header
+/// names (RFC 9110 7.6.1). Used on both the request and the response path.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        // Connection values are cloned out first (cheap: they share their bytes) because
+        // removing the headers they name needs the map mutably.
+        let named: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for value in &named {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                if let Ok(name) = std::str::from_utf8(token.trim_ascii()) {
+                    headers.remove(name);
+                }
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client IP to `X-Forwarded-For`, keeping what earlier proxies wrote.
+fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
+    let mut buf = [0u8; 64];
+    let ip_text = write_ip(&mut buf, ip);
+    let value = match headers.get(X_FORWARDED_FOR) {
+        Some(prior) if !prior.is_empty() => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + ip_text.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip_text);
+            HeaderValue::from_bytes(&joined)
+        }
+        _ => HeaderValue::from_bytes(ip_text),
+    };
+    if let Ok(value) = value {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+/// Writes an IP in its usual text form (`192.0.2.7`, `2001:db8::1`) into `buf`.
+fn write_ip(buf: &mut [u8; 64], ip: IpAddr) -> &[u8] {
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 64 bytes hold the longest IPv6 text (45), so the write cannot fail.
+    let _ = write!(cursor, "{ip}");
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    &buf[..len]
+}
+
+/// The bucket of a client IP, hashed in its text form so other tools can reproduce it.
+fn ip_bucket(ip: IpAddr) -> u8 {
+    let mut buf = [0u8; 64];
+    routing::bucket(write_ip(&mut buf, ip))
+}
+
+fn random_bucket() -> u8 {
+    fastrand::u8(0..100)
+}
+
+/// The sticky id from the client's cookies, if there is a valid one.
+fn sticky_cookie(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .find_map(|v| routing::find_cookie(v.as_bytes(), routing::STICKY_COOKIE))
+        .filter(|id| routing::valid_sticky_id(id))
+}
+
+/// 128 random bits as 32 lowercase hex characters: sticky ids and request ids.
+fn random_hex_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for byte in out.iter_mut().rev() {
+        *byte = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out
+}
+
+fn header_value_from_id(id: &[u8; 32]) -> HeaderValue {
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+fn sticky_set_cookie(id: &[u8; 32]) -> HeaderValue {
+    let mut value = Vec::with_capacity(128);
+    value.extend_from_slice(routing::STICKY_COOKIE.as_bytes());
+    value.push(b'=');
+    value.extend_from_slice(id);
+    let _ = write!(
+        value,
+        "; Path=/; Max-Age={STICKY_COOKIE_MAX_AGE_S}; HttpOnly; SameSite=Lax"
+    );
+    HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A client-sent request id is kept when it is 1 to 128 visible ASCII characters;
+/// otherwise the proxy generates one, so logs never carry arbitrary bytes.
+fn valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len()) && id.iter().all(|&b| b.is_ascii_graphic())
+}
+
+fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from_static(
+        error.body().as_bytes(),
+    ))));
+    *response.status_mut() = error.status();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    if let ProxyError::NoBackend(_) = error {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// The innermost cause of an error, for the log line.
+fn error_cause(error: &ProxyError) -> String {
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("x-other"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends() {
+        let mut h = HeaderMap::new();
+        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
+        append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 2001:db8::1");
+    }
+
+    #[test]
+    fn ids_are_hex_and_differ() {
+        let a = random_hex_id();
+        let b = random_hex_id();
+        assert_ne!(a, b);
+        assert!(a.iter().all(u8::is_ascii_hexdigit));
+        assert!(routing::valid_sticky_id(&a));
+    }
+
+    #[test]
+    fn set_cookie_has_the_documented_attributes() {
+        let v = sticky_set_cookie(b"0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            v,
+            "canarygate_id=0123456789abcdef0123456789abcdef; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
+        );
+    }
+
+    #[test]
+    fn request_id_validation() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+    }
+
+    #[test]
+    fn every_error_maps_to_its_status() {
+        assert_eq!(ProxyError::BadRequest("x").status(), 400);
+        assert_eq!(ProxyError::MethodNotAllowed.status(), 405);
+        assert_eq!(ProxyError::NoBackend("canary").status(), 503);
+        assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
+    }
+}

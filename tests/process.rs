@@ -1,0 +1,318 @@
+//! The real binary as a child process: config errors and exit codes, signals and
+//! drain, memory while streaming large bodies, and the `backend` and `demo` commands.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+
+fn check(config: &str) -> (i32, String) {
+    let dir = TempDir::new("check");
+    let path = dir.write("bad.toml", config);
+    let out = Command::new(binary())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).replace(path.to_str().unwrap(), "FILE");
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+#[test]
+fn check_names_file_line_and_key_and_exits_64() {
+    let good = "[pools.production]\nbackends = [\"127.0.0.1:3001\"]\n";
+    let (code, _) = check(good);
+    assert_eq!(code, 0);
+
+    let cases = [
+        (
+            format!("{good}[routing]\ncanary_percent = 150\n"),
+            "FILE:4: key `routing.canary_percent`: 150 is out of range",
+        ),
+        (
+            format!("{good}[routing]\nstickyness = \"ip\"\n"),
+            "FILE:4: key `routing.stickyness`: unknown field `stickyness`",
+        ),
+        (
+            "[server]\nlisten = \"localhost\"\n".to_owned() + good,
+            "FILE:2: key `server.listen`",
+        ),
+        (
+            "[pools.production]\nbackends = []\n".to_owned(),
+            "FILE:2: key `pools.production.backends`: the production pool is empty",
+        ),
+        (
+            format!("{good}[routing]\nsticky = \"session\"\n"),
+            "FILE:4: key `routing.sticky`",
+        ),
+        ("[pools.production\nbackends = []\n".to_owned(), "FILE:1:"),
+    ];
+    for (config, expected) in cases {
+        let (code, stderr) = check(&config);
+        assert_eq!(code, 64, "config:\n{config}\nstderr: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected `{expected}` in: {stderr}"
+        );
+    }
+
+    let out = Command::new(binary())
+        .args(["check", "--config", "/nonexistent/canarygate.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("/nonexistent/canarygate.toml: cannot read config")
+    );
+}
+
+#[test]
+fn run_refuses_a_bad_config_before_binding() {
+    // The listen port is taken: had `run` bound first it would fail on the bind, not
+    // on the config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = TempDir::new("run-bad");
+    let path = dir.write(
+        "c.toml",
+        &format!(
+            "[server]\nlisten = \"{}\"\n[pools.production]\nbackends = [\"127.0.0.1:1\"]\n[routing]\ncanary_percent = 101\n",
+            taken.local_addr().unwrap()
+        ),
+    );
+    let out = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(":6: key `routing.canary_percent`"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
+    within(30, async {
+        let prod = TestBackend::start("production").await;
+        let mut proxy = ProxyProcess::spawn(
+            &config_toml(&[prod.addr], &[], ""),
+            "drain_timeout_ms = 5000",
+        );
+        let url = format!("http://{}/sleep?ms=1500", proxy.addr);
+        let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.signal("TERM");
+        proxy.wait_log("stopped accepting", Duration::from_secs(5));
+        // New connections are refused while the old request drains.
+        assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err());
+        let got = slow.await.unwrap();
+        assert_eq!((got.status.as_u16(), got.text()), (200, "slept"));
+        let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
+            .await
+            .unwrap()
+            .expect("proxy exited");
+        assert_eq!(status.code(), Some(0));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_cuts_requests_that_run_too_long() {
+    within(30, async {
+        let prod = TestBackend::start("production").await;
+        let mut proxy = ProxyProcess::spawn(
+            &config_toml(&[prod.addr], &[], ""),
+            "drain_timeout_ms = 300",
+        );
+        let url = format!("http://{}/sleep?ms=10000", proxy.addr);
+        let slow = tokio::spawn(async move {
+            client()
+                .request(
+                    Request::get(url)
+                        .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                        .unwrap(),
+                )
+                .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let started = std::time::Instant::now();
+        proxy.signal("TERM");
+        let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
+            .await
+            .unwrap()
+            .expect("proxy exited within the drain timeout");
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            slow.await.unwrap().is_err(),
+            "the cut request cannot have succeeded"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_intact_in_bounded_memory() {
+    within(120, async {
+        const SIZE: u64 = 64 * 1024 * 1024;
+        let prod = TestBackend::start("production").await;
+        let proxy = ProxyProcess::spawn(&config_toml(&[prod.addr], &[], ""), "");
+        let expected = PatternBody::sha256(SIZE);
+        let c = client();
+
+        // Upload: the backend hashes what it received.
+        let req = Request::post(format!("http://{}/upload", proxy.addr))
+            .body(PatternBody::new(SIZE).boxed())
+            .unwrap();
+        let got = send(&c, req).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), format!("{SIZE} {expected}"));
+
+        // Download: hash it here chunk by chunk, never holding it whole.
+        let req = Request::get(format!("http://{}/download?bytes={SIZE}", proxy.addr))
+            .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap();
+        let response = c.request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let mut body = response.into_body();
+        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+        let mut len = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame.unwrap().data_ref() {
+                len += data.len() as u64;
+                sha2::Digest::update(&mut hasher, data);
+            }
+        }
+        assert_eq!(len, SIZE);
+        assert_eq!(hex(&sha2::Digest::finalize(hasher)), expected);
+
+        let peak = proxy.peak_rss_bytes();
+        eprintln!(
+            "proxy peak RSS after 64 MiB up and down: {} KiB",
+            peak / 1024
+        );
+        assert!(
+            peak < 64 * 1024 * 1024,
+            "proxy peak RSS {} MiB",
+            peak / 1024 / 1024
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_command_serves_the_demo_app() {
+    within(30, async {
+        let mut child = Command::new(binary())
+            .args([
+                "--log-format",
+                "json",
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                "canary",
+                "--app-version",
+                "v2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr: SocketAddr = loop {
+            let line = lines.next().expect("log line").unwrap();
+            if line.contains("backend listening") {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        let c = client();
+        let page = get(&c, &format!("http://{addr}/"), &[]).await;
+        assert_eq!(page.status, 200);
+        assert_eq!(page.header("x-backend"), "canary");
+        assert!(page.header("content-type").starts_with("text/html"));
+        assert!(
+            page.text().contains("Hello from canary (v2)"),
+            "{}",
+            page.text()
+        );
+        let health = get(&c, &format!("http://{addr}/health"), &[]).await;
+        assert_eq!((health.status.as_u16(), health.text()), (200, "ok\n"));
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_splits_two_to_one_and_stops_on_ctrl_c() {
+    within(60, async {
+        let mut child = Command::new(binary())
+            .args([
+                "demo",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut url = None;
+        let mut admin = None;
+        for line in lines.by_ref().take(4) {
+            let line = line.unwrap();
+            let field = |l: &str| l.split_whitespace().nth(1).unwrap().to_owned();
+            if line.trim_start().starts_with("proxy") {
+                url = Some(field(&line));
+            } else if line.trim_start().starts_with("admin") {
+                admin = Some(field(&line));
+            }
+        }
+        let (url, admin) = (
+            url.expect("proxy url printed"),
+            admin.expect("admin url printed"),
+        );
+        let c = client();
+        let mut v1 = 0;
+        for _ in 0..300 {
+            let page = get(&c, &url, &[]).await;
+            assert_eq!(page.status, 200);
+            if page.text().contains("(v1)") {
+                v1 += 1;
+            } else {
+                assert!(page.text().contains("(v2)"));
+            }
+        }
+        assert!((170..=230).contains(&v1), "{v1} of 300 on v1");
+        assert_eq!(get(&c, &admin, &[]).await.text(), "ok\n");
+
+        let kill = Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    })
+    .await;
+}

@@ -1,0 +1,521 @@
+//! Shared test harness: real backends on ephemeral ports, the proxy in-process or as
+//! a child process, and small HTTP clients. Everything binds 127.0.0.1 port 0 and is
+//! torn down on drop (tokens cancelled, child processes killed by PID).
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use canarygate::config;
+use canarygate::server::{self, ServeOptions};
+use canarygate::state::AppState;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+
+/// Fails the test if `fut` takes longer than `secs`: no test can hang CI.
+pub async fn within<F: std::future::Future>(secs: u64, fut: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {secs}s"))
+}
+
+// ---------------------------------------------------------------------------------
+// Backends
+
+/// A test backend: a real hyper server on 127.0.0.1 with diagnostic endpoints.
+///
+/// - `/` and any other path: body = the backend's name, header `x-backend`.
+/// - `/headers`: the request headers, one `name: value` line each.
+/// - `/hop`: a response carrying hop-by-hop headers (some named only in Connection).
+/// - `/sleep?ms=N`: answers after N ms.
+/// - `/download?bytes=N`: N pattern bytes, streamed in 64 KiB chunks.
+/// - `/upload` (POST): consumes the body streaming; answers `<len> <sha256 hex>`.
+pub struct TestBackend {
+    pub addr: SocketAddr,
+    pub name: &'static str,
+    shutdown: CancellationToken,
+}
+
+impl TestBackend {
+    pub async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let options = ServeOptions {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_millis(100),
+        };
+        tokio::spawn(server::serve(
+            "test-backend",
+            listener,
+            options,
+            shutdown.clone(),
+            move |_| service_fn(move |req| backend_respond(name, req)),
+        ));
+        Self {
+            addr,
+            name,
+            shutdown,
+        }
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn full(body: impl Into<Bytes>) -> TestBody {
+    Full::new(body.into()).map_err(|e| match e {}).boxed()
+}
+
+fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn backend_respond(
+    name: &'static str,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    let mut response = match req.uri().path() {
+        "/headers" => {
+            let mut text = String::new();
+            for (k, v) in req.headers() {
+                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
+            }
+            Response::new(full(text))
+        }
+        "/hop" => Response::builder()
+            .header("connection", "x-hop-resp, keep-alive")
+            .header("x-hop-resp", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("trailer", "x-checksum")
+            .header("proxy-connection", "keep-alive")
+            .header("x-end-to-end", "kept")
+            .body(full("hop"))
+            .unwrap(),
+        "/sleep" => {
+            tokio::time::sleep(Duration::from_millis(query_u64(&req, "ms"))).await;
+            Response::new(full("slept"))
+        }
+        "/download" => Response::new(PatternBody::new(query_u64(&req, "bytes")).boxed()),
+        "/upload" => {
+            let mut body = req.into_body();
+            let mut hasher = Sha256::new();
+            let mut len = 0u64;
+            while let Some(frame) = body.frame().await {
+                match frame {
+                    Ok(frame) => {
+                        if let Some(data) = frame.data_ref() {
+                            len += data.len() as u64;
+                            hasher.update(data);
+                        }
+                    }
+                    Err(_) => {
+                        return Ok(Response::builder()
+                            .status(StatusCode::BAD_REQUEST)
+                            .body(full("body error"))
+                            .unwrap());
+                    }
+                }
+            }
+            Response::new(full(format!("{len} {}", hex(&hasher.finalize()))))
+        }
+        _ => Response::new(full(name)),
+    };
+    response
+        .headers_mut()
+        .insert("x-backend", http::HeaderValue::from_static(name));
+    Ok(response)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A body of `len` deterministic bytes (byte i = i * 7 mod 251), generated in 64 KiB
+/// chunks so neither side ever holds it whole.
+pub struct PatternBody {
+    offset: u64,
+    len: u64,
+}
+
+impl PatternBody {
+    pub fn new(len: u64) -> Self {
+        Self { offset: 0, len }
+    }
+
+    /// SHA-256 of the whole pattern of `len` bytes, computed the same chunked way.
+    pub fn sha256(len: u64) -> String {
+        let mut hasher = Sha256::new();
+        let mut body = Self::new(len);
+        while let Some(chunk) = body.next_chunk() {
+            hasher.update(&chunk);
+        }
+        hex(&hasher.finalize())
+    }
+
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.offset >= self.len {
+            return None;
+        }
+        let n = (self.len - self.offset).min(64 * 1024);
+        let chunk: Vec<u8> = (self.offset..self.offset + n)
+            .map(|i| ((i * 7) % 251) as u8)
+            .collect();
+        self.offset += n;
+        Some(Bytes::from(chunk))
+    }
+}
+
+impl Body for PatternBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Poll::Ready(self.get_mut().next_chunk().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.len - self.offset)
+    }
+}
+
+/// An address nothing listens on: bound, then released.
+pub async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+        .await
+        .unwrap();
+    listener.local_addr().unwrap()
+}
+
+// ---------------------------------------------------------------------------------
+// The proxy, in-process
+
+/// A config with the given pools and extra TOML (sections after the pools).
+pub fn config_toml(production: &[SocketAddr], canary: &[SocketAddr], extra: &str) -> String {
+    let list = |addrs: &[SocketAddr]| {
+        addrs
+            .iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "[pools.production]\nbackends = [{}]\n[pools.canary]\nbackends = [{}]\n{extra}\n",
+        list(production),
+        list(canary)
+    )
+}
+
+/// The proxy running in this process on ephemeral ports.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub state: AppState,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(toml: &str) -> Self {
+        let config = config::from_toml(toml, "test.toml").expect("test config is valid");
+        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+            .await
+            .unwrap();
+        let admin = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+            .await
+            .unwrap();
+        let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
+        let state = AppState::new(config);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(canarygate::run_with_state(
+            listener,
+            admin,
+            state.clone(),
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            admin_addr,
+            state,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The proxy as a child process (the real binary)
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_canarygate")
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "canarygate-test-{tag}-{}-{}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `canarygate run` as a child process, listening on ephemeral ports it reports in its
+/// JSON log. Killed (by PID) on drop if still running.
+pub struct ProxyProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub log: mpsc::Receiver<String>,
+    _dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts the binary with `toml` (its `[server]` section is written here).
+    pub fn spawn(toml: &str, server_extra: &str) -> Self {
+        let dir = TempDir::new("proc");
+        let path = dir.write(
+            "config.toml",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{toml}"
+            ),
+        );
+        let mut child = Command::new(binary())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn canarygate");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Self {
+            child,
+            addr: SocketAddr::from((LOCALHOST, 0)),
+            admin_addr: SocketAddr::from((LOCALHOST, 0)),
+            log,
+            _dir: dir,
+        };
+        let line = process.wait_log("\"listening\"", Duration::from_secs(20));
+        let fields: HashMap<String, serde_json::Value> = serde_json::from_str(&line).unwrap();
+        process.addr = fields["proxy"].as_str().unwrap().parse().unwrap();
+        process.admin_addr = fields["admin"].as_str().unwrap().parse().unwrap();
+        process
+    }
+
+    /// Waits for a log line containing `needle` and returns it.
+    pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.log.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle} within {timeout:?}"),
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{sig}"), self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Peak resident memory (VmHWM) in bytes, from /proc.
+    pub fn peak_rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/pid/status");
+        kb * 1024
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Clients
+
+pub type TestClient = Client<HttpConnector, TestBody>;
+
+/// An HTTP/1.1 client with keep-alive.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> TestClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A finished response: status, headers and the whole body.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map_or("", |v| v.to_str().unwrap_or(""))
+    }
+
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).unwrap()
+    }
+
+    pub fn pool(&self) -> &str {
+        self.header("x-canarygate-pool")
+    }
+}
+
+/// GET `url` with extra headers.
+pub async fn get(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Got {
+    let mut req = Request::get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(
+        client,
+        req.body(Empty::new().map_err(|e| match e {}).boxed())
+            .unwrap(),
+    )
+    .await
+}
+
+pub async fn send(client: &TestClient, req: Request<TestBody>) -> Got {
+    let response = client.request(req).await.expect("request failed");
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// Sends raw bytes over a new TCP connection and returns everything read until the
+/// server closes it (or 5 s pass).
+pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
