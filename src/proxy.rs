@@ -145,6 +145,8 @@ pub async fn handle(
     };
 
     let method = req.method().clone();
+    // Path only, never the query: queries carry tokens and personal data.
+    let path_and_query = req.uri().path_and_query().cloned();
     let pool = snapshot.pools.get(kind);
     let (result, backend) = match pool.pick() {
         None => (Err(ProxyError::NoBackend(kind.as_str())), None),
@@ -184,6 +186,7 @@ pub async fn handle(
     }
     info!(
         method = %method,
+        path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
         pool = kind.as_str(),
         backend = backend_addr,
         status = response.status().as_u16(),

@@ -478,3 +478,31 @@ async fn in_process_shutdown_lets_a_slow_request_finish() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_after_idle_ms() {
+    within(30, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(
+            &[prod.addr],
+            &[],
+            "[timeouts]\nidle_ms = 300\nclient_header_read_ms = 20000\nresponse_header_ms = 200\n",
+        ))
+        .await;
+        let addr = proxy.addr;
+        let (elapsed, response) = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            // Half a request, then silence: only the idle timeout can end this.
+            let response = raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\n");
+            (started.elapsed(), response)
+        })
+        .await
+        .unwrap();
+        assert!(
+            elapsed >= Duration::from_millis(250) && elapsed < Duration::from_secs(3),
+            "closed after {elapsed:?}"
+        );
+        assert!(!response.contains("200 OK"), "{response}");
+    })
+    .await;
+}
