@@ -90,12 +90,40 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
          <style>body{{font-family:system-ui,sans-serif;margin:3rem;color:#111}}\
          h1{{color:{accent}}}td{{padding:.2rem .8rem;font-family:monospace}}</style></head>\
          <body><h1>Hello from {name} ({version})</h1>\
-         <p>This page was served by the <strong>{name}</strong> backend, version <strong>{version}</strong>.</p>\
-         <table><tr><td>path</td><td>{path}</td></tr>",
+         <p>This page was served by the <strong>{name}</strong> backend, version <strong>{version}</strong>.</p>",
         name = escape(&identity.name),
         version = escape(&identity.version),
-        path = escape(path),
     );
+    let flags = req
+        .headers()
+        .get("x-feature-flags")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let flag_pairs: Vec<(&str, &str)> = flags
+        .split(';')
+        .filter_map(|pair| pair.split_once('='))
+        .collect();
+    if flag_pairs.contains(&("new_banner", "on")) {
+        html.push_str(
+            "<div id=\"banner\" style=\"background:#fde68a;padding:1rem;border-radius:.5rem\">\
+             New banner: this feature is on because the <code>new_banner</code> flag is on.</div>",
+        );
+    }
+    html.push_str("<h2>Feature flags received</h2><ul id=\"flags\">");
+    if flag_pairs.is_empty() {
+        html.push_str("<li>(none)</li>");
+    }
+    for (name, value) in &flag_pairs {
+        let _ = write!(
+            html,
+            "<li><code>{}</code> = <code>{}</code></li>",
+            escape(name),
+            escape(value)
+        );
+    }
+    html.push_str("</ul><h2>Request</h2><table><tr><td>path</td><td>");
+    html.push_str(&escape(path));
+    html.push_str("</td></tr>");
     for name in ["x-request-id", "x-forwarded-for", "x-forwarded-host"] {
         if let Some(value) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
             let _ = write!(html, "<tr><td>{name}</td><td>{}</td></tr>", escape(value));

@@ -72,6 +72,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub timeouts: TimeoutsConfig,
+    #[serde(default)]
+    pub flags: FlagsConfig,
 }
 
 /// `[server]`: where the proxy and the admin listener bind, and how long a drain may take.
@@ -248,6 +250,107 @@ impl TimeoutsConfig {
     }
 }
 
+/// `[flags]`: where feature flags come from and how they reach the application.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlagsConfig {
+    /// `redis://` or `rediss://` (TLS) URL; `${VAR}` is replaced by that environment
+    /// variable, percent-encoded. Absent: no Redis, flags come from `static`.
+    pub redis_url: Option<String>,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` with
+    /// a private CA); absent: the bundled public roots.
+    pub tls_ca_path: Option<std::path::PathBuf>,
+    /// The Redis hash holding the flags.
+    pub key: String,
+    /// Full re-read period, the safety net under keyspace notifications.
+    pub poll_ms: u64,
+    /// Request header that carries the flags to the application.
+    pub header: FlagsHeader,
+    /// Start values (and the only values when there is no Redis).
+    #[serde(rename = "static")]
+    pub static_flags: std::collections::BTreeMap<String, StaticFlag>,
+}
+
+impl Default for FlagsConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            tls_ca_path: None,
+            key: "canarygate:flags".to_owned(),
+            poll_ms: 1_000,
+            header: FlagsHeader(HeaderName::from_static("x-feature-flags")),
+            static_flags: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// The flags header name, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct FlagsHeader(pub HeaderName);
+
+impl TryFrom<String> for FlagsHeader {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        HeaderName::from_str(&s)
+            .map(Self)
+            .map_err(|_| format!("`{s}` is not a valid header name"))
+    }
+}
+
+/// A static flag value: a string as in Redis, or a TOML boolean or integer.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum StaticFlag {
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl StaticFlag {
+    /// The value as it would be stored in the Redis hash.
+    pub fn as_raw(&self) -> String {
+        match self {
+            Self::Bool(true) => "on".to_owned(),
+            Self::Bool(false) => "off".to_owned(),
+            Self::Int(i) => i.to_string(),
+            Self::Text(s) => s.clone(),
+        }
+    }
+}
+
+/// Replaces each `${NAME}` in `s` with the environment variable NAME, percent-encoded
+/// so a password with `@` or `/` cannot break the URL. A missing variable is an error.
+pub fn expand_env(s: &str) -> Result<String, String> {
+    expand_with(s, |name| std::env::var(name).ok())
+}
+
+fn expand_with(s: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unclosed `${{` in `{s}`"))?;
+        let name = &after[..end];
+        let value =
+            lookup(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        for b in value.bytes() {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// A rule broken by an otherwise well-typed config: the key and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -311,6 +414,7 @@ impl Config {
                 ),
             );
         }
+        self.validate_flags()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -321,6 +425,55 @@ impl Config {
             if value == 0 {
                 return fail(key, "must be greater than 0".to_owned());
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    fn validate_flags(&self) -> Result<(), Violation> {
+        let f = &self.flags;
+        let fail = |key: String, message: String| Err(Violation { key, message });
+        if let Some(url) = &f.redis_url {
+            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !scheme_ok {
+                return fail(
+                    "flags.redis_url".to_owned(),
+                    format!("`{url}` must start with redis:// or rediss://"),
+                );
+            }
+        }
+        if f.key.is_empty() {
+            return fail("flags.key".to_owned(), "must not be empty".to_owned());
+        }
+        if f.poll_ms == 0 {
+            return fail(
+                "flags.poll_ms".to_owned(),
+                "must be greater than 0".to_owned(),
+            );
+        }
+        for (name, value) in &f.static_flags {
+            let raw = value.as_raw();
+            let (_, rejected) = crate::flags::build(
+                [(name.as_str(), raw.as_str())],
+                &crate::flags::FlagSet::default(),
+            );
+            if let Some(r) = rejected.first() {
+                return fail(format!("flags.static.{name}"), r.reason.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what only the running environment can tell: every `${VAR}` in
+    /// `flags.redis_url` is set. `run` calls it; `check` does not, so a config can be
+    /// checked on a machine without the secrets.
+    pub fn check_environment(&self) -> Result<(), Violation> {
+        if let Some(url) = &self.flags.redis_url {
+            expand_env(url).map_err(|message| Violation {
+                key: "flags.redis_url".to_owned(),
+                message,
+            })?;
         }
         Ok(())
     }
@@ -516,6 +669,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.routing.override_header, OverrideHeader(None));
+    }
+
+    #[test]
+    fn flags_section_defaults_and_static_values() {
+        let c = from_toml(MINIMAL, "t").unwrap();
+        assert_eq!(c.flags.key, "canarygate:flags");
+        assert_eq!(c.flags.poll_ms, 1000);
+        assert_eq!(c.flags.header.0.as_str(), "x-feature-flags");
+        assert!(c.flags.redis_url.is_none());
+        let c = from_toml(
+            &format!("{MINIMAL}[flags.static]\ndark_mode = \"off\"\nbeta = true\nlimit = 5\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.flags.static_flags["beta"].as_raw(), "on");
+        assert_eq!(c.flags.static_flags["limit"].as_raw(), "5");
+        let e = err(&format!("{MINIMAL}[flags.static]\n\"Bad Name\" = \"on\"\n"));
+        assert!(
+            e.starts_with("test.toml:4: key `flags.static.Bad Name`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[flags.static]\ncanary_percent = 150\n"));
+        assert!(
+            e.starts_with("test.toml:4: key `flags.static.canary_percent`"),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}[flags]\nredis_url = \"http://x\"\n"));
+        assert!(e.starts_with("test.toml:4: key `flags.redis_url`"), "{e}");
+    }
+
+    #[test]
+    fn env_expansion_percent_encodes() {
+        let lookup = |name: &str| (name == "PW").then(|| "p@ss/w:rd%".to_owned());
+        assert_eq!(
+            expand_with("redis://:${PW}@h:1/0", lookup).unwrap(),
+            "redis://:p%40ss%2Fw%3Ard%25@h:1/0"
+        );
+        assert_eq!(
+            expand_with("redis://h:1/0", lookup).unwrap(),
+            "redis://h:1/0"
+        );
+        assert_eq!(
+            expand_with("redis://:${NOPE}@h", lookup).unwrap_err(),
+            "environment variable NOPE is not set"
+        );
+        assert!(expand_with("redis://${PW", lookup).is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`proxy`]: the request path: route, rewrite headers, forward, map errors.
 //! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
 //! - [`upstream`]: pools and the pooled keep-alive client.
+//! - [`flags`]: feature flags from Redis (or static) into the snapshot; the watcher task.
 //! - [`admin`]: the admin listener's endpoints.
 //! - [`backend`]: the demo web app (`canarygate backend`, `canarygate demo`).
 //!
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod flags;
 pub mod proxy;
 pub mod routing;
 pub mod server;
@@ -73,15 +75,30 @@ pub async fn run_with_state(
     })
     .instrument(info_span!("proxy"));
 
-    let admin = server::serve("admin", admin_listener, options, shutdown, |_peer| {
-        service_fn(|req| {
-            let response = admin::respond(&req);
-            async move { Ok::<_, Infallible>(response) }
-        })
-    })
+    let admin_state = state.clone();
+    let admin = server::serve(
+        "admin",
+        admin_listener,
+        options,
+        shutdown.clone(),
+        move |_peer| {
+            let state = admin_state.clone();
+            service_fn(move |req| {
+                let response = admin::respond(&state, &req);
+                async move { Ok::<_, Infallible>(response) }
+            })
+        },
+    )
     .instrument(info_span!("admin"));
 
+    // Background tasks stop with the servers.
+    let tasks = CancellationToken::new();
+    let flag_watcher =
+        tokio::spawn(flags::run(state.clone(), tasks.clone()).instrument(info_span!("flags")));
+
     tokio::join!(proxy, admin);
+    tasks.cancel();
+    let _ = flag_watcher.await;
     info!("stopped");
 }
 

@@ -52,6 +52,10 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin_listen: SocketAddr,
+        /// Redis for live flags; default: redis://127.0.0.1:6379/0 if it answers,
+        /// otherwise the built-in static flags.
+        #[arg(long)]
+        redis_url: Option<String>,
     },
     /// Serve the demo web app alone (for tests, benchmarks and deployments).
     Backend {
@@ -78,13 +82,27 @@ fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Run { config } => match config::load(config) {
-            Ok(cfg) => exit_with(runtime().and_then(|rt| rt.block_on(run(cfg, config)))),
+            Ok(cfg) => match cfg.check_environment() {
+                Ok(()) => exit_with(runtime().and_then(|rt| rt.block_on(run(cfg, config)))),
+                Err(v) => {
+                    eprintln!(
+                        "error: {}: key `{}`: {}",
+                        config.display(),
+                        v.key,
+                        v.message
+                    );
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            },
             Err(e) => config_failure(&e),
         },
         Command::Demo {
             listen,
             admin_listen,
-        } => exit_with(runtime().and_then(|rt| rt.block_on(demo(*listen, *admin_listen)))),
+            redis_url,
+        } => exit_with(
+            runtime().and_then(|rt| rt.block_on(demo(*listen, *admin_listen, redis_url.clone()))),
+        ),
         Command::Backend {
             listen,
             name,
@@ -190,7 +208,29 @@ fn demo_serve_options() -> canarygate::server::ServeOptions {
     }
 }
 
-async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()> {
+/// Whether a Redis answers PING on the default local port, within a short time.
+async fn local_redis_answers() -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(DEMO_REDIS_ADDR).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 7];
+        stream.read_exact(&mut buf).await.ok()?;
+        (&buf == b"+PONG\r\n").then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), probe).await,
+        Ok(Some(()))
+    )
+}
+
+const DEMO_REDIS_ADDR: &str = "127.0.0.1:6379";
+
+async fn demo(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    redis_url: Option<String>,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let mut backends = Vec::new();
     for (name, version) in [("production", "v1"), ("canary", "v2")] {
@@ -208,11 +248,28 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
         ));
         backends.push(addr);
     }
+    let redis_url = match redis_url {
+        Some(url) => Some(url),
+        None if local_redis_answers().await => Some(format!("redis://{DEMO_REDIS_ADDR}/0")),
+        None => None,
+    };
+    let redis_line = match &redis_url {
+        Some(url) => format!("flags from Redis at {url}, hash canarygate:flags"),
+        None => {
+            "no Redis answered on 127.0.0.1:6379: built-in static flags (new_banner=off)".to_owned()
+        }
+    };
     // The demo config goes through the same parser and validation as a real one.
     let toml = format!(
         "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
-         [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n",
-        backends[0], backends[1]
+         [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n\
+         [flags]\n{}\n[flags.static]\nnew_banner = \"off\"\ndark_mode = \"off\"\n",
+        backends[0],
+        backends[1],
+        redis_url
+            .as_ref()
+            .map(|u| format!("redis_url = {u:?}"))
+            .unwrap_or_default(),
     );
     let config = config::from_toml(&toml, "<demo>")?;
     let listener = bind(
@@ -229,11 +286,13 @@ async fn demo(listen: SocketAddr, admin_listen: SocketAddr) -> anyhow::Result<()
     println!(
         "canarygate demo\n\
          \x20 proxy       http://{proxy_addr}/   ({}% canary, sticky by cookie)\n\
-         \x20 admin       http://{admin_addr}/healthz\n\
+         \x20 admin       http://{admin_addr}/healthz   http://{admin_addr}/flags\n\
+         \x20 flags       {redis_line}\n\
          \x20 production  http://{}/   (v1)\n\
          \x20 canary      http://{}/   (v2)\n\
          try:  for i in $(seq 9); do curl -s http://{proxy_addr}/ | grep -o '(v[12])'; done\n\
          \x20     curl -si -H 'x-canary: always' http://{proxy_addr}/ | grep -i x-canarygate-pool\n\
+         \x20     redis-cli HSET canarygate:flags new_banner on    # then reload the page\n\
          Ctrl-C stops everything.",
         config.routing.canary_percent, backends[0], backends[1]
     );

@@ -133,11 +133,13 @@ pub async fn handle(
         Sticky::Ip => ip_bucket(conn.peer.ip()),
         Sticky::None => random_bucket(),
     };
+    let flags = &snapshot.flags;
     let kind = routing::choose_pool(
         forced,
         bucket,
-        routing.canary_percent,
-        !snapshot.pools.canary.is_empty(),
+        flags.effective_percent(routing.canary_percent),
+        // The kill switch wins over the override header too.
+        flags.set.canary_enabled && !snapshot.pools.canary.is_empty(),
     );
     let request_id = match headers.get(REQUEST_ID) {
         Some(id) if valid_request_id(id.as_bytes()) => id.clone(),
@@ -151,7 +153,12 @@ pub async fn handle(
     let (result, backend) = match pool.pick() {
         None => (Err(ProxyError::NoBackend(kind.as_str())), None),
         Some(backend) => {
-            let result = match upstream_request(req, conn, &backend.authority, &request_id) {
+            let extra = UpstreamHeaders {
+                request_id: &request_id,
+                flags_header: &config.flags.header.0,
+                flags: &flags.header_value,
+            };
+            let result = match upstream_request(req, conn, &backend.authority, &extra) {
                 Ok(up) => forward(state, up, config.timeouts.response_header()).await,
                 Err(e) => Err(e),
             };
@@ -210,12 +217,19 @@ async fn forward(
     }
 }
 
+/// Headers the proxy adds to every upstream request.
+struct UpstreamHeaders<'a> {
+    request_id: &'a HeaderValue,
+    flags_header: &'a HeaderName,
+    flags: &'a HeaderValue,
+}
+
 /// Rewrites a client request into the request sent to `backend`.
 fn upstream_request(
     req: Request<Incoming>,
     conn: ConnInfo,
     backend: &http::uri::Authority,
-    request_id: &HeaderValue,
+    extra: &UpstreamHeaders<'_>,
 ) -> Result<Request<Incoming>, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
@@ -247,7 +261,9 @@ fn upstream_request(
     }
     append_forwarded_for(h, conn.peer.ip());
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
-    h.insert(REQUEST_ID, request_id.clone());
+    h.insert(REQUEST_ID, extra.request_id.clone());
+    // `insert` replaces every client-sent value: flags come only from the proxy.
+    h.insert(extra.flags_header.clone(), extra.flags.clone());
     Ok(Request::from_parts(parts, body))
 }
 

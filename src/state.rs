@@ -1,29 +1,30 @@
 //! Shared state: one immutable [`Snapshot`] behind an `ArcSwap`, plus the handles
 //! every task needs.
 //!
-//! A request loads the snapshot once and sees one consistent view (config and pools
-//! together) for its whole life, even if an operator swaps in a new one meanwhile.
-//! Loading is lock-free, so no request ever waits for a writer.
+//! A request loads the snapshot once and sees one consistent view (config, pools and
+//! flags together) for its whole life, even if a writer swaps in a new one meanwhile.
+//! Loading is lock-free, so no request ever waits for a writer. Writers (the flag
+//! watcher, a config reload) replace only their part with a read-copy-update, so two
+//! writers never lose each other's change.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::flags::{FlagSet, Flags, Source};
 use crate::upstream::{self, Client, Pools};
 
 /// Everything a request needs to be routed, frozen at one moment.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
-    pub pools: Pools,
-}
-
-impl Snapshot {
-    pub fn new(config: Arc<Config>) -> Self {
-        let pools = Pools::new(&config.pools);
-        Self { config, pools }
-    }
+    /// Shared between snapshots that differ only in flags, so balancing state
+    /// (round-robin counters) survives a flag flip.
+    pub pools: Arc<Pools>,
+    pub flags: Arc<Flags>,
 }
 
 /// Cheap to clone: every field is shared.
@@ -31,14 +32,27 @@ impl Snapshot {
 pub struct AppState {
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub client: Arc<Client>,
+    /// Whether the flag store (Redis) answered on its last attempt.
+    pub flag_store_up: Arc<AtomicBool>,
+    /// Ignored invalid flag values, per field (exported as a metric later).
+    flag_rejected: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> Self {
         let client = Arc::new(upstream::client(&config.timeouts));
+        let flags = Arc::new(Flags::from_static(&config.flags));
+        let pools = Arc::new(Pools::new(&config.pools));
+        let snapshot = Snapshot {
+            config: Arc::new(config),
+            pools,
+            flags,
+        };
         Self {
-            snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::new(Arc::new(config)))),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             client,
+            flag_store_up: Arc::new(AtomicBool::new(false)),
+            flag_rejected: Arc::default(),
         }
     }
 
@@ -47,10 +61,56 @@ impl AppState {
         self.snapshot.load()
     }
 
-    /// Swaps in a new, already validated config. Requests in flight keep the snapshot
-    /// they loaded.
+    /// Swaps in a new, already validated config (with fresh pools), keeping the flags.
+    /// Requests in flight keep the snapshot they loaded.
     pub fn apply_config(&self, config: Config) {
-        self.snapshot
-            .store(Arc::new(Snapshot::new(Arc::new(config))));
+        let config = Arc::new(config);
+        let pools = Arc::new(Pools::new(&config.pools));
+        self.snapshot.rcu(|current| Snapshot {
+            config: Arc::clone(&config),
+            pools: Arc::clone(&pools),
+            flags: Arc::clone(&current.flags),
+        });
+    }
+
+    /// Publishes a flag set read from `source`. Swaps nothing, and keeps the version,
+    /// when neither the content nor the source changed. Returns the version in force.
+    pub fn publish_flags(&self, set: &FlagSet, source: Source) -> u64 {
+        let current = self.snapshot.load();
+        if current.flags.set == *set && current.flags.source == source {
+            return current.flags.version;
+        }
+        drop(current);
+        let mut version = 0;
+        self.snapshot.rcu(|current| {
+            let flags = &current.flags;
+            version = flags.version;
+            if flags.set == *set && flags.source == source {
+                return Arc::clone(current);
+            }
+            version = flags.version + 1;
+            Arc::new(Snapshot {
+                config: Arc::clone(&current.config),
+                pools: Arc::clone(&current.pools),
+                flags: Arc::new(Flags::new(set.clone(), version, source)),
+            })
+        });
+        version
+    }
+
+    pub fn count_flag_rejected(&self, field: &str) {
+        let mut counts = self
+            .flag_rejected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *counts.entry(field.to_owned()).or_default() += 1;
+    }
+
+    /// Ignored invalid flag values so far, per field.
+    pub fn flag_rejected_counts(&self) -> BTreeMap<String, u64> {
+        self.flag_rejected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }

@@ -345,6 +345,11 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts the binary with `toml` (its `[server]` section is written here).
     pub fn spawn(toml: &str, server_extra: &str) -> Self {
+        Self::spawn_with_env(toml, server_extra, &[])
+    }
+
+    /// [`Self::spawn`] with extra environment variables for the child.
+    pub fn spawn_with_env(toml: &str, server_extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("proc");
         let path = dir.write(
             "config.toml",
@@ -356,6 +361,7 @@ impl ProxyProcess {
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -386,12 +392,23 @@ impl ProxyProcess {
 
     /// Waits for a log line containing `needle` and returns it.
     pub fn wait_log(&mut self, needle: &str, timeout: Duration) -> String {
+        self.log_until(needle, timeout).pop().unwrap()
+    }
+
+    /// Every log line up to and including the first one containing `needle`.
+    pub fn log_until(&mut self, needle: &str, timeout: Duration) -> Vec<String> {
         let deadline = std::time::Instant::now() + timeout;
+        let mut lines = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    lines.push(line);
+                    if found {
+                        return lines;
+                    }
+                }
                 Err(_) => panic!("no log line containing {needle} within {timeout:?}"),
             }
         }
@@ -497,14 +514,26 @@ pub async fn get(client: &TestClient, url: &str, headers: &[(&str, &str)]) -> Go
 }
 
 pub async fn send(client: &TestClient, req: Request<TestBody>) -> Got {
-    let response = client.request(req).await.expect("request failed");
+    try_send(client, req).await.expect("request failed")
+}
+
+/// GET that reports failures instead of panicking (for loops that count them).
+pub async fn try_get(client: &TestClient, url: &str) -> Result<Got, String> {
+    let req = Request::get(url)
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap();
+    try_send(client, req).await
+}
+
+pub async fn try_send(client: &TestClient, req: Request<TestBody>) -> Result<Got, String> {
+    let response = client.request(req).await.map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Got {
+    let body = body.collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok(Got {
         status: parts.status,
         headers: parts.headers,
         body,
-    }
+    })
 }
 
 /// Sends raw bytes over a new TCP connection and returns everything read until the
@@ -518,4 +547,146 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut out = Vec::new();
     let _ = stream.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------------
+// Redis
+
+/// A free TCP port on 127.0.0.1 (bound, then released; redis-server cannot take 0).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real `redis-server` child process on 127.0.0.1, persistence off, in its own temp
+/// dir. Killed by PID on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Option<Child>,
+    dir: TempDir,
+    extra_args: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(free_port(), &[])
+    }
+
+    /// Starts on `port` with extra `redis-server` arguments. For TLS, pass
+    /// `--port 0 --tls-port <port> ...`: readiness is then checked by the log line.
+    pub fn start_with(port: u16, extra_args: &[&str]) -> Self {
+        let mut server = Self {
+            port,
+            child: None,
+            dir: TempDir::new("redis"),
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        server.restart();
+        server
+    }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir.0
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// (Re)starts the server process on the same port, empty.
+    pub fn restart(&mut self) {
+        self.kill();
+        let log = self.dir.0.join("redis.log");
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .arg("--logfile")
+            .arg(&log)
+            .args(&self.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .expect("redis-server must be installed (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("Ready to accept connections") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "redis-server did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Kills the server (SIGKILL, by PID) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Runs the real `redis-cli` binary against this server.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed");
+        assert!(out.status.success(), "redis-cli failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` every 10 ms until it returns true, or panics after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("not within {timeout:?}: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// GET a JSON document.
+pub async fn get_json(client: &TestClient, url: &str) -> serde_json::Value {
+    let got = get(client, url, &[]).await;
+    assert_eq!(got.status, 200, "{url}");
+    serde_json::from_slice(&got.body).unwrap()
 }

@@ -1,0 +1,108 @@
+//! How long a flag flipped in Redis takes to reach the proxy's snapshot.
+//!
+//! `cargo bench --bench flag_propagation` starts a real redis-server on 127.0.0.1,
+//! runs the flag watcher, flips a flag with HSET and times until the snapshot shows
+//! it: first with keyspace notifications (target p99 <= 50 ms), then with polling
+//! alone (an ACL user without CONFIG, as on managed Redis; target <= poll_ms).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use canarygate::flags::FlagValue;
+use canarygate::state::AppState;
+use redis::AsyncCommands as _;
+use tokio_util::sync::CancellationToken;
+
+async fn measure(
+    redis_url: &str,
+    poll_ms: u64,
+    flips: usize,
+    admin: &support::RedisServer,
+) -> Vec<Duration> {
+    let toml = format!(
+        "[pools.production]\nbackends = [\"127.0.0.1:1\"]\n[flags]\nredis_url = \"{redis_url}\"\npoll_ms = {poll_ms}\n"
+    );
+    let state = AppState::new(canarygate::config::from_toml(&toml, "bench").unwrap());
+    let cancel = CancellationToken::new();
+    let watcher = tokio::spawn(canarygate::flags::run(state.clone(), cancel.clone()));
+    let mut conn = admin.conn().await;
+    // Wait for the first read.
+    let _: () = conn
+        .hset("canarygate:flags", "bench", "start")
+        .await
+        .unwrap();
+    wait_for(&state, "start", Duration::from_secs(10)).await;
+
+    let mut samples = Vec::with_capacity(flips);
+    for i in 0..flips {
+        let value = format!("v{i}");
+        // Flip at a random point of the poll cycle, as an operator would.
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(1..=20))).await;
+        let started = Instant::now();
+        let _: () = conn
+            .hset("canarygate:flags", "bench", &value)
+            .await
+            .unwrap();
+        wait_for(&state, &value, Duration::from_millis(poll_ms + 5_000)).await;
+        samples.push(started.elapsed());
+    }
+    cancel.cancel();
+    let _ = watcher.await;
+    samples.sort();
+    samples
+}
+
+async fn wait_for(state: &AppState, value: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if state.snapshot().flags.set.values.get("bench")
+            == Some(&FlagValue::Text(value.to_owned()))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flag {value} not applied within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+fn report(name: &str, samples: &[Duration]) {
+    // Nearest-rank percentile over the sorted samples.
+    let pct = |per_mille: usize| samples[(samples.len() - 1) * per_mille / 1000];
+    println!(
+        "{name:<34} n={:<4} p50={:>8.2?} p99={:>8.2?} max={:>8.2?}",
+        samples.len(),
+        pct(500),
+        pct(990),
+        samples[samples.len() - 1]
+    );
+}
+
+fn main() {
+    // `cargo test --benches` runs bench targets with --test-ish args; this one is a
+    // measurement, not a test, so it only runs under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let redis = support::RedisServer::start();
+        let samples = measure(&redis.url(), 60_000, 500, &redis).await;
+        report("notifications (poll_ms = 60000)", &samples);
+
+        let polled = support::RedisServer::start();
+        polled.cli(&[
+            "ACL", "SETUSER", "reader", "on", ">pw", "~*", "&*", "+@all", "-config",
+        ]);
+        let url = format!("redis://reader:pw@127.0.0.1:{}/0", polled.port);
+        let samples = measure(&url, 1_000, 30, &polled).await;
+        report("polling only (poll_ms = 1000)", &samples);
+    });
+}
