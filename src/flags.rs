@@ -10,7 +10,6 @@
 //! traffic. When Redis is down the proxy serves on with what it has.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt as _;
@@ -359,17 +358,26 @@ impl Watcher {
     }
 
     fn set_up(&mut self, up: bool, error: Option<&FlagStoreError>) {
-        self.state.flag_store_up.store(up, Ordering::Relaxed);
+        self.state.set_flag_store_up(up);
         if self.up == Some(up) {
             return;
         }
         self.up = Some(up);
+        let events = &self.state.events;
         match (up, error) {
-            (true, _) => info!(key = %self.key, "flag store connected"),
-            (false, Some(error)) => {
-                warn!(%error, "flag store unreachable; serving the last good flags");
+            (true, _) => {
+                info!(key = %self.key, "flag store connected");
+                events.push("flags", "info", "flag store connected");
             }
-            (false, None) => warn!("flag store unreachable; serving the last good flags"),
+            (false, error) => {
+                let error = error.map_or_else(String::new, ToString::to_string);
+                warn!(%error, "flag store unreachable; serving the last good flags");
+                events.push(
+                    "flags",
+                    "warn",
+                    format!("flag store unreachable ({error}); serving the last good flags"),
+                );
+            }
         }
     }
 
@@ -467,7 +475,12 @@ impl Watcher {
             }
             self.last_rejected.insert(r.field.clone(), r.value.clone());
             warn!(field = %r.field, value = %r.value, reason = %r.reason, "ignored invalid flag value; last good value kept");
-            self.state.count_flag_rejected(&r.field);
+            self.state.metrics.count_flag_rejected(&r.field);
+            self.state.events.push(
+                "flags",
+                "warn",
+                format!("ignored {}={:?}: {}", r.field, r.value, r.reason),
+            );
         }
     }
 }

@@ -205,6 +205,7 @@ fn demo_serve_options() -> canarygate::server::ServeOptions {
         header_read_timeout: defaults.client_header_read(),
         idle_timeout: defaults.idle(),
         drain_timeout: Duration::from_secs(5),
+        connections: None,
     }
 }
 

@@ -20,6 +20,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use crate::config::Sticky;
+use crate::metrics::UpstreamErrorKind;
 use crate::routing;
 use crate::state::AppState;
 
@@ -86,6 +87,17 @@ impl ProxyError {
         }
     }
 
+    /// The `kind` label for `canarygate_upstream_errors_total`; `None` when the
+    /// backend was never involved.
+    pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
+        match self {
+            Self::BadRequest(_) | Self::MethodNotAllowed | Self::NoBackend(_) => None,
+            Self::Connect(_) => Some(UpstreamErrorKind::Connect),
+            Self::Timeout(_) => Some(UpstreamErrorKind::Timeout),
+            Self::Upstream(e) => Some(classify_upstream(e)),
+        }
+    }
+
     fn body(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "400 bad request\n",
@@ -146,6 +158,8 @@ pub async fn handle(
         _ => header_value_from_id(&random_hex_id()),
     };
 
+    let pool_metrics = state.metrics.pool(kind);
+    let _in_flight = pool_metrics.in_flight_guard();
     let method = req.method().clone();
     // Path only, never the query: queries carry tokens and personal data.
     let path_and_query = req.uri().path_and_query().cloned();
@@ -173,6 +187,9 @@ pub async fn handle(
             response.map(Either::Left)
         }
         Err(error) => {
+            if let Some(kind) = error.upstream_kind() {
+                pool_metrics.upstream_error(kind);
+            }
             let status = error.status();
             warn!(
                 pool = kind.as_str(),
@@ -191,13 +208,15 @@ pub async fn handle(
     if let Some(id) = new_sticky_id {
         response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
     }
+    let elapsed = start.elapsed();
+    pool_metrics.record(&method, response.status(), elapsed);
     info!(
         method = %method,
         path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
         pool = kind.as_str(),
         backend = backend_addr,
         status = response.status().as_u16(),
-        duration_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX),
+        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "proxied"
     );
     response
@@ -387,6 +406,33 @@ fn error_response(error: &ProxyError) -> Response<ProxyBody> {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+/// A failed exchange after connecting: `reset` when the connection closed or broke
+/// early, `protocol` when the backend sent something that is not HTTP.
+fn classify_upstream(error: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return UpstreamErrorKind::Reset;
+            }
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return UpstreamErrorKind::Protocol;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
+            ) {
+                return UpstreamErrorKind::Reset;
+            }
+        }
+        cause = e.source();
+    }
+    UpstreamErrorKind::Protocol
 }
 
 /// The innermost cause of an error, for the log line.

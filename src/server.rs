@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Per-listener connection settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// A client must send a request's headers within this time (slowloris guard).
     /// hyper also applies it to an idle HTTP/1.1 keep-alive connection waiting for its
@@ -38,6 +38,8 @@ pub struct ServeOptions {
     pub idle_timeout: Duration,
     /// How long in-flight requests may run after shutdown begins.
     pub drain_timeout: Duration,
+    /// Gauge of open connections, if this listener is counted.
+    pub connections: Option<prometheus::IntGauge>,
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then drains.
@@ -90,7 +92,9 @@ pub async fn serve<F, S, B>(
             .into_owned();
         let connection = graceful.watch(connection);
         let force_close = force_close.clone();
+        let counted = options.connections.clone().map(ConnectionCount::new);
         tokio::spawn(async move {
+            let _counted = counted;
             tokio::select! {
                 result = connection => {
                     if let Err(error) = result {
@@ -114,6 +118,22 @@ pub async fn serve<F, S, B>(
             );
             force_close.cancel();
         }
+    }
+}
+
+/// Counts a connection in a gauge while it lives.
+struct ConnectionCount(prometheus::IntGauge);
+
+impl ConnectionCount {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for ConnectionCount {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

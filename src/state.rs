@@ -7,14 +7,16 @@
 //! watcher, a config reload) replace only their part with a read-copy-update, so two
 //! writers never lose each other's change.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::events::Events;
 use crate::flags::{FlagSet, Flags, Source};
+use crate::metrics::Metrics;
+use crate::stats::Stats;
 use crate::upstream::{self, Client, Pools};
 
 /// Everything a request needs to be routed, frozen at one moment.
@@ -33,9 +35,12 @@ pub struct AppState {
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub client: Arc<Client>,
     /// Whether the flag store (Redis) answered on its last attempt.
-    pub flag_store_up: Arc<AtomicBool>,
-    /// Ignored invalid flag values, per field (exported as a metric later).
-    flag_rejected: Arc<Mutex<BTreeMap<String, u64>>>,
+    flag_store_up: Arc<AtomicBool>,
+    /// Set when shutdown begins: `/readyz` answers 503 from then on.
+    draining: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+    pub events: Arc<Events>,
+    pub stats: Arc<Stats>,
 }
 
 impl AppState {
@@ -48,11 +53,16 @@ impl AppState {
             pools,
             flags,
         };
+        let metrics = Arc::new(Metrics::new());
+        metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             client,
             flag_store_up: Arc::new(AtomicBool::new(false)),
-            flag_rejected: Arc::default(),
+            draining: Arc::new(AtomicBool::new(false)),
+            metrics,
+            events: Arc::default(),
+            stats: Arc::default(),
         }
     }
 
@@ -71,6 +81,9 @@ impl AppState {
             pools: Arc::clone(&pools),
             flags: Arc::clone(&current.flags),
         });
+        let snapshot = self.snapshot();
+        self.metrics
+            .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
     }
 
     /// Publishes a flag set read from `source`. Swaps nothing, and keeps the version,
@@ -95,22 +108,40 @@ impl AppState {
                 flags: Arc::new(Flags::new(set.clone(), version, source)),
             })
         });
+        let snapshot = self.snapshot();
+        self.metrics
+            .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        self.events.push(
+            "flags",
+            "info",
+            format!(
+                "flags v{version} from {}: {} (canary {}%)",
+                source.as_str(),
+                snapshot.flags.header_value.to_str().unwrap_or(""),
+                snapshot
+                    .flags
+                    .effective_percent(snapshot.config.routing.canary_percent)
+            ),
+        );
         version
     }
 
-    pub fn count_flag_rejected(&self, field: &str) {
-        let mut counts = self
-            .flag_rejected
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *counts.entry(field.to_owned()).or_default() += 1;
+    pub fn flag_store_up(&self) -> bool {
+        self.flag_store_up.load(Ordering::Relaxed)
     }
 
-    /// Ignored invalid flag values so far, per field.
-    pub fn flag_rejected_counts(&self) -> BTreeMap<String, u64> {
-        self.flag_rejected
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    pub fn set_flag_store_up(&self, up: bool) {
+        self.flag_store_up.store(up, Ordering::Relaxed);
+        self.metrics.set_flag_store_up(up);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.events
+            .push("proxy", "info", "draining: stopped accepting");
     }
 }

@@ -50,6 +50,7 @@ pub async fn within<F: std::future::Future>(secs: u64, fut: F) -> F::Output {
 /// - `/sleep?ms=N`: answers after N ms.
 /// - `/download?bytes=N`: N pattern bytes, streamed in 64 KiB chunks.
 /// - `/upload` (POST): consumes the body streaming; answers `<len> <sha256 hex>`.
+/// - `/status?code=N`: answers with status N.
 pub struct TestBackend {
     pub addr: SocketAddr,
     pub name: &'static str,
@@ -67,6 +68,7 @@ impl TestBackend {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_millis(100),
+            connections: None,
         };
         tokio::spawn(server::serve(
             "test-backend",
@@ -131,6 +133,10 @@ async fn backend_respond(
             Response::new(full("slept"))
         }
         "/download" => Response::new(PatternBody::new(query_u64(&req, "bytes")).boxed()),
+        "/status" => Response::builder()
+            .status(u16::try_from(query_u64(&req, "code")).unwrap_or(500))
+            .body(full("status"))
+            .unwrap(),
         "/upload" => {
             let mut body = req.into_body();
             let mut hasher = Sha256::new();
@@ -689,4 +695,23 @@ pub async fn get_json(client: &TestClient, url: &str) -> serde_json::Value {
     let got = get(client, url, &[]).await;
     assert_eq!(got.status, 200, "{url}");
     serde_json::from_slice(&got.body).unwrap()
+}
+
+/// Parses a Prometheus text exposition into `series -> value` (series as written,
+/// e.g. `canarygate_requests_total{code="200",method="GET",pool="canary"}`).
+pub fn parse_scrape(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Where tests keep artifacts for a person to open (screenshots): target/test-artifacts.
+pub fn artifacts_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }

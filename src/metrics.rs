@@ -1,0 +1,443 @@
+//! Prometheus metrics in an owned [`Registry`] (no global registration, so every proxy
+//! in a process, and every test, has its own).
+//!
+//! The request path never looks a label set up under a lock shared by all requests:
+//! each pool resolves its handles once ([`PoolMetrics`]), and the per-(method, code)
+//! request counters are resolved lazily into a lock-free `OnceLock` table the first
+//! time a combination is seen.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use prometheus::core::Collector as _;
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::flags::{FlagValue, Flags};
+use crate::routing::PoolKind;
+
+/// Request duration buckets, seconds: 0.5 ms to 10 s.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// Methods with their own label value; anything else is `OTHER`.
+const METHODS: [Method; 9] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::DELETE,
+    Method::PATCH,
+    Method::OPTIONS,
+    Method::CONNECT,
+    Method::TRACE,
+];
+const OTHER_METHOD: usize = METHODS.len();
+const METHOD_LABELS: [&str; METHODS.len() + 1] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE", "OTHER",
+];
+/// Status codes 100..=599 get a cached counter each.
+const CODE_MIN: u16 = 100;
+const CODES: usize = 500;
+
+/// Why an upstream exchange failed, the `kind` label of `canarygate_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+    Protocol,
+}
+
+impl UpstreamErrorKind {
+    pub const ALL: [Self; 4] = [Self::Connect, Self::Timeout, Self::Reset, Self::Protocol];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Protocol => "protocol",
+        }
+    }
+}
+
+/// The metric families and the per-pool handles.
+pub struct Metrics {
+    registry: Registry,
+    /// Every registered family name, also those with no sample yet.
+    names: Vec<String>,
+    canary_percent: IntGauge,
+    flags_version: IntGauge,
+    flag_store_up: IntGauge,
+    flag_enabled: IntGaugeVec,
+    flag_rejected: IntCounterVec,
+    pub client_connections: IntGauge,
+    production: PoolMetrics,
+    canary: PoolMetrics,
+}
+
+/// Handles for one pool, resolved once.
+pub struct PoolMetrics {
+    pool: &'static str,
+    requests: IntCounterVec,
+    request_counters: Box<[OnceLock<IntCounter>]>,
+    pub duration: Histogram,
+    pub in_flight: IntGauge,
+    upstream_errors: [IntCounter; 4],
+    /// 5xx responses, for the status page's error ratio (the exported view is the
+    /// `code` label of `canarygate_requests_total`).
+    errors_5xx: AtomicU64,
+}
+
+/// Metric construction only fails on invalid names or label sets, which are constants
+/// here: a failure is a programming error caught by the tests.
+fn must<T>(result: prometheus::Result<T>) -> T {
+    match result {
+        Ok(v) => v,
+        Err(e) => panic!("metric definition: {e}"),
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let mut names = Vec::new();
+        let mut reg = |c: Box<dyn prometheus::core::Collector>| {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
+            must(registry.register(c));
+        };
+
+        let requests = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_requests_total",
+                "Requests answered, by pool, method and status code.",
+            ),
+            &["pool", "method", "code"],
+        ));
+        let duration = must(HistogramVec::new(
+            HistogramOpts::new(
+                "canarygate_request_duration_seconds",
+                "Time from request received to response headers sent, by pool.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["pool"],
+        ));
+        let upstream_errors = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_upstream_errors_total",
+                "Failed exchanges with backends, by pool and kind.",
+            ),
+            &["pool", "kind"],
+        ));
+        let in_flight = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_in_flight_requests",
+                "Requests being proxied now, by pool.",
+            ),
+            &["pool"],
+        ));
+        let client_connections = must(IntGauge::new(
+            "canarygate_client_connections",
+            "Open client connections on the proxy listener.",
+        ));
+        let canary_percent = must(IntGauge::new(
+            "canarygate_canary_percent",
+            "Effective canary share in percent, after flags and the kill switch.",
+        ));
+        let flags_version = must(IntGauge::new(
+            "canarygate_flags_version",
+            "Version of the flag snapshot in force.",
+        ));
+        let flag_store_up = must(IntGauge::new(
+            "canarygate_flag_store_up",
+            "1 if the flag store (Redis) answered on its last attempt, else 0.",
+        ));
+        let flag_enabled = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_flag_enabled",
+                "1 if a boolean flag is on, 0 if off.",
+            ),
+            &["flag"],
+        ));
+        let flag_rejected = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_flag_rejected_total",
+                "Invalid flag values ignored, by field.",
+            ),
+            &["field"],
+        ));
+        let build_info = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_build_info",
+                "Always 1; the version label names the build.",
+            ),
+            &["version"],
+        ));
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+
+        reg(Box::new(requests.clone()));
+        reg(Box::new(duration.clone()));
+        reg(Box::new(upstream_errors.clone()));
+        reg(Box::new(in_flight.clone()));
+        reg(Box::new(client_connections.clone()));
+        reg(Box::new(canary_percent.clone()));
+        reg(Box::new(flags_version.clone()));
+        reg(Box::new(flag_store_up.clone()));
+        reg(Box::new(flag_enabled.clone()));
+        reg(Box::new(flag_rejected.clone()));
+        reg(Box::new(build_info));
+        #[cfg(target_os = "linux")]
+        reg(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ));
+
+        let pool = |kind: PoolKind| {
+            let pool = kind.as_str();
+            PoolMetrics {
+                pool,
+                requests: requests.clone(),
+                request_counters: (0..(METHOD_LABELS.len() * CODES))
+                    .map(|_| OnceLock::new())
+                    .collect(),
+                duration: duration.with_label_values(&[pool]),
+                in_flight: in_flight.with_label_values(&[pool]),
+                upstream_errors: UpstreamErrorKind::ALL
+                    .map(|k| upstream_errors.with_label_values(&[pool, k.as_str()])),
+                errors_5xx: AtomicU64::new(0),
+            }
+        };
+        Self {
+            production: pool(PoolKind::Production),
+            canary: pool(PoolKind::Canary),
+            registry,
+            names,
+            canary_percent,
+            flags_version,
+            flag_store_up,
+            flag_enabled,
+            flag_rejected,
+            client_connections,
+        }
+    }
+
+    pub fn pool(&self, kind: PoolKind) -> &PoolMetrics {
+        match kind {
+            PoolKind::Production => &self.production,
+            PoolKind::Canary => &self.canary,
+        }
+    }
+
+    /// Reflects a newly published snapshot: effective percent, version, boolean flags.
+    pub fn observe_flags(&self, flags: &Flags, configured_percent: u8) {
+        self.canary_percent
+            .set(i64::from(flags.effective_percent(configured_percent)));
+        self.flags_version
+            .set(i64::try_from(flags.version).unwrap_or(i64::MAX));
+        // Flags that were removed must disappear from the scrape, so rebuild the set.
+        self.flag_enabled.reset();
+        for (name, value) in &flags.set.values {
+            if let FlagValue::Bool(on) = value {
+                self.flag_enabled
+                    .with_label_values(&[name.as_str()])
+                    .set(i64::from(*on));
+            }
+        }
+    }
+
+    pub fn set_flag_store_up(&self, up: bool) {
+        self.flag_store_up.set(i64::from(up));
+    }
+
+    pub fn count_flag_rejected(&self, field: &str) {
+        self.flag_rejected.with_label_values(&[field]).inc();
+    }
+
+    /// Ignored invalid flag values so far, by field.
+    pub fn flag_rejected_counts(&self) -> Vec<(String, u64)> {
+        self.flag_rejected
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|m| {
+                let field = m.get_label().first()?.value().to_owned();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                Some((field, m.get_counter().get_value() as u64))
+            })
+            .collect()
+    }
+
+    /// Names of every metric family this registry can export.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    /// The text exposition format, for `GET /metrics`.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(%error, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PoolMetrics {
+    /// Records one answered request.
+    pub fn record(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let code = status.as_u16();
+        if code >= 500 {
+            self.errors_5xx.fetch_add(1, Ordering::Relaxed);
+        }
+        let m = METHODS
+            .iter()
+            .position(|known| known == method)
+            .unwrap_or(OTHER_METHOD);
+        match code.checked_sub(CODE_MIN).map(usize::from) {
+            Some(c) if c < CODES => self.request_counters[m * CODES + c]
+                .get_or_init(|| {
+                    self.requests
+                        .with_label_values(&[self.pool, METHOD_LABELS[m], status.as_str()])
+                })
+                .inc(),
+            // Codes 600..=999 are legal but rare: the slow path is fine for them.
+            _ => self
+                .requests
+                .with_label_values(&[self.pool, METHOD_LABELS[m], status.as_str()])
+                .inc(),
+        }
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        let i = UpstreamErrorKind::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
+        self.upstream_errors[i].inc();
+    }
+
+    pub fn errors_5xx(&self) -> u64 {
+        self.errors_5xx.load(Ordering::Relaxed)
+    }
+
+    /// Marks a request in flight until the guard drops (also when the client goes away
+    /// and the request future is dropped).
+    pub fn in_flight_guard(&self) -> InFlight<'_> {
+        self.in_flight.inc();
+        InFlight(&self.in_flight)
+    }
+}
+
+/// Decrements the in-flight gauge on drop.
+pub struct InFlight<'a>(&'a IntGauge);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(m: &Metrics) -> String {
+        String::from_utf8(m.render()).unwrap()
+    }
+
+    #[test]
+    fn records_per_pool_method_and_code() {
+        let m = Metrics::new();
+        let p = m.pool(PoolKind::Canary);
+        for _ in 0..3 {
+            p.record(&Method::GET, StatusCode::OK, Duration::from_millis(2));
+        }
+        p.record(
+            &Method::from_bytes(b"PURGE").unwrap(),
+            StatusCode::BAD_GATEWAY,
+            Duration::from_millis(1),
+        );
+        m.pool(PoolKind::Production).record(
+            &Method::POST,
+            StatusCode::from_u16(799).unwrap(),
+            Duration::ZERO,
+        );
+        let text = scrape(&m);
+        assert!(
+            text.contains(r#"canarygate_requests_total{code="200",method="GET",pool="canary"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"canarygate_requests_total{code="502",method="OTHER",pool="canary"} 1"#
+            )
+        );
+        assert!(text.contains(
+            r#"canarygate_requests_total{code="799",method="POST",pool="production"} 1"#
+        ));
+        assert!(text.contains(r#"canarygate_request_duration_seconds_count{pool="canary"} 4"#));
+        assert!(text.contains(
+            r#"canarygate_request_duration_seconds_bucket{pool="canary",le="0.0025"} 4"#
+        ));
+        assert!(
+            text.contains(
+                r#"canarygate_request_duration_seconds_bucket{pool="canary",le="0.001"} 1"#
+            )
+        );
+        assert_eq!(p.errors_5xx(), 1);
+        assert!(text.contains(&format!(
+            "canarygate_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )));
+    }
+
+    #[test]
+    fn in_flight_guard_counts_up_and_down() {
+        let m = Metrics::new();
+        let p = m.pool(PoolKind::Production);
+        let a = p.in_flight_guard();
+        let b = p.in_flight_guard();
+        assert_eq!(p.in_flight.get(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(p.in_flight.get(), 0);
+    }
+
+    #[test]
+    fn flag_gauges_follow_the_snapshot() {
+        let m = Metrics::new();
+        let (set, _) = crate::flags::build(
+            [("a", "on"), ("b", "off"), ("t", "text"), ("canary", "off")],
+            &crate::flags::FlagSet::default(),
+        );
+        m.observe_flags(&Flags::new(set, 7, crate::flags::Source::Redis), 33);
+        let text = scrape(&m);
+        assert!(text.contains("canarygate_flag_enabled{flag=\"a\"} 1"));
+        assert!(text.contains("canarygate_flag_enabled{flag=\"b\"} 0"));
+        assert!(!text.contains("flag=\"t\""));
+        assert!(text.contains("canarygate_canary_percent 0"));
+        assert!(text.contains("canarygate_flags_version 7"));
+        let (set, _) = crate::flags::build([("b", "on")], &crate::flags::FlagSet::default());
+        m.observe_flags(&Flags::new(set, 8, crate::flags::Source::Redis), 33);
+        let text = scrape(&m);
+        assert!(
+            !text.contains("flag=\"a\""),
+            "removed flags leave the scrape"
+        );
+        assert!(text.contains("canarygate_canary_percent 33"));
+    }
+}
