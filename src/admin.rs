@@ -64,7 +64,12 @@ fn readiness(state: &AppState) -> Result<(), &'static str> {
     if state.is_draining() {
         return Err("draining\n");
     }
-    if state.snapshot().pools.production.is_empty() {
+    if !state
+        .snapshot()
+        .pools
+        .production
+        .has_usable(crate::upstream::now_ms())
+    {
         return Err("no usable production backend\n");
     }
     Ok(())
@@ -334,7 +339,10 @@ fn rate_chart(samples: &[Sample], now: Instant) -> String {
         );
         // The latest point, visible even before there is a line.
         if let Some((x, y)) = coords.last().and_then(|c| c.split_once(',')) {
-            let _ = write!(svg, "<circle cx=\"{x}\" cy=\"{y}\" r=\"4\" fill=\"{color}\"/>");
+            let _ = write!(
+                svg,
+                "<circle cx=\"{x}\" cy=\"{y}\" r=\"4\" fill=\"{color}\"/>"
+            );
         }
     }
     if samples.len() < 2 {

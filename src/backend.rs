@@ -37,13 +37,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let identity = Arc::new(identity);
-    server::serve("backend", listener, options, shutdown, move |_peer| {
-        let identity = Arc::clone(&identity);
-        service_fn(move |req| {
-            let response = respond(&identity, &req);
-            async move { Ok::<_, Infallible>(response) }
-        })
-    })
+    server::serve(
+        "backend",
+        listener,
+        options,
+        shutdown,
+        move |_peer, _framing| {
+            let identity = Arc::clone(&identity);
+            service_fn(move |req| {
+                let response = respond(&identity, &req);
+                async move { Ok::<_, Infallible>(response) }
+            })
+        },
+    )
     .await;
 }
 

@@ -74,6 +74,10 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     #[serde(default)]
     pub flags: FlagsConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// `[server]`: where the proxy and the admin listener bind, and how long a drain may take.
@@ -82,7 +86,12 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// After SIGTERM, `/readyz` says 503 this long while traffic is still served, so an
+    /// outer load balancer stops sending before the listener closes.
+    pub drain_delay_ms: u64,
     pub drain_timeout_ms: u64,
+    /// `[server.tls]`: optional TLS termination on its own listener.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -90,7 +99,81 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            drain_delay_ms: 0,
             drain_timeout_ms: 10_000,
+            tls: None,
+        }
+    }
+}
+
+/// `[server.tls]`: HTTPS (HTTP/1.1 and HTTP/2 by ALPN) on `listen`, with a PEM
+/// certificate chain and private key. Both files are re-read on SIGHUP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    #[serde(default = "default_tls_listen")]
+    pub listen: SocketAddr,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+fn default_tls_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
+}
+
+/// `[health]`: active checks and passive ejection of backends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Path requested by the active check (`GET`, `Host` = the backend address).
+    pub path: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Passing checks in a row that make an unhealthy backend healthy.
+    pub rise: u32,
+    /// Failing checks in a row that make a healthy backend unhealthy.
+    pub fall: u32,
+    /// Connect errors or 5xx responses in a row that eject a backend (0: never).
+    pub consecutive_failures: u32,
+    /// First ejection length; doubles on each ejection in a row, up to 16 times.
+    pub ejection_ms: u64,
+    /// At most this share of a pool is ejected at once.
+    pub max_ejected_percent: u8,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            path: "/health".to_owned(),
+            interval_ms: 2_000,
+            timeout_ms: 1_000,
+            rise: 2,
+            fall: 3,
+            consecutive_failures: 5,
+            ejection_ms: 30_000,
+            max_ejected_percent: 50,
+        }
+    }
+}
+
+/// `[limits]`: what one client may ask of the proxy.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Request line plus headers; larger requests get 431.
+    pub max_header_bytes: u32,
+    /// Open client connections; past it new connections wait in the listen backlog.
+    pub max_connections: u32,
+    /// Request body; larger bodies get 413. Absent: no limit.
+    pub max_body_bytes: Option<u64>,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            max_connections: 10_000,
+            max_body_bytes: None,
         }
     }
 }
@@ -415,6 +498,7 @@ impl Config {
             );
         }
         self.validate_flags()?;
+        self.validate_health_and_limits()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -460,6 +544,67 @@ impl Config {
             );
             if let Some(r) = rejected.first() {
                 return fail(format!("flags.static.{name}"), r.reason.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_health_and_limits(&self) -> Result<(), Violation> {
+        let h = &self.health;
+        let fail = |key: &str, message: String| {
+            Err(Violation {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        if !h.path.starts_with('/') || http::uri::PathAndQuery::from_str(&h.path).is_err() {
+            return fail(
+                "health.path",
+                format!("`{}` must be a path starting with /", h.path),
+            );
+        }
+        for (key, value) in [
+            ("health.interval_ms", h.interval_ms),
+            ("health.timeout_ms", h.timeout_ms),
+            ("health.ejection_ms", h.ejection_ms),
+            ("health.rise", u64::from(h.rise)),
+            ("health.fall", u64::from(h.fall)),
+        ] {
+            if value == 0 {
+                return fail(key, "must be greater than 0".to_owned());
+            }
+        }
+        if h.max_ejected_percent > 100 {
+            return fail(
+                "health.max_ejected_percent",
+                format!(
+                    "{} is out of range; it must be 0..=100",
+                    h.max_ejected_percent
+                ),
+            );
+        }
+        let l = &self.limits;
+        if l.max_header_bytes < 1024 {
+            return fail(
+                "limits.max_header_bytes",
+                format!("{} is too small; at least 1024", l.max_header_bytes),
+            );
+        }
+        if l.max_connections == 0 {
+            return fail(
+                "limits.max_connections",
+                "must be greater than 0".to_owned(),
+            );
+        }
+        if let Some(tls) = &self.server.tls {
+            let port_zero = tls.listen.port() == 0;
+            if !port_zero
+                && (tls.listen == self.server.listen || tls.listen == self.server.admin_listen)
+            {
+                return fail(
+                    "server.tls.listen",
+                    format!("{} is already used by another listener", tls.listen),
+                );
             }
         }
         Ok(())

@@ -4,10 +4,13 @@
 //! Crate map:
 //! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
 //! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`] behind an `ArcSwap`.
-//! - [`server`]: the accept loop (HTTP/1.1 + h2c), idle timeouts, graceful drain.
+//! - [`server`]: the accept loop (HTTP/1.1 + h2c + TLS), limits, idle timeouts, graceful drain.
+//! - [`framing`]: the request-smuggling guard on client connections.
 //! - [`proxy`]: the request path: route, rewrite headers, forward, map errors.
 //! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
-//! - [`upstream`]: pools and the pooled keep-alive client.
+//! - [`upstream`]: pools, backend health and ejection, retry budget, the pooled client.
+//! - [`health`]: the active health-check task.
+//! - [`tls`]: TLS termination config from PEM files.
 //! - [`flags`]: feature flags from Redis (or static) into the snapshot; the watcher task.
 //! - [`admin`]: the admin listener: metrics, health, readiness, flags, events, status page.
 //! - [`metrics`]: the owned Prometheus registry and per-pool handles.
@@ -23,12 +26,15 @@ pub mod backend;
 pub mod config;
 pub mod events;
 pub mod flags;
+pub mod framing;
+pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
 pub mod stats;
+pub mod tls;
 pub mod upstream;
 
 use std::convert::Infallible;
@@ -38,10 +44,33 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span};
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tracing::warn;
+
 use crate::config::Config;
 use crate::proxy::ConnInfo;
 use crate::server::ServeOptions;
 use crate::state::AppState;
+
+/// The sockets a proxy serves, bound by the caller (tests and the demo bind port 0).
+pub struct Listeners {
+    pub proxy: TcpListener,
+    pub admin: TcpListener,
+    /// The HTTPS listener of `[server.tls]`, if configured.
+    pub tls: Option<TcpListener>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("[server.tls] is configured but no TLS listener was bound")]
+    TlsListenerMissing,
+}
 
 /// Runs the proxy and the admin listener until `shutdown` is cancelled, then drains
 /// both and returns.
@@ -62,28 +91,67 @@ pub async fn run_with_state(
     state: AppState,
     shutdown: CancellationToken,
 ) {
-    let options = serve_options(&state.snapshot().config);
-    if let (Ok(proxy), Ok(admin)) = (listener.local_addr(), admin_listener.local_addr()) {
-        info!(%proxy, %admin, "listening");
+    let listeners = Listeners {
+        proxy: listener,
+        admin: admin_listener,
+        tls: None,
+    };
+    if let Err(error) = serve_all(listeners, state, shutdown).await {
+        tracing::error!(%error, "cannot start");
     }
+}
 
-    // Background tasks stop after both servers have drained.
+/// Everything: the proxy (and HTTPS) listeners, the admin listener and the background
+/// tasks, until `shutdown`; then `/readyz` turns 503 for `drain_delay_ms` while traffic
+/// is still served, the listeners stop and in-flight requests get `drain_timeout_ms`.
+pub async fn serve_all(
+    listeners: Listeners,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let config = state.snapshot().config.clone();
+    let tls_source = match (&config.server.tls, &listeners.tls) {
+        (None, _) => None,
+        (Some(_), None) => return Err(StartError::TlsListenerMissing),
+        (Some(tls_config), Some(_)) => {
+            let source: server::TlsSource =
+                Arc::new(ArcSwap::from_pointee(tls::server_config(tls_config)?));
+            state.set_tls(Arc::clone(&source));
+            Some(source)
+        }
+    };
+    let options = serve_options(&config);
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    info!(
+        proxy = addr(&listeners.proxy),
+        admin = addr(&listeners.admin),
+        tls = listeners.tls.as_ref().map(addr).unwrap_or_default(),
+        "listening"
+    );
+
+    // Background tasks stop after every server has drained.
     let tasks = CancellationToken::new();
     let background = [
         tokio::spawn(flags::run(state.clone(), tasks.clone()).instrument(info_span!("flags"))),
         tokio::spawn(stats::run(state.clone(), tasks.clone()).instrument(info_span!("stats"))),
+        tokio::spawn(health::run(state.clone(), tasks.clone()).instrument(info_span!("health"))),
     ];
 
     // The admin listener outlives the proxy's drain, so /readyz can say 503 meanwhile.
     let admin_shutdown = CancellationToken::new();
     let admin_state = state.clone();
+    let admin_options = ServeOptions::basic(
+        options.header_read_timeout,
+        options.idle_timeout,
+        options.drain_timeout,
+    );
     let admin = tokio::spawn(
         server::serve(
             "admin",
-            admin_listener,
-            options.clone(),
+            listeners.admin,
+            admin_options,
             admin_shutdown.clone(),
-            move |_peer| {
+            move |_peer, _framing| {
                 let state = admin_state.clone();
                 service_fn(move |req| {
                     let response = admin::respond(&state, &req);
@@ -94,40 +162,43 @@ pub async fn run_with_state(
         .instrument(info_span!("admin")),
     );
 
-    let proxy_state = state.clone();
-    let proxy_options = ServeOptions {
-        connections: Some(state.metrics.client_connections.clone()),
-        ..options
-    };
-    let drain_state = state.clone();
     let proxy_shutdown = CancellationToken::new();
-    let forward_shutdown = {
+    let delay = Duration::from_millis(config.server.drain_delay_ms);
+    let drain_state = state.clone();
+    let begin_drain = {
         let proxy_shutdown = proxy_shutdown.clone();
         async move {
             shutdown.cancelled().await;
             drain_state.start_draining();
+            // Still serving: give outer load balancers time to see /readyz say 503.
+            tokio::time::sleep(delay).await;
             proxy_shutdown.cancel();
         }
     };
-    let proxy = server::serve(
+    let plain = proxy_server(
         "proxy",
-        listener,
-        proxy_options,
-        proxy_shutdown,
-        move |peer| {
-            let state = proxy_state.clone();
-            let conn = ConnInfo {
-                peer,
-                scheme: "http",
+        listeners.proxy,
+        &state,
+        options.clone(),
+        proxy_shutdown.clone(),
+    );
+    let https = async {
+        if let (Some(listener), Some(source)) = (listeners.tls, tls_source) {
+            let options = ServeOptions {
+                tls: Some(source),
+                ..options.clone()
             };
-            service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(proxy::handle(&state, conn, req).await) }
-            })
-        },
-    )
-    .instrument(info_span!("proxy"));
-    tokio::join!(proxy, forward_shutdown);
+            proxy_server(
+                "proxy-tls",
+                listener,
+                &state,
+                options,
+                proxy_shutdown.clone(),
+            )
+            .await;
+        }
+    };
+    tokio::join!(plain, https, begin_drain);
 
     admin_shutdown.cancel();
     let _ = admin.await;
@@ -136,14 +207,104 @@ pub async fn run_with_state(
         let _ = task.await;
     }
     info!("stopped");
+    Ok(())
 }
 
-/// Connection settings from the config.
+/// One proxy listener (plain or TLS), serving [`proxy::handle`].
+async fn proxy_server(
+    name: &'static str,
+    listener: TcpListener,
+    state: &AppState,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) {
+    let scheme = if options.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let options = ServeOptions {
+        connections: Some(state.metrics.client_connections.clone()),
+        ..options
+    };
+    let state = state.clone();
+    server::serve(name, listener, options, shutdown, move |peer, framing| {
+        let state = state.clone();
+        let conn = ConnInfo {
+            peer,
+            scheme,
+            framing,
+        };
+        service_fn(move |req| {
+            let state = state.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(&state, conn, req).await) }
+        })
+    })
+    .instrument(info_span!("proxy", listener = name))
+    .await;
+}
+
+/// Connection settings of the proxy listeners, from the config.
 pub fn serve_options(config: &Config) -> ServeOptions {
     ServeOptions {
         header_read_timeout: config.timeouts.client_header_read(),
         idle_timeout: config.timeouts.idle(),
-        drain_timeout: std::time::Duration::from_millis(config.server.drain_timeout_ms),
+        drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         connections: None,
+        max_connections: usize::try_from(config.limits.max_connections).ok(),
+        max_header_bytes: usize::try_from(config.limits.max_header_bytes).ok(),
+        tls: None,
+    }
+}
+
+/// Re-reads the config file (SIGHUP): a valid one is swapped in atomically (pools,
+/// percent, timeouts, health, limits on the request path; TLS certificates for new
+/// connections); an invalid one is refused, logged, and the old one kept. Listen
+/// addresses and connection limits cannot change without a restart: a change is
+/// logged and ignored.
+pub fn reload(state: &AppState, path: &std::path::Path) -> Result<(), config::ConfigError> {
+    let result = config::load(path).and_then(|new| {
+        if let Some(source) = state.tls()
+            && let Some(tls_config) = &new.server.tls
+        {
+            let server =
+                tls::server_config(tls_config).map_err(|e| config::ConfigError::Invalid {
+                    file: path.display().to_string(),
+                    line: 0,
+                    key: "server.tls".to_owned(),
+                    message: e.to_string(),
+                })?;
+            source.store(Arc::new(server));
+        }
+        Ok(new)
+    });
+    match result {
+        Ok(new) => {
+            let old = state.snapshot().config.clone();
+            if old.server != new.server || old.limits.max_connections != new.limits.max_connections
+            {
+                warn!(
+                    "listen addresses, drain settings and max_connections apply at the next restart"
+                );
+            }
+            state.apply_config(new);
+            state.metrics.count_reload(true);
+            info!(config = %path.display(), "config reloaded");
+            state.events.push(
+                "config",
+                "info",
+                format!("config reloaded from {}", path.display()),
+            );
+            Ok(())
+        }
+        Err(error) => {
+            state.metrics.count_reload(false);
+            warn!(%error, "config reload refused; keeping the running config");
+            state
+                .events
+                .push("config", "warn", format!("config reload refused: {error}"));
+            Err(error)
+        }
     }
 }

@@ -82,15 +82,10 @@ fn main() -> ExitCode {
             Err(e) => config_failure(&e),
         },
         Command::Run { config } => match config::load(config) {
-            Ok(cfg) => match cfg.check_environment() {
+            Ok(cfg) => match preflight(&cfg) {
                 Ok(()) => exit_with(runtime().and_then(|rt| rt.block_on(run(cfg, config)))),
-                Err(v) => {
-                    eprintln!(
-                        "error: {}: key `{}`: {}",
-                        config.display(),
-                        v.key,
-                        v.message
-                    );
+                Err(message) => {
+                    eprintln!("error: {}: {message}", config.display());
                     ExitCode::from(EXIT_CONFIG)
                 }
             },
@@ -117,6 +112,18 @@ fn main() -> ExitCode {
             ))
         })),
     }
+}
+
+/// What `run` checks beyond the file itself, before binding anything: the
+/// environment variables the config names, and the TLS certificate and key.
+fn preflight(config: &Config) -> Result<(), String> {
+    config
+        .check_environment()
+        .map_err(|v| format!("key `{}`: {}", v.key, v.message))?;
+    if let Some(tls) = &config.server.tls {
+        canarygate::tls::server_config(tls).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn config_failure(error: &config::ConfigError) -> ExitCode {
@@ -181,12 +188,33 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
-    let listener = bind(config.server.listen, "proxy listener").await?;
-    let admin = bind(config.server.admin_listen, "admin listener").await?;
+    let listeners = canarygate::Listeners {
+        proxy: bind(config.server.listen, "proxy listener").await?,
+        admin: bind(config.server.admin_listen, "admin listener").await?,
+        tls: match &config.server.tls {
+            Some(tls) => Some(bind(tls.listen, "TLS listener").await?),
+            None => None,
+        },
+    };
     info!(config = %path.display(), "config loaded");
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    canarygate::run(listener, admin, config, shutdown).await;
+    let state = canarygate::state::AppState::new(config);
+    spawn_reload_handler(state.clone(), path.to_owned())?;
+    canarygate::serve_all(listeners, state, shutdown).await?;
+    Ok(())
+}
+
+/// Re-reads the config on SIGHUP; a bad one is logged and the running one kept.
+fn spawn_reload_handler(state: canarygate::state::AppState, path: PathBuf) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!(signal = "SIGHUP", "reloading config");
+            // The outcome is logged, counted and recorded as an event by reload().
+            let _ = canarygate::reload(&state, &path);
+        }
+    });
     Ok(())
 }
 
@@ -201,12 +229,11 @@ async fn serve_backend(listen: SocketAddr, identity: AppIdentity) -> anyhow::Res
 
 fn demo_serve_options() -> canarygate::server::ServeOptions {
     let defaults = config::TimeoutsConfig::default();
-    canarygate::server::ServeOptions {
-        header_read_timeout: defaults.client_header_read(),
-        idle_timeout: defaults.idle(),
-        drain_timeout: Duration::from_secs(5),
-        connections: None,
-    }
+    canarygate::server::ServeOptions::basic(
+        defaults.client_header_read(),
+        defaults.idle(),
+        Duration::from_secs(5),
+    )
 }
 
 /// Whether a Redis answers PING on the default local port, within a short time.

@@ -78,6 +78,9 @@ pub struct Metrics {
     flag_enabled: IntGaugeVec,
     flag_rejected: IntCounterVec,
     pub client_connections: IntGauge,
+    backend_up: IntGaugeVec,
+    pub failover_requests: IntCounter,
+    config_reloads: IntCounterVec,
     production: PoolMetrics,
     canary: PoolMetrics,
 }
@@ -90,6 +93,8 @@ pub struct PoolMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     upstream_errors: [IntCounter; 4],
+    pub ejections: IntCounter,
+    pub retries: IntCounter,
     /// 5xx responses, for the status page's error ratio (the exported view is the
     /// `code` label of `canarygate_requests_total`).
     errors_5xx: AtomicU64,
@@ -183,6 +188,39 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
 
+        let backend_up = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_backend_up",
+                "1 if a backend is usable (active check up and not ejected), else 0.",
+            ),
+            &["pool", "backend"],
+        ));
+        let ejections = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_backend_ejections_total",
+                "Backends ejected by passive outlier detection, by pool.",
+            ),
+            &["pool"],
+        ));
+        let retries = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_retries_total",
+                "Requests retried on another backend of the same pool, by pool.",
+            ),
+            &["pool"],
+        ));
+        let failover_requests = must(IntCounter::new(
+            "canarygate_failover_requests_total",
+            "Canary requests served by production because no canary backend was usable.",
+        ));
+        let config_reloads = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_config_reloads_total",
+                "Config reloads (SIGHUP), by result: success or failure.",
+            ),
+            &["result"],
+        ));
+
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream_errors.clone()));
@@ -194,6 +232,11 @@ impl Metrics {
         reg(Box::new(flag_enabled.clone()));
         reg(Box::new(flag_rejected.clone()));
         reg(Box::new(build_info));
+        reg(Box::new(backend_up.clone()));
+        reg(Box::new(ejections.clone()));
+        reg(Box::new(retries.clone()));
+        reg(Box::new(failover_requests.clone()));
+        reg(Box::new(config_reloads.clone()));
         #[cfg(target_os = "linux")]
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -211,9 +254,14 @@ impl Metrics {
                 in_flight: in_flight.with_label_values(&[pool]),
                 upstream_errors: UpstreamErrorKind::ALL
                     .map(|k| upstream_errors.with_label_values(&[pool, k.as_str()])),
+                ejections: ejections.with_label_values(&[pool]),
+                retries: retries.with_label_values(&[pool]),
                 errors_5xx: AtomicU64::new(0),
             }
         };
+        for result in ["success", "failure"] {
+            config_reloads.with_label_values(&[result]);
+        }
         Self {
             production: pool(PoolKind::Production),
             canary: pool(PoolKind::Canary),
@@ -225,7 +273,36 @@ impl Metrics {
             flag_enabled,
             flag_rejected,
             client_connections,
+            backend_up,
+            failover_requests,
+            config_reloads,
         }
+    }
+
+    /// Sets `canarygate_backend_up` for every configured backend (removed backends
+    /// leave the scrape).
+    pub fn observe_backends(&self, pools: &crate::upstream::Pools, now_ms: u64) {
+        self.backend_up.reset();
+        for kind in [PoolKind::Production, PoolKind::Canary] {
+            for backend in pools.get(kind).backends() {
+                self.backend_up
+                    .with_label_values(&[kind.as_str(), backend.authority.as_str()])
+                    .set(i64::from(backend.health.usable_at(now_ms)));
+            }
+        }
+    }
+
+    /// Marks one backend down at once (an ejection), before the next health tick.
+    pub fn backend_down(&self, kind: PoolKind, backend: &str) {
+        self.backend_up
+            .with_label_values(&[kind.as_str(), backend])
+            .set(0);
+    }
+
+    pub fn count_reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
     }
 
     pub fn pool(&self, kind: PoolKind) -> &PoolMetrics {

@@ -16,13 +16,20 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Scheme, Uri};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
-use tracing::{info, warn};
+use hyper::body::{Body as _, Incoming};
+use tracing::{debug, info, warn};
+
+use std::sync::atomic::Ordering;
 
 use crate::config::Sticky;
 use crate::metrics::UpstreamErrorKind;
 use crate::routing;
+use crate::routing::PoolKind;
 use crate::state::AppState;
+use crate::state::Snapshot;
+use crate::upstream::{
+    self, Backend, BodyTooLarge, Client, ClientBodyError, Ejection, Pool, UpstreamBody,
+};
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -51,11 +58,13 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 const STICKY_COOKIE_MAX_AGE_S: u32 = 365 * 24 * 3600;
 
 /// What the proxy knows about the client connection a request came on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
+    /// Framing verdicts from the smuggling guard, one per request in order.
+    pub framing: std::sync::Arc<crate::framing::ConnFraming>,
 }
 
 /// Why a request got no upstream response.
@@ -67,6 +76,10 @@ pub enum ProxyError {
     MethodNotAllowed,
     #[error("no backend available in pool {0}")]
     NoBackend(&'static str),
+    #[error("request body larger than max_body_bytes ({0})")]
+    PayloadTooLarge(u64),
+    #[error("the client's request body was malformed or cut short")]
+    ClientBody,
     #[error("connecting to the backend failed")]
     Connect(#[source] hyper_util::client::legacy::Error),
     #[error("backend sent no response headers within {0:?}")]
@@ -79,9 +92,10 @@ impl ProxyError {
     /// The one place errors become statuses.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::ClientBody => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -91,18 +105,50 @@ impl ProxyError {
     /// backend was never involved.
     pub fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            Self::BadRequest(_) | Self::MethodNotAllowed | Self::NoBackend(_) => None,
+            Self::BadRequest(_)
+            | Self::MethodNotAllowed
+            | Self::NoBackend(_)
+            | Self::PayloadTooLarge(_)
+            | Self::ClientBody => None,
             Self::Connect(_) => Some(UpstreamErrorKind::Connect),
             Self::Timeout(_) => Some(UpstreamErrorKind::Timeout),
             Self::Upstream(e) => Some(classify_upstream(e)),
         }
     }
 
+    /// Connect errors and resets before any response byte: the backend never saw the
+    /// request, or dropped it before answering.
+    fn retryable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Upstream(e) => classify_upstream(e) == UpstreamErrorKind::Reset,
+            Self::BadRequest(_)
+            | Self::MethodNotAllowed
+            | Self::NoBackend(_)
+            | Self::PayloadTooLarge(_)
+            | Self::ClientBody
+            | Self::Timeout(_) => false,
+        }
+    }
+
+    /// Errors after which the client connection must not be reused.
+    fn closes_connection(&self) -> bool {
+        match self {
+            Self::BadRequest(_) | Self::PayloadTooLarge(_) | Self::ClientBody => true,
+            Self::MethodNotAllowed
+            | Self::NoBackend(_)
+            | Self::Connect(_)
+            | Self::Timeout(_)
+            | Self::Upstream(_) => false,
+        }
+    }
+
     fn body(&self) -> &'static str {
         match self {
-            Self::BadRequest(_) => "400 bad request\n",
+            Self::BadRequest(_) | Self::ClientBody => "400 bad request\n",
             Self::MethodNotAllowed => "405 method not allowed\n",
             Self::NoBackend(_) => "503 no backend available\n",
+            Self::PayloadTooLarge(_) => "413 request body too large\n",
             Self::Connect(_) => "502 bad gateway: backend unreachable\n",
             Self::Upstream(_) => "502 bad gateway: backend failed\n",
             Self::Timeout(_) => "504 gateway timeout: backend too slow\n",
@@ -119,9 +165,98 @@ pub async fn handle(
     let start = Instant::now();
     let snapshot = state.snapshot();
     let config = &snapshot.config;
-    let routing = &config.routing;
-    let headers = req.headers();
+    let now = upstream::now_ms();
+    let (chosen, new_sticky_id) = choose_pool(&snapshot, &conn, req.headers());
+    let kind = if chosen == PoolKind::Canary && !snapshot.pools.canary.has_usable(now) {
+        state.metrics.failover_requests.inc();
+        note_canary_failover(state, true);
+        PoolKind::Production
+    } else {
+        if chosen == PoolKind::Canary {
+            note_canary_failover(state, false);
+        }
+        chosen
+    };
+    let request_id = match req.headers().get(REQUEST_ID) {
+        Some(id) if valid_request_id(id.as_bytes()) => id.clone(),
+        _ => header_value_from_id(&random_hex_id()),
+    };
 
+    let pool_metrics = state.metrics.pool(kind);
+    let _in_flight = pool_metrics.in_flight_guard();
+    let method = req.method().clone();
+    let http1 = req.version() < Version::HTTP_2;
+    // Path only, never the query: queries carry tokens and personal data.
+    let path_and_query = req.uri().path_and_query().cloned();
+    let extra = UpstreamHeaders {
+        request_id: &request_id,
+        flags_header: &config.flags.header.0,
+        flags: &snapshot.flags.header_value,
+        max_body_bytes: config.limits.max_body_bytes,
+    };
+    let ambiguous = conn.framing.next_request_is_bad();
+    let (result, backend) = match check_framing(&req, ambiguous, config.limits.max_body_bytes) {
+        Err(error) => (Err(error), None),
+        Ok(()) => {
+            let pool = snapshot.pools.get(kind);
+            proxy_to_pool(state, &snapshot, pool, req, &conn, &extra).await
+        }
+    };
+    let backend_addr = backend.map_or("-", |b| b.authority.as_str());
+
+    let mut response = match result {
+        Ok(mut response) => {
+            strip_hop_by_hop(response.headers_mut());
+            response.map(Either::Left)
+        }
+        Err(error) => {
+            let status = error.status();
+            warn!(
+                pool = kind.as_str(),
+                backend = backend_addr,
+                status = status.as_u16(),
+                error = %error,
+                cause = error_cause(&error),
+                "proxy error"
+            );
+            let mut response = error_response(&error);
+            if http1 && error.closes_connection() {
+                // The request's framing cannot be trusted: never reuse this connection.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    };
+    let response_headers = response.headers_mut();
+    response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
+    response_headers.insert(REQUEST_ID, request_id);
+    if let Some(id) = new_sticky_id {
+        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
+    }
+    let elapsed = start.elapsed();
+    pool_metrics.record(&method, response.status(), elapsed);
+    info!(
+        method = %method,
+        path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
+        pool = kind.as_str(),
+        backend = backend_addr,
+        status = response.status().as_u16(),
+        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "proxied"
+    );
+    response
+}
+
+/// The pool the routing rules choose (override header, then sticky bucket, with the
+/// flags' percent and kill switch), and a new sticky id to set if one was made.
+fn choose_pool(
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    headers: &HeaderMap,
+) -> (PoolKind, Option<[u8; 32]>) {
+    let routing = &snapshot.config.routing;
     let forced = routing
         .override_header
         .0
@@ -153,103 +288,261 @@ pub async fn handle(
         // The kill switch wins over the override header too.
         flags.set.canary_enabled && !snapshot.pools.canary.is_empty(),
     );
-    let request_id = match headers.get(REQUEST_ID) {
-        Some(id) if valid_request_id(id.as_bytes()) => id.clone(),
-        _ => header_value_from_id(&random_hex_id()),
-    };
+    (kind, new_sticky_id)
+}
 
-    let pool_metrics = state.metrics.pool(kind);
-    let _in_flight = pool_metrics.in_flight_guard();
-    let method = req.method().clone();
-    // Path only, never the query: queries carry tokens and personal data.
-    let path_and_query = req.uri().path_and_query().cloned();
-    let pool = snapshot.pools.get(kind);
-    let (result, backend) = match pool.pick() {
-        None => (Err(ProxyError::NoBackend(kind.as_str())), None),
-        Some(backend) => {
-            let extra = UpstreamHeaders {
-                request_id: &request_id,
-                flags_header: &config.flags.header.0,
-                flags: &flags.header_value,
-            };
-            let result = match upstream_request(req, conn, &backend.authority, &extra) {
-                Ok(up) => forward(state, up, config.timeouts.response_header()).await,
-                Err(e) => Err(e),
-            };
-            (result, Some(backend))
-        }
-    };
-    let backend_addr = backend.map_or("-", |b| b.authority.as_str());
+/// Logs and records the start and the end of a canary failover, once each.
+fn note_canary_failover(state: &AppState, active: bool) {
+    if state.canary_failover.swap(active, Ordering::Relaxed) == active {
+        return;
+    }
+    if active {
+        warn!("no usable canary backend; canary traffic goes to production");
+        state.events.push(
+            "proxy",
+            "warn",
+            "no usable canary backend: canary traffic fails over to production",
+        );
+    } else {
+        info!("canary backends usable again; failover over");
+        state.events.push(
+            "proxy",
+            "info",
+            "canary backends usable again: failover over",
+        );
+    }
+}
 
-    let mut response = match result {
-        Ok(mut response) => {
-            strip_hop_by_hop(response.headers_mut());
-            response.map(Either::Left)
+/// Refuses requests whose framing a proxy must not pass on (request smuggling, RFC
+/// 9112 6.3): both Content-Length and Transfer-Encoding, more than one Content-Length
+/// (as seen on the wire by [`crate::framing`], since hyper normalizes both away),
+/// or an HTTP/1.1 request without Host. Also enforces `max_body_bytes` up front when
+/// the length is declared.
+fn check_framing(
+    req: &Request<Incoming>,
+    ambiguous: bool,
+    max_body_bytes: Option<u64>,
+) -> Result<(), ProxyError> {
+    if ambiguous {
+        return Err(ProxyError::BadRequest(
+            "ambiguous framing: Content-Length with Transfer-Encoding, or repeated",
+        ));
+    }
+    let h = req.headers();
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    let length = lengths.next();
+    if lengths.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Content-Length"));
+    }
+    if length.is_some() && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    if let (Some(limit), Some(length)) = (max_body_bytes, length) {
+        let declared = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::PayloadTooLarge(limit));
         }
+    }
+    Ok(())
+}
+
+/// Sends the request to a usable backend of `pool`; on a connect error or a reset
+/// before any response, retries once on another backend when the request is
+/// idempotent, has no body, and the retry budget allows.
+async fn proxy_to_pool<'s>(
+    state: &AppState,
+    snapshot: &'s Snapshot,
+    pool: &'s Pool,
+    req: Request<Incoming>,
+    conn: &ConnInfo,
+    extra: &UpstreamHeaders<'_>,
+) -> (Result<Response<Incoming>, ProxyError>, Option<&'s Backend>) {
+    let now = upstream::now_ms();
+    let Some((index, backend)) = pool.pick(now, None) else {
+        return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
+    };
+    pool.retry_budget.record_request(now);
+    let request = match upstream_request(req, conn, &backend.authority, extra) {
+        Ok(request) => request,
+        Err(error) => return (Err(error), Some(backend)),
+    };
+    let retry = (pool.backends().len() > 1)
+        .then(|| RetryCopy::of(&request))
+        .flatten();
+    let deadline = snapshot.config.timeouts.response_header();
+    let first = forward(&snapshot.client, request, deadline).await;
+    record_outcome(state, pool, index, &first);
+    let Err(error) = &first else {
+        return (first, Some(backend));
+    };
+    if !error.retryable() {
+        return (first, Some(backend));
+    }
+    let Some(retry) = retry else {
+        return (first, Some(backend));
+    };
+    let now = upstream::now_ms();
+    let Some((second_index, second_backend)) = pool.pick(now, Some(index)) else {
+        return (first, Some(backend));
+    };
+    if !pool.retry_budget.try_retry(now) {
+        debug!(
+            pool = pool.kind.as_str(),
+            "retry budget exhausted; not retrying"
+        );
+        return (first, Some(backend));
+    }
+    state.metrics.pool(pool.kind).retries.inc();
+    debug!(pool = pool.kind.as_str(), from = %backend.authority, to = %second_backend.authority, "retrying");
+    let second = match retry.into_request(&second_backend.authority) {
+        Ok(request) => forward(&snapshot.client, request, deadline).await,
+        Err(error) => Err(error),
+    };
+    record_outcome(state, pool, second_index, &second);
+    (second, Some(second_backend))
+}
+
+/// Passive health: a connect error or a 5xx counts against the backend; ejections are
+/// logged, counted and shown at once.
+fn record_outcome(
+    state: &AppState,
+    pool: &Pool,
+    index: usize,
+    result: &Result<Response<Incoming>, ProxyError>,
+) {
+    let metrics = state.metrics.pool(pool.kind);
+    let failed = match result {
+        Ok(response) => response.status().is_server_error(),
         Err(error) => {
             if let Some(kind) = error.upstream_kind() {
-                pool_metrics.upstream_error(kind);
+                metrics.upstream_error(kind);
             }
-            let status = error.status();
-            warn!(
-                pool = kind.as_str(),
-                backend = backend_addr,
-                status = status.as_u16(),
-                error = %error,
-                cause = error_cause(&error),
-                "proxy error"
-            );
-            error_response(&error)
+            matches!(error, ProxyError::Connect(_))
         }
     };
-    let response_headers = response.headers_mut();
-    response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
-    response_headers.insert(REQUEST_ID, request_id);
-    if let Some(id) = new_sticky_id {
-        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
+    match pool.record_outcome(index, failed, upstream::now_ms()) {
+        None => {}
+        Some(Ejection::Ejected(length)) => {
+            let backend = pool.backends()[index].authority.as_str();
+            metrics.ejections.inc();
+            state.metrics.backend_down(pool.kind, backend);
+            let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
+            warn!(
+                pool = pool.kind.as_str(),
+                backend, length_ms, "backend ejected"
+            );
+            state.events.push(
+                "health",
+                "warn",
+                format!(
+                    "{} backend {backend} ejected for {length_ms} ms after consecutive failures",
+                    pool.kind.as_str()
+                ),
+            );
+        }
+        Some(Ejection::Capped) => {
+            debug!(
+                pool = pool.kind.as_str(),
+                "ejection skipped: max_ejected_percent reached"
+            );
+        }
     }
-    let elapsed = start.elapsed();
-    pool_metrics.record(&method, response.status(), elapsed);
-    info!(
-        method = %method,
-        path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
-        pool = kind.as_str(),
-        backend = backend_addr,
-        status = response.status().as_u16(),
-        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-        "proxied"
-    );
-    response
+}
+
+/// What is needed to send a request again: only for idempotent methods (RFC 9110
+/// 9.2.2) with no body, so nothing of the body can have been consumed.
+struct RetryCopy {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl RetryCopy {
+    fn of(request: &Request<UpstreamBody>) -> Option<Self> {
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        (idempotent && request.body().is_end_stream()).then(|| Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn into_request(
+        self,
+        backend: &http::uri::Authority,
+    ) -> Result<Request<UpstreamBody>, ProxyError> {
+        let mut uri = self.uri.into_parts();
+        uri.authority = Some(backend.clone());
+        let uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("bad request target"))?;
+        let mut request = Request::new(UpstreamBody::Empty);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = uri;
+        *request.headers_mut() = self.headers;
+        Ok(request)
+    }
 }
 
 /// Sends the request and waits for the response headers, at most `deadline`.
 async fn forward(
-    state: &AppState,
-    req: Request<Incoming>,
+    client: &Client,
+    req: Request<UpstreamBody>,
     deadline: Duration,
 ) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(deadline, state.client.request(req)).await {
+    match tokio::time::timeout(deadline, client.request(req)).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(e)),
-        Ok(Err(e)) => Err(ProxyError::Upstream(e)),
+        Ok(Err(e)) => Err(client_side_cause(&e).unwrap_or(ProxyError::Upstream(e))),
         Err(_) => Err(ProxyError::Timeout(deadline)),
     }
 }
 
-/// Headers the proxy adds to every upstream request.
+/// The client-side error, if the exchange failed because of the client's body: too
+/// large (413) or malformed / cut short (400). The backend is not to blame for these.
+fn client_side_cause(error: &hyper_util::client::legacy::Error) -> Option<ProxyError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = cause {
+        if let Some(BodyTooLarge(limit)) = e.downcast_ref::<BodyTooLarge>() {
+            return Some(ProxyError::PayloadTooLarge(*limit));
+        }
+        if e.is::<ClientBodyError>() {
+            return Some(ProxyError::ClientBody);
+        }
+        cause = e.source();
+    }
+    None
+}
+
+/// Headers and limits the proxy applies to every upstream request.
 struct UpstreamHeaders<'a> {
     request_id: &'a HeaderValue,
     flags_header: &'a HeaderName,
     flags: &'a HeaderValue,
+    max_body_bytes: Option<u64>,
 }
 
 /// Rewrites a client request into the request sent to `backend`.
 fn upstream_request(
     req: Request<Incoming>,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     backend: &http::uri::Authority,
     extra: &UpstreamHeaders<'_>,
-) -> Result<Request<Incoming>, ProxyError> {
+) -> Result<Request<UpstreamBody>, ProxyError> {
     if req.method() == Method::CONNECT {
         return Err(ProxyError::MethodNotAllowed);
     }
@@ -283,7 +576,10 @@ fn upstream_request(
     h.insert(REQUEST_ID, extra.request_id.clone());
     // `insert` replaces every client-sent value: flags come only from the proxy.
     h.insert(extra.flags_header.clone(), extra.flags.clone());
-    Ok(Request::from_parts(parts, body))
+    Ok(Request::from_parts(
+        parts,
+        UpstreamBody::new(body, extra.max_body_bytes),
+    ))
 }
 
 /// Removes hop-by-hop headers: the fixed set, and every header the Connection header
@@ -515,6 +811,7 @@ mod tests {
         assert_eq!(ProxyError::BadRequest("x").status(), 400);
         assert_eq!(ProxyError::MethodNotAllowed.status(), 405);
         assert_eq!(ProxyError::NoBackend("canary").status(), 503);
+        assert_eq!(ProxyError::PayloadTooLarge(1).status(), 413);
         assert_eq!(ProxyError::Timeout(Duration::from_secs(1)).status(), 504);
     }
 }

@@ -1,10 +1,12 @@
 //! The accept loop shared by the proxy, the admin listener and the demo backend.
 //!
 //! Each connection is served by hyper-util's auto builder (HTTP/1.1, and HTTP/2 with
-//! prior knowledge, told apart by the connection preface) and watched by a
-//! `GracefulShutdown`. On shutdown the listener is dropped at once (new connections
-//! are refused), idle keep-alive connections are closed, and requests in flight get
-//! up to `drain_timeout` to finish before the remaining connections are cut.
+//! prior knowledge or by TLS ALPN, told apart by the connection preface) in a task
+//! tracked for the drain. On shutdown the listener is dropped at once (new connections
+//! are refused), every connection is asked to shut down gracefully (idle keep-alive
+//! ones close, requests in flight finish) and gets up to `drain_timeout` before the
+//! rest are cut. `max_connections` is a semaphore taken before `accept`, so excess
+//! clients wait in the kernel backlog instead of being accepted and dropped.
 
 use std::future::Future;
 use std::io;
@@ -18,21 +20,32 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::framing::{ConnFraming, FramingGuard};
 use tracing::{debug, info, warn};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// TLS settings a listener reads per connection, so a reload swaps certificates for
+/// new connections without touching open ones.
+pub type TlsSource = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Per-listener connection settings.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
     /// A client must send a request's headers within this time (slowloris guard).
     /// hyper also applies it to an idle HTTP/1.1 keep-alive connection waiting for its
-    /// next request.
+    /// next request. Also bounds a TLS handshake.
     pub header_read_timeout: Duration,
     /// A connection with no byte read or written for this long is closed.
     pub idle_timeout: Duration,
@@ -40,11 +53,37 @@ pub struct ServeOptions {
     pub drain_timeout: Duration,
     /// Gauge of open connections, if this listener is counted.
     pub connections: Option<prometheus::IntGauge>,
+    /// At most this many open connections; past it, new ones wait in the backlog.
+    pub max_connections: Option<usize>,
+    /// Request line plus headers (HTTP/1.1: 431 past it; HTTP/2: header list size).
+    pub max_header_bytes: Option<usize>,
+    /// Terminate TLS on this listener.
+    pub tls: Option<TlsSource>,
+}
+
+impl ServeOptions {
+    /// Plain settings with no limits, for the admin listener, the demo app and tests.
+    pub fn basic(
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+        drain_timeout: Duration,
+    ) -> Self {
+        Self {
+            header_read_timeout,
+            idle_timeout,
+            drain_timeout,
+            connections: None,
+            max_connections: None,
+            max_header_bytes: None,
+            tls: None,
+        }
+    }
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then drains.
 ///
-/// `service_for` builds the service for one connection from the peer address.
+/// `service_for` builds the service for one connection from the peer address and the
+/// connection's framing verdicts (see [`crate::framing`]).
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
@@ -52,7 +91,7 @@ pub async fn serve<F, S, B>(
     shutdown: CancellationToken,
     service_for: F,
 ) where
-    F: Fn(SocketAddr) -> S,
+    F: Fn(SocketAddr, Arc<ConnFraming>) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -61,16 +100,39 @@ pub async fn serve<F, S, B>(
     B::Error: Into<BoxError>,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    // Cancelled when the drain deadline passes: cuts connections still open.
+    {
+        let mut http1 = builder.http1();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout);
+        if let Some(max) = options.max_header_bytes {
+            // hyper's read buffer bounds the head; it answers 431 when it overflows.
+            http1.max_buf_size(max.max(8192));
+        }
+    }
+    {
+        let mut http2 = builder.http2();
+        http2.timer(TokioTimer::new());
+        if let Some(max) = options.max_header_bytes {
+            http2.max_header_list_size(u32::try_from(max).unwrap_or(u32::MAX));
+        }
+    }
+    let builder = Arc::new(builder);
+    let limit = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let tracker = TaskTracker::new();
+    // `drain` asks every connection to finish gracefully; `force_close` cuts them when
+    // the drain deadline passes.
+    let drain = CancellationToken::new();
     let force_close = CancellationToken::new();
 
     loop {
+        let permit = match &limit {
+            None => None,
+            Some(limit) => tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = Arc::clone(limit).acquire_owned() => permit.ok(),
+            },
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -86,29 +148,45 @@ pub async fn serve<F, S, B>(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(listener = name, %error, "set_nodelay failed");
         }
-        let io = TokioIo::new(IdleTimeout::new(stream, options.idle_timeout));
-        let connection = builder
-            .serve_connection_with_upgrades(io, service_for(peer))
-            .into_owned();
-        let connection = graceful.watch(connection);
-        let force_close = force_close.clone();
+        let io = IdleTimeout::new(stream, options.idle_timeout);
+        let framing = Arc::new(ConnFraming::default());
+        let service = service_for(peer, Arc::clone(&framing));
         let counted = options.connections.clone().map(ConnectionCount::new);
-        tokio::spawn(async move {
-            let _counted = counted;
-            tokio::select! {
-                result = connection => {
-                    if let Err(error) = result {
-                        debug!(listener = name, %peer, %error, "connection ended with error");
+        let builder = Arc::clone(&builder);
+        let (drain, force_close) = (drain.clone(), force_close.clone());
+        let tls = options
+            .tls
+            .as_ref()
+            .map(|t| TlsAcceptor::from(t.load_full()));
+        let handshake_timeout = options.header_read_timeout;
+        tracker.spawn(async move {
+            let _held = (permit, counted);
+            match tls {
+                None => {
+                    let io = TokioIo::new(FramingGuard::new(io, framing));
+                    drive(name, peer, &builder, io, service, &drain, &force_close).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(tls_stream)) => {
+                            let io = TokioIo::new(FramingGuard::new(tls_stream, framing));
+                            drive(name, peer, &builder, io, service, &drain, &force_close).await;
+                        }
+                        Ok(Err(error)) => {
+                            debug!(listener = name, %peer, %error, "TLS handshake failed");
+                        }
+                        Err(_) => debug!(listener = name, %peer, "TLS handshake timed out"),
                     }
                 }
-                () = force_close.cancelled() => {}
             }
         });
     }
 
     drop(listener);
     info!(listener = name, "stopped accepting; draining");
-    match tokio::time::timeout(options.drain_timeout, graceful.shutdown()).await {
+    drain.cancel();
+    tracker.close();
+    match tokio::time::timeout(options.drain_timeout, tracker.wait()).await {
         Ok(()) => info!(listener = name, "drained"),
         Err(_) => {
             warn!(
@@ -118,6 +196,43 @@ pub async fn serve<F, S, B>(
             );
             force_close.cancel();
         }
+    }
+}
+
+/// Serves one connection: until it ends, or gracefully once `drain` fires, or cut
+/// when `force_close` fires.
+async fn drive<I, S, B>(
+    name: &'static str,
+    peer: SocketAddr,
+    builder: &auto::Builder<TokioExecutor>,
+    io: I,
+    service: S,
+    drain: &CancellationToken,
+    force_close: &CancellationToken,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = drain.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = force_close.cancelled() => return,
+            }
+        }
+        () = force_close.cancelled() => return,
+    };
+    if let Err(error) = result {
+        debug!(listener = name, %peer, %error, "connection ended with error");
     }
 }
 

@@ -27,13 +27,14 @@ pub struct Snapshot {
     /// (round-robin counters) survives a flag flip.
     pub pools: Arc<Pools>,
     pub flags: Arc<Flags>,
+    /// The upstream client, rebuilt only when its timeouts change.
+    pub client: Arc<Client>,
 }
 
 /// Cheap to clone: every field is shared.
 #[derive(Clone)]
 pub struct AppState {
     snapshot: Arc<ArcSwap<Snapshot>>,
-    pub client: Arc<Client>,
     /// Whether the flag store (Redis) answered on its last attempt.
     flag_store_up: Arc<AtomicBool>,
     /// Set when shutdown begins: `/readyz` answers 503 from then on.
@@ -41,23 +42,31 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub events: Arc<Events>,
     pub stats: Arc<Stats>,
+    /// Whether canary traffic is currently failing over to production (to log the
+    /// start and the end once, not per request).
+    pub canary_failover: Arc<AtomicBool>,
+    /// The TLS listener's certificate source, swapped on reload.
+    tls: Arc<std::sync::OnceLock<crate::server::TlsSource>>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> Self {
         let client = Arc::new(upstream::client(&config.timeouts));
         let flags = Arc::new(Flags::from_static(&config.flags));
-        let pools = Arc::new(Pools::new(&config.pools));
+        let pools = Arc::new(Pools::new(&config.pools, &config.health, None));
         let snapshot = Snapshot {
             config: Arc::new(config),
             pools,
             flags,
+            client,
         };
         let metrics = Arc::new(Metrics::new());
         metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        metrics.observe_backends(&snapshot.pools, upstream::now_ms());
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
-            client,
+            canary_failover: Arc::new(AtomicBool::new(false)),
+            tls: Arc::default(),
             flag_store_up: Arc::new(AtomicBool::new(false)),
             draining: Arc::new(AtomicBool::new(false)),
             metrics,
@@ -71,15 +80,28 @@ impl AppState {
         self.snapshot.load()
     }
 
-    /// Swaps in a new, already validated config (with fresh pools), keeping the flags.
-    /// Requests in flight keep the snapshot they loaded.
+    /// Swaps in a new, already validated config, keeping the flags, the health state of
+    /// backends that stay, and the upstream client (with its warm connections) unless
+    /// the timeouts changed. Requests in flight keep the snapshot they loaded.
     pub fn apply_config(&self, config: Config) {
         let config = Arc::new(config);
-        let pools = Arc::new(Pools::new(&config.pools));
+        let current = self.snapshot();
+        let pools = Arc::new(Pools::new(
+            &config.pools,
+            &config.health,
+            Some(&current.pools),
+        ));
+        let client = if current.config.timeouts == config.timeouts {
+            Arc::clone(&current.client)
+        } else {
+            Arc::new(upstream::client(&config.timeouts))
+        };
+        drop(current);
         self.snapshot.rcu(|current| Snapshot {
             config: Arc::clone(&config),
             pools: Arc::clone(&pools),
             flags: Arc::clone(&current.flags),
+            client: Arc::clone(&client),
         });
         let snapshot = self.snapshot();
         self.metrics
@@ -106,6 +128,7 @@ impl AppState {
                 config: Arc::clone(&current.config),
                 pools: Arc::clone(&current.pools),
                 flags: Arc::new(Flags::new(set.clone(), version, source)),
+                client: Arc::clone(&current.client),
             })
         });
         let snapshot = self.snapshot();
@@ -133,6 +156,14 @@ impl AppState {
     pub fn set_flag_store_up(&self, up: bool) {
         self.flag_store_up.store(up, Ordering::Relaxed);
         self.metrics.set_flag_store_up(up);
+    }
+
+    pub fn set_tls(&self, source: crate::server::TlsSource) {
+        let _ = self.tls.set(source);
+    }
+
+    pub fn tls(&self) -> Option<&crate::server::TlsSource> {
+        self.tls.get()
     }
 
     pub fn is_draining(&self) -> bool {

@@ -10,7 +10,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -54,6 +55,10 @@ pub async fn within<F: std::future::Future>(secs: u64, fut: F) -> F::Output {
 pub struct TestBackend {
     pub addr: SocketAddr,
     pub name: &'static str,
+    /// When non-zero, every path but `/health` answers with this status.
+    pub forced_status: Arc<AtomicU16>,
+    /// Requests received, `/health` excluded.
+    pub requests: Arc<AtomicU64>,
     shutdown: CancellationToken,
 }
 
@@ -64,22 +69,35 @@ impl TestBackend {
             .unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let options = ServeOptions {
-            header_read_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            drain_timeout: Duration::from_millis(100),
-            connections: None,
-        };
+        let forced_status = Arc::new(AtomicU16::new(0));
+        let requests = Arc::new(AtomicU64::new(0));
+        let (forced, counter) = (Arc::clone(&forced_status), Arc::clone(&requests));
+        let options = ServeOptions::basic(
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+        );
         tokio::spawn(server::serve(
             "test-backend",
             listener,
             options,
             shutdown.clone(),
-            move |_| service_fn(move |req| backend_respond(name, req)),
+            move |_, _| {
+                let (forced, counter) = (Arc::clone(&forced), Arc::clone(&counter));
+                service_fn(move |req| {
+                    let forced = forced.load(Ordering::Relaxed);
+                    if req.uri().path() != "/health" {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    backend_respond(name, forced, req)
+                })
+            },
         ));
         Self {
             addr,
             name,
+            forced_status,
+            requests,
             shutdown,
         }
     }
@@ -109,9 +127,15 @@ fn query_u64(req: &Request<Incoming>, key: &str) -> u64 {
 
 async fn backend_respond(
     name: &'static str,
+    forced_status: u16,
     req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
     let mut response = match req.uri().path() {
+        "/health" => Response::new(full("ok")),
+        _ if forced_status != 0 => Response::builder()
+            .status(forced_status)
+            .body(full("forced"))
+            .unwrap(),
         "/headers" => {
             let mut text = String::new();
             for (k, v) in req.headers() {
@@ -338,12 +362,24 @@ impl Drop for TempDir {
     }
 }
 
+/// A full config for a child process: `[server]` on ephemeral loopback ports plus
+/// `server_extra` keys, then `toml`.
+pub fn server_toml(server_extra: &str, toml: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{toml}"
+    )
+}
+
 /// `canarygate run` as a child process, listening on ephemeral ports it reports in its
 /// JSON log. Killed (by PID) on drop if still running.
 pub struct ProxyProcess {
     pub child: Child,
     pub addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The HTTPS listener, when the config has `[server.tls]`.
+    pub tls_addr: Option<SocketAddr>,
+    /// The config file the process was started with (rewrite it, then SIGHUP).
+    pub config_path: PathBuf,
     pub log: mpsc::Receiver<String>,
     _dir: TempDir,
 }
@@ -357,12 +393,7 @@ impl ProxyProcess {
     /// [`Self::spawn`] with extra environment variables for the child.
     pub fn spawn_with_env(toml: &str, server_extra: &str, env: &[(&str, &str)]) -> Self {
         let dir = TempDir::new("proc");
-        let path = dir.write(
-            "config.toml",
-            &format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{server_extra}\n{toml}"
-            ),
-        );
+        let path = dir.write("config.toml", &server_toml(server_extra, toml));
         let mut child = Command::new(binary())
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)
@@ -386,6 +417,8 @@ impl ProxyProcess {
             child,
             addr: SocketAddr::from((LOCALHOST, 0)),
             admin_addr: SocketAddr::from((LOCALHOST, 0)),
+            tls_addr: None,
+            config_path: path,
             log,
             _dir: dir,
         };
@@ -393,6 +426,7 @@ impl ProxyProcess {
         let fields: HashMap<String, serde_json::Value> = serde_json::from_str(&line).unwrap();
         process.addr = fields["proxy"].as_str().unwrap().parse().unwrap();
         process.admin_addr = fields["admin"].as_str().unwrap().parse().unwrap();
+        process.tls_addr = fields["tls"].as_str().and_then(|a| a.parse().ok());
         process
     }
 
@@ -714,4 +748,54 @@ pub fn artifacts_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// `canarygate backend` as a child process (the real demo app), killed by PID on drop.
+pub struct BackendProcess {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl BackendProcess {
+    pub fn spawn(name: &str) -> Self {
+        let mut child = Command::new(binary())
+            .args([
+                "--log-format",
+                "json",
+                "backend",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                name,
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("backend log line").unwrap();
+            if line.contains("backend listening") {
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+                break v["addr"].as_str().unwrap().parse().unwrap();
+            }
+        };
+        // Keep draining its log so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        Self { child, addr }
+    }
+
+    /// SIGKILL: the backend dies without closing anything gracefully.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -1,0 +1,119 @@
+//! Active health checks: every `interval_ms`, a `GET <path>` to each backend of both
+//! pools, concurrently, each bounded by `timeout_ms`. A 2xx or 3xx passes; any other
+//! status, a timeout or a refused connection fails. `rise` passes in a row make a
+//! backend up, `fall` failures in a row make it down (see [`crate::upstream`] for how
+//! this combines with passive ejection). Each tick also refreshes
+//! `canarygate_backend_up`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::routing::PoolKind;
+use crate::state::AppState;
+use crate::upstream::{ActiveChange, Backend, now_ms};
+
+type CheckClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// Runs the checks until `cancel`.
+pub async fn run(state: AppState, cancel: CancellationToken) {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    // Checks use their own short-lived connections: a check must see whether a new
+    // connection can be opened, not reuse one that happens to be alive.
+    let client: CheckClient = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(0)
+        .build(connector);
+    loop {
+        let interval = {
+            let snapshot = state.snapshot();
+            check_all(&state, &client, &snapshot).await;
+            Duration::from_millis(snapshot.config.health.interval_ms)
+        };
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+async fn check_all(state: &AppState, client: &CheckClient, snapshot: &crate::state::Snapshot) {
+    let health = &snapshot.config.health;
+    let timeout = Duration::from_millis(health.timeout_ms);
+    let checks = [PoolKind::Production, PoolKind::Canary]
+        .into_iter()
+        .flat_map(|kind| {
+            snapshot
+                .pools
+                .get(kind)
+                .backends()
+                .iter()
+                .map(move |b| (kind, b))
+        })
+        .map(|(kind, backend)| async move {
+            let passed = check_one(client, backend, &health.path, timeout).await;
+            (kind, backend, passed)
+        });
+    let results = futures_util::future::join_all(checks).await;
+    for (kind, backend, passed) in results {
+        match backend
+            .health
+            .record_check(passed, health.rise, health.fall)
+        {
+            Some(ActiveChange::BecameDown) => {
+                warn!(pool = kind.as_str(), backend = %backend.authority, "backend unhealthy");
+                state.events.push(
+                    "health",
+                    "warn",
+                    format!(
+                        "{} backend {} failed {} checks: down",
+                        kind.as_str(),
+                        backend.authority,
+                        health.fall
+                    ),
+                );
+            }
+            Some(ActiveChange::BecameUp) => {
+                info!(pool = kind.as_str(), backend = %backend.authority, "backend healthy");
+                state.events.push(
+                    "health",
+                    "info",
+                    format!(
+                        "{} backend {} passed {} checks: up",
+                        kind.as_str(),
+                        backend.authority,
+                        health.rise
+                    ),
+                );
+            }
+            None => {}
+        }
+    }
+    state.metrics.observe_backends(&snapshot.pools, now_ms());
+}
+
+async fn check_one(client: &CheckClient, backend: &Backend, path: &str, timeout: Duration) -> bool {
+    let Ok(uri) = format!("http://{}{path}", backend.authority).parse::<http::Uri>() else {
+        return false;
+    };
+    let Ok(req) = Request::get(uri)
+        .header(header::USER_AGENT, "canarygate-health-check")
+        .body(Empty::new())
+    else {
+        return false;
+    };
+    match tokio::time::timeout(timeout, client.request(req)).await {
+        Ok(Ok(response)) => {
+            let status = response.status();
+            status.is_success() || status.is_redirection()
+        }
+        Ok(Err(_)) | Err(_) => false,
+    }
+}
