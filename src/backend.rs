@@ -53,23 +53,31 @@ pub async fn run(
     .await;
 }
 
+/// A fixed 100-byte page: the load benchmark's target, the same for every proxy.
+pub const STATIC_PAGE: &str = "<!doctype html><html><head><title>hi</title></head><body><p>hello from a demo app</p></body></html>\n";
+
 fn respond(identity: &AppIdentity, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/health") => {
-            (StatusCode::OK, "text/plain", "ok\n".to_owned())
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
         }
+        (&Method::GET | &Method::HEAD, "/static") => (
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            Bytes::from_static(STATIC_PAGE.as_bytes()),
+        ),
         (&Method::GET | &Method::HEAD, path) => (
             StatusCode::OK,
             "text/html; charset=utf-8",
-            page(identity, path, req),
+            Bytes::from(page(identity, path, req)),
         ),
         _ => (
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "405 method not allowed\n".to_owned(),
+            Bytes::from_static(b"405 method not allowed\n"),
         ),
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
     let h = response.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -158,6 +166,11 @@ fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::escape;
+
+    #[test]
+    fn static_page_is_100_bytes() {
+        assert_eq!(super::STATIC_PAGE.len(), 100);
+    }
 
     #[test]
     fn escapes_markup() {

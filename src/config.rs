@@ -8,6 +8,7 @@
 //! silently ignored. Durations carry their unit in the key name (`_ms`).
 
 use std::fmt;
+use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::str::FromStr;
@@ -425,7 +426,7 @@ fn expand_with(s: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<Strin
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
                 out.push(char::from(b));
             } else {
-                out.push_str(&format!("%{b:02X}"));
+                let _ = write!(out, "%{b:02X}");
             }
         }
         rest = &after[end + 1..];

@@ -67,6 +67,9 @@ enum Command {
         /// Version label shown in the page.
         #[arg(long, default_value = "v1")]
         app_version: String,
+        /// Runtime worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
 }
 
@@ -102,7 +105,8 @@ fn main() -> ExitCode {
             listen,
             name,
             app_version,
-        } => exit_with(runtime().and_then(|rt| {
+            workers,
+        } => exit_with(runtime_with(*workers).and_then(|rt| {
             rt.block_on(serve_backend(
                 *listen,
                 AppIdentity {
@@ -143,7 +147,15 @@ fn exit_with(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    runtime_with(None)
+}
+
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers.max(1));
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")

@@ -342,7 +342,7 @@ impl Metrics {
         self.flag_rejected
             .collect()
             .iter()
-            .flat_map(|family| family.get_metric())
+            .flat_map(prometheus::proto::MetricFamily::get_metric)
             .filter_map(|m| {
                 let field = m.get_label().first()?.value().to_owned();
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]

@@ -2,6 +2,8 @@
 //! config file and flag values. Neither may panic on any input, and what they accept
 //! must satisfy the documented rules.
 
+use std::fmt::Write as _;
+
 use canarygate::config;
 use canarygate::flags::{self, FlagSet, FlagValue};
 use proptest::prelude::*;
@@ -63,9 +65,9 @@ fn config_like() -> impl Strategy<Value = String> {
     .prop_map(|tables| {
         let mut doc = String::new();
         for (table, entries) in tables {
-            doc.push_str(&format!("[{table}]\n"));
+            let _ = writeln!(doc, "[{table}]");
             for (k, v) in entries {
-                doc.push_str(&format!("{k} = {v}\n"));
+                let _ = writeln!(doc, "{k} = {v}");
             }
         }
         doc

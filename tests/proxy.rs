@@ -1,6 +1,8 @@
 //! The request path end to end: real backends and the proxy on 127.0.0.1 ephemeral
 //! ports, real HTTP clients.
 
+#![allow(clippy::cast_precision_loss)] // shares of request counts far below 2^52
+
 mod support;
 
 use std::time::{Duration, Instant};

@@ -439,7 +439,8 @@ async fn tls_termination_with_h2_and_http11_by_alpn() {
         );
         let tls_addr = proxy.tls_addr.expect("TLS listener reported");
         for alpn in [&b"h2"[..], b"http/1.1"] {
-            let (negotiated, body) = tls_get(tls_addr, roots.clone(), alpn, "/headers").await;
+            let (negotiated, body) =
+                Box::pin(tls_get(tls_addr, roots.clone(), alpn, "/headers")).await;
             assert_eq!(negotiated, alpn);
             assert!(body.contains("x-forwarded-proto: https\n"), "{body}");
         }

@@ -137,10 +137,11 @@ async fn backend_respond(
             .body(full("forced"))
             .unwrap(),
         "/headers" => {
-            let mut text = String::new();
-            for (k, v) in req.headers() {
-                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")));
-            }
+            let text: String = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{}: {}\n", k, v.to_str().unwrap_or("<bin>")))
+                .collect();
             Response::new(full(text))
         }
         "/hop" => Response::builder()
@@ -449,7 +450,7 @@ impl ProxyProcess {
                         return lines;
                     }
                 }
-                Err(_) => panic!("no log line containing {needle} within {timeout:?}"),
+                Err(e) => panic!("no log line containing {needle} within {timeout:?}: {e}"),
             }
         }
     }
