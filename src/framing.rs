@@ -102,6 +102,20 @@ impl<T> FramingGuard<T> {
         while !bytes.is_empty() {
             match self.scan {
                 Scan::Off => return,
+                Scan::Head if self.head.is_empty() => {
+                    // Fast path: a whole head inside this read is judged in place.
+                    match find_head_end(bytes) {
+                        Some(end) => {
+                            self.scan = judge_head(&bytes[..end], &mut self.heads, &self.verdict);
+                            bytes = &bytes[end..];
+                        }
+                        None if bytes.len() > MAX_HEAD => return self.stop(),
+                        None => {
+                            self.head.extend_from_slice(bytes);
+                            return;
+                        }
+                    }
+                }
                 Scan::Head => {
                     let searched = self.head.len().saturating_sub(3);
                     self.head.extend_from_slice(bytes);
@@ -113,7 +127,7 @@ impl<T> FramingGuard<T> {
                         return;
                     };
                     let rest = self.head.len() - end;
-                    self.scan = self.judge_head(end);
+                    self.scan = judge_head(&self.head[..end], &mut self.heads, &self.verdict);
                     bytes = &bytes[bytes.len() - rest..];
                     self.head.clear();
                 }
@@ -143,61 +157,61 @@ impl<T> FramingGuard<T> {
         }
     }
 
-    /// Parses the complete head in `self.head[..end]`, records a bad verdict, and
-    /// returns the state for what follows it.
-    fn judge_head(&mut self, end: usize) -> Scan {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&self.head[..end]) {
-            Ok(httparse::Status::Complete(_)) => {}
-            // hyper will refuse what httparse cannot parse; nothing more to follow.
-            Ok(httparse::Status::Partial) | Err(_) => return Scan::Off,
-        }
-        if request.method == Some("PRI") {
-            return Scan::Off; // the HTTP/2 preface
-        }
-        let index = self.heads;
-        self.heads += 1;
-        let (mut lengths, mut length, mut te, mut chunked, mut upgrade) =
-            (0, None, false, false, false);
-        for h in request.headers.iter() {
-            if h.name.eq_ignore_ascii_case("content-length") {
-                lengths += 1;
-                length = std::str::from_utf8(h.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                te = true;
-                chunked = h
-                    .value
-                    .rsplit(|b| *b == b',')
-                    .next()
-                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
-            }
-        }
-        if lengths > 1 || (lengths > 0 && te) {
-            self.verdict.first_bad.fetch_min(index, Ordering::Relaxed);
-            // The handler refuses it and closes: nothing after it matters.
-            return Scan::Off;
-        }
-        match (upgrade, te, chunked, length) {
-            (true, ..) => Scan::Off,
-            (false, true, true, _) => Scan::ChunkSize {
-                value: 0,
-                digits: 0,
-                ext: false,
-            },
-            (false, true, false, _) => Scan::Off,
-            (false, false, _, Some(0) | None) => Scan::Head,
-            (false, false, _, Some(n)) => Scan::Body(n),
-        }
-    }
-
     fn stop(&mut self) {
         self.scan = Scan::Off;
         self.head = Vec::new();
+    }
+}
+
+/// Parses one complete request head, records a bad verdict as head number `*heads`,
+/// and returns the scan state for what follows it.
+fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnFraming) -> Scan {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // hyper will refuse what httparse cannot parse; nothing more to follow.
+        Ok(httparse::Status::Partial) | Err(_) => return Scan::Off,
+    }
+    if request.method == Some("PRI") {
+        return Scan::Off; // the HTTP/2 preface
+    }
+    let index = *heads;
+    *heads += 1;
+    let (mut lengths, mut length, mut te, mut chunked, mut upgrade) =
+        (0, None, false, false, false);
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            lengths += 1;
+            length = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            te = true;
+            chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if lengths > 1 || (lengths > 0 && te) {
+        verdict.first_bad.fetch_min(index, Ordering::Relaxed);
+        // The handler refuses it and closes: nothing after it matters.
+        return Scan::Off;
+    }
+    match (upgrade, te, chunked, length) {
+        (true, ..) => Scan::Off,
+        (false, true, true, _) => Scan::ChunkSize {
+            value: 0,
+            digits: 0,
+            ext: false,
+        },
+        (false, true, false, _) => Scan::Off,
+        (false, false, _, Some(0) | None) => Scan::Head,
+        (false, false, _, Some(n)) => Scan::Body(n),
     }
 }
 

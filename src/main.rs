@@ -15,6 +15,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+// mimalloc: measurably faster than glibc malloc for the proxy's many small,
+// short-lived allocations (headers, buffers) across threads.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit status for a bad config or bad usage (EX_USAGE from sysexits.h).
 const EXIT_CONFIG: u8 = 64;
 
@@ -40,6 +45,9 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Runtime worker threads (default: one per core).
+        #[arg(long)]
+        workers: Option<usize>,
     },
     /// Validate a config file: exit 0, or 64 with the file, line, key and problem.
     Check {
@@ -84,9 +92,9 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Run { config } => match config::load(config) {
+        Command::Run { config, workers } => match config::load(config) {
             Ok(cfg) => match preflight(&cfg) {
-                Ok(()) => exit_with(runtime().and_then(|rt| rt.block_on(run(cfg, config)))),
+                Ok(()) => exit_with(runtime_with(*workers).and_then(|rt| rt.block_on(run(cfg, config)))),
                 Err(message) => {
                     eprintln!("error: {}: {message}", config.display());
                     ExitCode::from(EXIT_CONFIG)
