@@ -9,6 +9,7 @@
 //! - [`proxy`]: the request path: route, rewrite headers, forward, map errors.
 //! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
 //! - [`upstream`]: pools, backend health and ejection, retry budget, the pooled client.
+//! - [`pool`]: keep-alive connections per backend.
 //! - [`health`]: the active health-check task.
 //! - [`tls`]: TLS termination config from PEM files.
 //! - [`flags`]: feature flags from Redis (or static) into the snapshot; the watcher task.
@@ -29,6 +30,7 @@ pub mod flags;
 pub mod framing;
 pub mod health;
 pub mod metrics;
+pub mod pool;
 pub mod proxy;
 pub mod routing;
 pub mod server;

@@ -26,13 +26,14 @@ use crate::metrics::UpstreamErrorKind;
 use crate::routing;
 use crate::routing::PoolKind;
 use crate::state::AppState;
+use crate::pool::{ConnectSettings, ExchangeError, PooledBody};
 use crate::state::Snapshot;
 use crate::upstream::{
-    self, Backend, BodyTooLarge, Client, ClientBodyError, Ejection, Pool, UpstreamBody,
+    self, Backend, BodyTooLarge, ClientBodyError, Ejection, Pool, UpstreamBody,
 };
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Header on every proxied response naming the pool that served it.
 pub const POOL_HEADER: HeaderName = HeaderName::from_static("x-canarygate-pool");
@@ -81,11 +82,11 @@ pub enum ProxyError {
     #[error("the client's request body was malformed or cut short")]
     ClientBody,
     #[error("connecting to the backend failed")]
-    Connect(#[source] hyper_util::client::legacy::Error),
+    Connect(#[source] ExchangeError),
     #[error("backend sent no response headers within {0:?}")]
     Timeout(Duration),
     #[error("backend failed")]
-    Upstream(#[source] hyper_util::client::legacy::Error),
+    Upstream(#[source] hyper::Error),
 }
 
 impl ProxyError {
@@ -364,7 +365,7 @@ async fn proxy_to_pool<'s>(
     req: Request<Incoming>,
     conn: &ConnInfo,
     extra: &UpstreamHeaders<'_>,
-) -> (Result<Response<Incoming>, ProxyError>, Option<&'s Backend>) {
+) -> (Result<Response<PooledBody>, ProxyError>, Option<&'s Backend>) {
     let now = upstream::now_ms();
     let Some((index, backend)) = pool.pick(now, None) else {
         return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
@@ -377,8 +378,13 @@ async fn proxy_to_pool<'s>(
     let retry = (pool.backends().len() > 1)
         .then(|| RetryCopy::of(&request))
         .flatten();
-    let deadline = snapshot.config.timeouts.response_header();
-    let first = forward(&snapshot.client, request, deadline).await;
+    let timeouts = &snapshot.config.timeouts;
+    let deadline = timeouts.response_header();
+    let settings = ConnectSettings {
+        connect_timeout: timeouts.connect(),
+        idle_ms: timeouts.idle_ms,
+    };
+    let first = forward(backend, request, deadline, settings).await;
     record_outcome(state, pool, index, &first);
     let Err(error) = &first else {
         return (first, Some(backend));
@@ -403,7 +409,7 @@ async fn proxy_to_pool<'s>(
     state.metrics.pool(pool.kind).retries.inc();
     debug!(pool = pool.kind.as_str(), from = %backend.authority, to = %second_backend.authority, "retrying");
     let second = match retry.into_request(&second_backend.authority) {
-        Ok(request) => forward(&snapshot.client, request, deadline).await,
+        Ok(request) => forward(second_backend, request, deadline, settings).await,
         Err(error) => Err(error),
     };
     record_outcome(state, pool, second_index, &second);
@@ -416,7 +422,7 @@ fn record_outcome(
     state: &AppState,
     pool: &Pool,
     index: usize,
-    result: &Result<Response<Incoming>, ProxyError>,
+    result: &Result<Response<PooledBody>, ProxyError>,
 ) {
     let metrics = state.metrics.pool(pool.kind);
     let failed = match result {
@@ -498,23 +504,29 @@ impl RetryCopy {
     }
 }
 
-/// Sends the request and waits for the response headers, at most `deadline`.
+/// Sends the request to `backend` on a pooled connection and waits for the response
+/// headers, at most `deadline`.
 async fn forward(
-    client: &Client,
+    backend: &Backend,
     req: Request<UpstreamBody>,
     deadline: Duration,
-) -> Result<Response<Incoming>, ProxyError> {
-    match tokio::time::timeout(deadline, client.request(req)).await {
+    settings: ConnectSettings,
+) -> Result<Response<PooledBody>, ProxyError> {
+    let exchange = backend.conns.send(&backend.authority, req, settings);
+    match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(e)),
-        Ok(Err(e)) => Err(client_side_cause(&e).unwrap_or(ProxyError::Upstream(e))),
+        Ok(Err(ExchangeError::Exchange(e))) => {
+            Err(client_side_cause(&e).unwrap_or(ProxyError::Upstream(e)))
+        }
+        Ok(Err(e)) => Err(ProxyError::Connect(e)),
         Err(_) => Err(ProxyError::Timeout(deadline)),
     }
 }
 
 /// The client-side error, if the exchange failed because of the client's body: too
 /// large (413) or malformed / cut short (400). The backend is not to blame for these.
-fn client_side_cause(error: &hyper_util::client::legacy::Error) -> Option<ProxyError> {
+fn client_side_cause(error: &hyper::Error) -> Option<ProxyError> {
     let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(e) = cause {
         if let Some(BodyTooLarge(limit)) = e.downcast_ref::<BodyTooLarge>() {
@@ -706,8 +718,8 @@ fn error_response(error: &ProxyError) -> Response<ProxyBody> {
 
 /// A failed exchange after connecting: `reset` when the connection closed or broke
 /// early, `protocol` when the backend sent something that is not HTTP.
-fn classify_upstream(error: &hyper_util::client::legacy::Error) -> UpstreamErrorKind {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+fn classify_upstream(error: &hyper::Error) -> UpstreamErrorKind {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
     while let Some(e) = cause {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {

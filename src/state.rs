@@ -17,7 +17,7 @@ use crate::events::Events;
 use crate::flags::{FlagSet, Flags, Source};
 use crate::metrics::Metrics;
 use crate::stats::Stats;
-use crate::upstream::{self, Client, Pools};
+use crate::upstream::{self, Pools};
 
 /// Everything a request needs to be routed, frozen at one moment.
 #[derive(Debug)]
@@ -27,8 +27,6 @@ pub struct Snapshot {
     /// (round-robin counters) survives a flag flip.
     pub pools: Arc<Pools>,
     pub flags: Arc<Flags>,
-    /// The upstream client, rebuilt only when its timeouts change.
-    pub client: Arc<Client>,
 }
 
 /// Cheap to clone: every field is shared.
@@ -51,14 +49,12 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: Config) -> Self {
-        let client = Arc::new(upstream::client(&config.timeouts));
         let flags = Arc::new(Flags::from_static(&config.flags));
         let pools = Arc::new(Pools::new(&config.pools, &config.health, None));
         let snapshot = Snapshot {
             config: Arc::new(config),
             pools,
             flags,
-            client,
         };
         let metrics = Arc::new(Metrics::new());
         metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
@@ -80,9 +76,8 @@ impl AppState {
         self.snapshot.load()
     }
 
-    /// Swaps in a new, already validated config, keeping the flags, the health state of
-    /// backends that stay, and the upstream client (with its warm connections) unless
-    /// the timeouts changed. Requests in flight keep the snapshot they loaded.
+    /// Swaps in a new, already validated config, keeping the flags, and the health state
+    /// and warm connections of backends that stay. Requests in flight keep the snapshot they loaded.
     pub fn apply_config(&self, config: Config) {
         let config = Arc::new(config);
         let current = self.snapshot();
@@ -91,17 +86,11 @@ impl AppState {
             &config.health,
             Some(&current.pools),
         ));
-        let client = if current.config.timeouts == config.timeouts {
-            Arc::clone(&current.client)
-        } else {
-            Arc::new(upstream::client(&config.timeouts))
-        };
         drop(current);
         self.snapshot.rcu(|current| Snapshot {
             config: Arc::clone(&config),
             pools: Arc::clone(&pools),
             flags: Arc::clone(&current.flags),
-            client: Arc::clone(&client),
         });
         let snapshot = self.snapshot();
         self.metrics
@@ -128,7 +117,6 @@ impl AppState {
                 config: Arc::clone(&current.config),
                 pools: Arc::clone(&current.pools),
                 flags: Arc::new(Flags::new(set.clone(), version, source)),
-                client: Arc::clone(&current.client),
             })
         });
         let snapshot = self.snapshot();

@@ -1,9 +1,5 @@
-//! Upstream side: pools of backends, their health, and the pooled keep-alive client.
-//!
-//! One [`Client`] serves every backend: hyper-util keeps an idle-connection pool per
-//! `host:port`, so a busy proxy reuses warm connections instead of paying a TCP
-//! handshake per request. Sockets get `TCP_NODELAY` because a proxy forwards small
-//! writes (headers) that must not wait for Nagle's algorithm.
+//! Upstream side: pools of backends, their health, and their keep-alive connections
+//! (see [`crate::pool`]).
 //!
 //! A backend is *usable* when its active health check says up **and** it is not
 //! ejected. Active checks (see [`crate::health`]) flip `active_up` after `rise`
@@ -26,28 +22,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::Client as HyperClient;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{HealthConfig, PoolConfig, PoolsConfig, TimeoutsConfig};
+use crate::config::{HealthConfig, PoolConfig, PoolsConfig};
+use crate::pool::ConnPool;
 use crate::routing::{self, PoolKind};
-
-/// The client that forwards requests.
-pub type Client = HyperClient<HttpConnector, UpstreamBody>;
-
-/// Builds the pooled upstream client.
-pub fn client(timeouts: &TimeoutsConfig) -> Client {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(timeouts.connect()));
-    connector.enforce_http(true);
-    HyperClient::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(timeouts.idle())
-        .build(connector)
-}
 
 /// Milliseconds on a monotonic clock shared by the process (ejection deadlines).
 pub fn now_ms() -> u64 {
@@ -305,6 +283,8 @@ impl RetryBudget {
 pub struct Backend {
     pub authority: Authority,
     pub health: Arc<BackendHealth>,
+    /// Its idle keep-alive connections.
+    pub conns: Arc<ConnPool>,
 }
 
 /// The backends of one pool, balanced round robin over the usable ones.
@@ -327,11 +307,13 @@ impl Pool {
         let backends = config
             .backends
             .iter()
-            .map(|b| Backend {
-                authority: b.0.clone(),
-                health: previous
-                    .and_then(|p| p.backends.iter().find(|old| old.authority == b.0))
-                    .map_or_else(Arc::default, |old| Arc::clone(&old.health)),
+            .map(|b| {
+                let old = previous.and_then(|p| p.backends.iter().find(|old| old.authority == b.0));
+                Backend {
+                    authority: b.0.clone(),
+                    health: old.map_or_else(Arc::default, |old| Arc::clone(&old.health)),
+                    conns: old.map_or_else(Arc::default, |old| Arc::clone(&old.conns)),
+                }
             })
             .collect();
         Self {

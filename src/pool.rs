@@ -1,0 +1,220 @@
+//! Keep-alive connections to one backend, reused across requests.
+//!
+//! hyper-util's general-purpose client showed in profiles (a mutex and a hash lookup
+//! per checkout, boxed connect futures per request), so the proxy keeps its own small
+//! pool per backend: a lock-free queue of idle HTTP/1.1 senders. A sender goes back
+//! to the queue when the response body has been read to its end; a body dropped
+//! early takes its connection with it, since its state is unknown. Idle connections
+//! older than `idle_ms` are closed when met. A request that a reused connection
+//! refused before writing anything (it was closing) is sent again on another one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
+use http::uri::Authority;
+use http::{Request, Response};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::upstream::{UpstreamBody, now_ms};
+
+/// Idle connections kept per backend; more are closed when returned.
+pub const MAX_IDLE: usize = 1024;
+
+/// Why no response came back.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("connect to {0} timed out after {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("HTTP/1.1 handshake with {0} failed")]
+    Handshake(String, #[source] hyper::Error),
+    #[error("exchange failed")]
+    Exchange(#[source] hyper::Error),
+}
+
+impl ExchangeError {
+    /// The request never reached the backend.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            Self::Connect(..) | Self::ConnectTimeout(..) | Self::Handshake(..) => true,
+            Self::Exchange(_) => false,
+        }
+    }
+}
+
+struct Idle {
+    sender: SendRequest<UpstreamBody>,
+    since_ms: u64,
+}
+
+/// The idle connections of one backend.
+pub struct ConnPool {
+    idle: ArrayQueue<Idle>,
+}
+
+impl std::fmt::Debug for ConnPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnPool").field("idle", &self.idle.len()).finish()
+    }
+}
+
+impl Default for ConnPool {
+    fn default() -> Self {
+        Self {
+            idle: ArrayQueue::new(MAX_IDLE),
+        }
+    }
+}
+
+/// Connection settings read per exchange, so a reload applies to new connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectSettings {
+    pub connect_timeout: Duration,
+    pub idle_ms: u64,
+}
+
+impl ConnPool {
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Sends `req` to `authority` on an idle connection, or a new one.
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut req: Request<UpstreamBody>,
+        settings: ConnectSettings,
+    ) -> Result<Response<PooledBody>, ExchangeError> {
+        loop {
+            let (mut sender, reused) = match self.checkout(settings.idle_ms).await {
+                Some(sender) => (sender, true),
+                None => (connect(authority, settings.connect_timeout).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let pool = Arc::clone(self);
+                    return Ok(response.map(|body| PooledBody::new(body, sender, pool)));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Never written: the reused connection was closing. Try another.
+                    Some(unsent) if reused => req = unsent,
+                    _ => return Err(ExchangeError::Exchange(error.into_error())),
+                },
+            }
+        }
+    }
+
+    /// An idle connection ready for a request, dropping closed and expired ones.
+    async fn checkout(&self, idle_ms: u64) -> Option<SendRequest<UpstreamBody>> {
+        while let Some(Idle { mut sender, since_ms }) = self.idle.pop() {
+            if sender.is_closed() || now_ms().saturating_sub(since_ms) > idle_ms {
+                continue;
+            }
+            // Usually ready at once; right after a body ended the connection task
+            // may still be finishing the exchange.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put_back(&self, sender: SendRequest<UpstreamBody>) {
+        if !sender.is_closed() {
+            // A full queue drops (closes) the connection.
+            let _ = self.idle.push(Idle {
+                sender,
+                since_ms: now_ms(),
+            });
+        }
+    }
+}
+
+async fn connect(
+    authority: &Authority,
+    timeout: Duration,
+) -> Result<SendRequest<UpstreamBody>, ExchangeError> {
+    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let port = authority.port_u16().unwrap_or(80);
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(ExchangeError::Connect(authority.to_string(), e)),
+        Err(_) => return Err(ExchangeError::ConnectTimeout(authority.to_string(), timeout)),
+    };
+    // Headers are small writes that must not wait for Nagle's algorithm.
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ExchangeError::Handshake(authority.to_string(), e))?;
+    let backend = authority.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            debug!(%backend, %error, "upstream connection ended with error");
+        }
+    });
+    Ok(sender)
+}
+
+/// A response body that returns its connection to the pool once read to the end.
+pub struct PooledBody {
+    body: Incoming,
+    home: Option<(SendRequest<UpstreamBody>, Arc<ConnPool>)>,
+}
+
+impl PooledBody {
+    fn new(body: Incoming, sender: SendRequest<UpstreamBody>, pool: Arc<ConnPool>) -> Self {
+        let mut this = Self {
+            body,
+            home: Some((sender, pool)),
+        };
+        if this.body.is_end_stream() {
+            this.release();
+        }
+        this
+    }
+
+    fn release(&mut self) {
+        if let Some((sender, pool)) = self.home.take() {
+            pool.put_back(sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.body).poll_frame(cx);
+        match &poll {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // An error leaves the connection in an unknown state: it is dropped.
+            Poll::Ready(Some(Err(_))) => this.home = None,
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
