@@ -63,6 +63,10 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// The HTTPS listener of `[server.tls]`, if configured.
     pub tls: Option<TcpListener>,
+    /// More sockets on the proxy address (`SO_REUSEPORT`), one per extra worker
+    /// thread: each runs its own single-threaded runtime, so a client connection, its
+    /// upstream connections and their tasks stay on one core (no cross-thread wakeups).
+    pub workers: Vec<std::net::TcpListener>,
 }
 
 /// Why the proxy could not start.
@@ -97,6 +101,7 @@ pub async fn run_with_state(
         proxy: listener,
         admin: admin_listener,
         tls: None,
+        workers: Vec::new(),
     };
     if let Err(error) = serve_all(listeners, state, shutdown).await {
         tracing::error!(%error, "cannot start");
@@ -122,7 +127,10 @@ pub async fn serve_all(
             Some(source)
         }
     };
-    let options = serve_options(&config);
+    let mut options = serve_options(&config);
+    // max_connections is for the whole proxy: each worker's listener gets its share.
+    let threads = listeners.workers.len() + 1;
+    options.max_connections = options.max_connections.map(|n| n.div_ceil(threads));
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     info!(
         proxy = addr(&listeners.proxy),
@@ -200,7 +208,13 @@ pub async fn serve_all(
             .await;
         }
     };
-    tokio::join!(plain, https, begin_drain);
+    let workers = spawn_workers(listeners.workers, &state, &options, &proxy_shutdown);
+    let workers_done = async {
+        for done in workers {
+            let _ = done.await;
+        }
+    };
+    tokio::join!(plain, https, begin_drain, workers_done);
 
     admin_shutdown.cancel();
     let _ = admin.await;
@@ -210,6 +224,71 @@ pub async fn serve_all(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Starts one thread per extra listener, each with a single-threaded runtime serving
+/// the proxy; the returned receivers complete when a thread has drained.
+fn spawn_workers(
+    listeners: Vec<std::net::TcpListener>,
+    state: &AppState,
+    options: &ServeOptions,
+    shutdown: &CancellationToken,
+) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    let mut done = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (state, options, shutdown) = (state.clone(), options.clone(), shutdown.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name(format!("canarygate-worker-{}", i + 1))
+            .spawn(move || {
+                pool::set_worker_index(i + 1);
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => runtime.block_on(async {
+                        match TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                proxy_server("proxy", listener, &state, options, shutdown).await;
+                            }
+                            Err(error) => tracing::error!(%error, "worker cannot use its listener"),
+                        }
+                    }),
+                    Err(error) => tracing::error!(%error, "worker cannot start its runtime"),
+                }
+                let _ = tx.send(());
+            });
+        match spawned {
+            Ok(_) => done.push(rx),
+            Err(error) => tracing::error!(%error, "cannot start a worker thread"),
+        }
+    }
+    done
+}
+
+/// `n` listening sockets on `addr` sharing it with `SO_REUSEPORT` (the kernel spreads
+/// new connections over them). With port 0 they all take the port the first one got.
+pub fn reuseport_listeners(
+    addr: std::net::SocketAddr,
+    n: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let mut listeners: Vec<std::net::TcpListener> = Vec::with_capacity(n);
+    let mut addr = addr;
+    for _ in 0..n.max(1) {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        if listeners.is_empty() {
+            addr = listener.local_addr()?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 /// One proxy listener (plain or TLS), serving [`proxy::handle`].

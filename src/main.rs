@@ -92,16 +92,20 @@ fn main() -> ExitCode {
             }
             Err(e) => config_failure(&e),
         },
-        Command::Run { config, workers } => match config::load(config) {
-            Ok(cfg) => match preflight(&cfg) {
-                Ok(()) => exit_with(runtime_with(*workers).and_then(|rt| rt.block_on(run(cfg, config)))),
-                Err(message) => {
-                    eprintln!("error: {}: {message}", config.display());
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            },
-            Err(e) => config_failure(&e),
-        },
+        Command::Run { config, workers } => {
+            match config::load(config) {
+                Ok(cfg) => match preflight(&cfg) {
+                    Ok(()) => exit_with(current_thread_runtime().and_then(|rt| {
+                        rt.block_on(run(cfg, config, workers.unwrap_or_else(cores)))
+                    })),
+                    Err(message) => {
+                        eprintln!("error: {}: {message}", config.display());
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                },
+                Err(e) => config_failure(&e),
+            }
+        }
         Command::Demo {
             listen,
             admin_listen,
@@ -152,6 +156,19 @@ fn exit_with(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// `run` is thread-per-core: this runtime is worker 0 (plus the admin listener and the
+/// background tasks); the other workers get their own (see `Listeners::workers`).
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -207,9 +224,14 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
+async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> {
+    canarygate::pool::set_workers(workers);
+    let mut proxy_sockets = canarygate::reuseport_listeners(config.server.listen, workers)
+        .with_context(|| format!("cannot bind the proxy listener on {}", config.server.listen))?;
+    let first = proxy_sockets.remove(0);
     let listeners = canarygate::Listeners {
-        proxy: bind(config.server.listen, "proxy listener").await?,
+        proxy: TcpListener::from_std(first).context("proxy listener")?,
+        workers: proxy_sockets,
         admin: bind(config.server.admin_listen, "admin listener").await?,
         tls: match &config.server.tls {
             Some(tls) => Some(bind(tls.listen, "TLS listener").await?),

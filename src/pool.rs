@@ -25,8 +25,52 @@ use tracing::debug;
 
 use crate::upstream::{UpstreamBody, now_ms};
 
-/// Idle connections kept per backend; more are closed when returned.
-pub const MAX_IDLE: usize = 1024;
+/// Idle connections kept per backend and worker thread; more are closed when returned.
+pub const MAX_IDLE: usize = 256;
+
+static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Declares how many worker threads serve requests (once, before any pool is built).
+/// Each worker gets its own idle connections per backend, so a connection's task and
+/// its requests stay on one thread.
+pub fn set_workers(n: usize) {
+    let _ = WORKERS.set(n.max(1));
+}
+
+pub fn workers() -> usize {
+    WORKERS.get().copied().unwrap_or(1)
+}
+
+/// Marks the current thread as worker `index` (0-based).
+pub fn set_worker_index(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
+
+/// Per-worker pools of one backend.
+#[derive(Debug)]
+pub struct WorkerPools(Box<[Arc<ConnPool>]>);
+
+impl Default for WorkerPools {
+    fn default() -> Self {
+        Self((0..workers()).map(|_| Arc::default()).collect())
+    }
+}
+
+impl WorkerPools {
+    /// The pool of the calling worker thread.
+    pub fn local(&self) -> &Arc<ConnPool> {
+        let index = WORKER.with(std::cell::Cell::get);
+        &self.0[index % self.0.len()]
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.0.iter().map(|p| p.idle_count()).sum()
+    }
+}
 
 /// Why no response came back.
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +107,9 @@ pub struct ConnPool {
 
 impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnPool").field("idle", &self.idle.len()).finish()
+        f.debug_struct("ConnPool")
+            .field("idle", &self.idle.len())
+            .finish()
     }
 }
 
@@ -115,7 +161,11 @@ impl ConnPool {
 
     /// An idle connection ready for a request, dropping closed and expired ones.
     async fn checkout(&self, idle_ms: u64) -> Option<SendRequest<UpstreamBody>> {
-        while let Some(Idle { mut sender, since_ms }) = self.idle.pop() {
+        while let Some(Idle {
+            mut sender,
+            since_ms,
+        }) = self.idle.pop()
+        {
             if sender.is_closed() || now_ms().saturating_sub(since_ms) > idle_ms {
                 continue;
             }
@@ -143,12 +193,20 @@ async fn connect(
     authority: &Authority,
     timeout: Duration,
 ) -> Result<SendRequest<UpstreamBody>, ExchangeError> {
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
     let port = authority.port_u16().unwrap_or(80);
     let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(ExchangeError::Connect(authority.to_string(), e)),
-        Err(_) => return Err(ExchangeError::ConnectTimeout(authority.to_string(), timeout)),
+        Err(_) => {
+            return Err(ExchangeError::ConnectTimeout(
+                authority.to_string(),
+                timeout,
+            ));
+        }
     };
     // Headers are small writes that must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);

@@ -23,14 +23,12 @@ use std::sync::atomic::Ordering;
 
 use crate::config::Sticky;
 use crate::metrics::UpstreamErrorKind;
+use crate::pool::{ConnectSettings, ExchangeError, PooledBody};
 use crate::routing;
 use crate::routing::PoolKind;
 use crate::state::AppState;
-use crate::pool::{ConnectSettings, ExchangeError, PooledBody};
 use crate::state::Snapshot;
-use crate::upstream::{
-    self, Backend, BodyTooLarge, ClientBodyError, Ejection, Pool, UpstreamBody,
-};
+use crate::upstream::{self, Backend, BodyTooLarge, ClientBodyError, Ejection, Pool, UpstreamBody};
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -365,7 +363,10 @@ async fn proxy_to_pool<'s>(
     req: Request<Incoming>,
     conn: &ConnInfo,
     extra: &UpstreamHeaders<'_>,
-) -> (Result<Response<PooledBody>, ProxyError>, Option<&'s Backend>) {
+) -> (
+    Result<Response<PooledBody>, ProxyError>,
+    Option<&'s Backend>,
+) {
     let now = upstream::now_ms();
     let Some((index, backend)) = pool.pick(now, None) else {
         return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
@@ -512,7 +513,10 @@ async fn forward(
     deadline: Duration,
     settings: ConnectSettings,
 ) -> Result<Response<PooledBody>, ProxyError> {
-    let exchange = backend.conns.send(&backend.authority, req, settings);
+    let exchange = backend
+        .conns
+        .local()
+        .send(&backend.authority, req, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(e)),

@@ -24,7 +24,7 @@ use http::uri::Authority;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::config::{HealthConfig, PoolConfig, PoolsConfig};
-use crate::pool::ConnPool;
+use crate::pool::WorkerPools;
 use crate::routing::{self, PoolKind};
 
 /// Milliseconds on a monotonic clock shared by the process (ejection deadlines).
@@ -283,8 +283,8 @@ impl RetryBudget {
 pub struct Backend {
     pub authority: Authority,
     pub health: Arc<BackendHealth>,
-    /// Its idle keep-alive connections.
-    pub conns: Arc<ConnPool>,
+    /// Its idle keep-alive connections, per worker thread.
+    pub conns: Arc<WorkerPools>,
 }
 
 /// The backends of one pool, balanced round robin over the usable ones.

@@ -112,8 +112,15 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         proxy.signal("TERM");
         proxy.wait_log("stopped accepting", Duration::from_secs(5));
-        // New connections are refused while the old request drains.
-        assert!(tokio::net::TcpStream::connect(proxy.addr).await.is_err());
+        // New connections are refused while the old request drains (every worker's
+        // listener closes on the same signal; each logs its own line).
+        let addr = proxy.addr;
+        eventually(
+            Duration::from_secs(1),
+            "all listeners closed",
+            || async move { tokio::net::TcpStream::connect(addr).await.is_err() },
+        )
+        .await;
         let got = slow.await.unwrap();
         assert_eq!((got.status.as_u16(), got.text()), (200, "slept"));
         let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(10)))
