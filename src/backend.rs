@@ -10,12 +10,18 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::{SinkExt as _, StreamExt as _};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::server::{self, ServeOptions};
@@ -44,13 +50,82 @@ pub async fn run(
         shutdown,
         move |_peer, _framing| {
             let identity = Arc::clone(&identity);
-            service_fn(move |req| {
-                let response = respond(&identity, &req);
+            service_fn(move |mut req| {
+                let response = if req.uri().path() == "/ws" {
+                    websocket(&identity, &mut req)
+                } else {
+                    respond(&identity, &req)
+                };
                 async move { Ok::<_, Infallible>(response) }
             })
         },
     )
     .await;
+}
+
+/// `GET /ws`: a WebSocket echo. Text comes back prefixed with the app's name and
+/// version (so a client sees which version answered), binary comes back as is, and
+/// the text `close` makes the app close the socket.
+fn websocket(identity: &Arc<AppIdentity>, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
+    let h = req.headers();
+    let is_websocket = h
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let Some(key) = h.get(header::SEC_WEBSOCKET_KEY).filter(|_| is_websocket) else {
+        let mut response = Response::new(Full::new(Bytes::from_static(
+            b"400 expected a WebSocket upgrade\n",
+        )));
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        return response;
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    let app = Arc::clone(identity);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => echo(&app, TokioIo::new(upgraded)).await,
+            Err(error) => tracing::debug!(%error, "websocket upgrade failed"),
+        }
+    });
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Ok(name) = HeaderValue::from_str(&identity.name) {
+        h.insert("x-backend", name);
+    }
+    response
+}
+
+async fn echo<S>(identity: &AppIdentity, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut socket = WebSocketStream::from_raw_socket(stream, Role::Server, None).await;
+    while let Some(Ok(message)) = socket.next().await {
+        let reply = match message {
+            Message::Text(text) if text.as_str() == "close" => {
+                let _ = socket.close(None).await;
+                break;
+            }
+            Message::Text(text) => Message::text(format!(
+                "{} {}: {}",
+                identity.name,
+                identity.version,
+                text.as_str()
+            )),
+            Message::Binary(data) => Message::Binary(data),
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
+        }
+    }
 }
 
 /// A fixed 100-byte page: the load benchmark's target, the same for every proxy.
@@ -138,6 +213,15 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
     html.push_str("</ul><h2>Request</h2><table><tr><td>path</td><td>");
     html.push_str(&escape(path));
     html.push_str("</td></tr>");
+    html.push_str(
+        "</table><h2>Live socket</h2><p id=\"ws\">connecting&hellip;</p><script>\
+         (function(){var el=document.getElementById('ws');\
+         try{var s=new WebSocket((location.protocol==='https:'?'wss://':'ws://')+location.host+'/ws');\
+         s.onopen=function(){s.send('hello')};\
+         s.onmessage=function(e){el.textContent='socket answered by '+e.data;s.close()};\
+         s.onerror=function(){el.textContent='socket failed'};}\
+         catch(e){el.textContent='no WebSocket here'}})();</script><table>",
+    );
     for name in ["x-request-id", "x-forwarded-for", "x-forwarded-host"] {
         if let Some(value) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
             let _ = write!(html, "<tr><td>{name}</td><td>{}</td></tr>", escape(value));

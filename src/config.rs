@@ -234,6 +234,8 @@ pub struct RoutingConfig {
     pub canary_percent: u8,
     pub sticky: Sticky,
     pub override_header: OverrideHeader,
+    /// `Upgrade` protocols passed through (lowercase); others get 400.
+    pub allowed_upgrades: Vec<String>,
 }
 
 impl Default for RoutingConfig {
@@ -242,6 +244,7 @@ impl Default for RoutingConfig {
             canary_percent: 33,
             sticky: Sticky::Cookie,
             override_header: OverrideHeader(Some(HeaderName::from_static("x-canary"))),
+            allowed_upgrades: vec!["websocket".to_owned()],
         }
     }
 }
@@ -306,6 +309,8 @@ pub struct TimeoutsConfig {
     pub response_header_ms: u64,
     pub client_header_read_ms: u64,
     pub idle_ms: u64,
+    /// An upgraded tunnel (WebSocket) with no byte either way for this long is closed.
+    pub websocket_idle_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -315,6 +320,7 @@ impl Default for TimeoutsConfig {
             response_header_ms: 30_000,
             client_header_read_ms: 10_000,
             idle_ms: 60_000,
+            websocket_idle_ms: 600_000,
         }
     }
 }
@@ -331,6 +337,9 @@ impl TimeoutsConfig {
     }
     pub fn idle(&self) -> Duration {
         Duration::from_millis(self.idle_ms)
+    }
+    pub fn websocket_idle(&self) -> Duration {
+        Duration::from_millis(self.websocket_idle_ms)
     }
 }
 
@@ -489,6 +498,17 @@ impl Config {
                 format!("{shared} is in both pools; a backend serves one version"),
             );
         }
+        if let Some(bad) = self.routing.allowed_upgrades.iter().find(|u| {
+            u.is_empty()
+                || !u
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && !b.is_ascii_uppercase() && b != b',')
+        }) {
+            return fail(
+                "routing.allowed_upgrades",
+                format!("`{bad}` is not a lowercase protocol token (e.g. \"websocket\")"),
+            );
+        }
         if self.routing.canary_percent > 100 {
             return fail(
                 "routing.canary_percent",
@@ -506,6 +526,7 @@ impl Config {
             ("timeouts.response_header_ms", t.response_header_ms),
             ("timeouts.client_header_read_ms", t.client_header_read_ms),
             ("timeouts.idle_ms", t.idle_ms),
+            ("timeouts.websocket_idle_ms", t.websocket_idle_ms),
         ] {
             if value == 0 {
                 return fail(key, "must be greater than 0".to_owned());

@@ -22,25 +22,43 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// What the scan learned about one connection, shared with its request handler.
+/// Per-connection state shared by the I/O wrappers and the request handler: what the
+/// scan learned, and the idle timeout the handler may change (an upgraded tunnel
+/// uses `websocket_idle_ms` instead of `idle_ms`).
 #[derive(Debug)]
-pub struct ConnFraming {
+pub struct ConnShared {
     /// Index (0-based) of the first request head with ambiguous framing.
     first_bad: AtomicU64,
     /// Requests the handler has seen on this connection.
     handled: AtomicU64,
+    /// Idle timeout override in ms; `u64::MAX` = none.
+    idle_ms: AtomicU64,
 }
 
-impl Default for ConnFraming {
+impl Default for ConnShared {
     fn default() -> Self {
         Self {
             first_bad: AtomicU64::new(u64::MAX),
             handled: AtomicU64::new(0),
+            idle_ms: AtomicU64::new(u64::MAX),
         }
     }
 }
 
-impl ConnFraming {
+impl ConnShared {
+    /// Changes the connection's idle timeout from now on.
+    pub fn set_idle(&self, idle: std::time::Duration) {
+        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX - 1);
+        self.idle_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn idle_override(&self) -> Option<std::time::Duration> {
+        match self.idle_ms.load(Ordering::Relaxed) {
+            u64::MAX => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
+    }
+
     /// Called once per request, in order: whether this request's framing was
     /// ambiguous (or an earlier one on the connection was).
     pub fn next_request_is_bad(&self) -> bool {
@@ -84,11 +102,11 @@ pub struct FramingGuard<T> {
     scan: Scan,
     head: Vec<u8>,
     heads: u64,
-    verdict: Arc<ConnFraming>,
+    verdict: Arc<ConnShared>,
 }
 
 impl<T> FramingGuard<T> {
-    pub fn new(inner: T, verdict: Arc<ConnFraming>) -> Self {
+    pub fn new(inner: T, verdict: Arc<ConnShared>) -> Self {
         Self {
             inner,
             scan: Scan::Head,
@@ -165,7 +183,7 @@ impl<T> FramingGuard<T> {
 
 /// Parses one complete request head, records a bad verdict as head number `*heads`,
 /// and returns the scan state for what follows it.
-fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnFraming) -> Scan {
+fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnShared) -> Scan {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(head) {
@@ -319,7 +337,7 @@ mod tests {
 
     /// Feeds `input` in pieces of `step` bytes; returns the verdicts for `n` requests.
     fn verdicts(input: &[u8], step: usize, n: usize) -> Vec<bool> {
-        let verdict = Arc::new(ConnFraming::default());
+        let verdict = Arc::new(ConnShared::default());
         let mut guard = FramingGuard::new((), Arc::clone(&verdict));
         for piece in input.chunks(step) {
             guard.feed(piece);

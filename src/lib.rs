@@ -214,7 +214,8 @@ pub async fn serve_all(
             let _ = done.await;
         }
     };
-    tokio::join!(plain, https, begin_drain, workers_done);
+    let tunnels_done = drain_tunnels_on(&state, &proxy_shutdown, options.drain_timeout);
+    tokio::join!(plain, https, begin_drain, workers_done, tunnels_done);
 
     admin_shutdown.cancel();
     let _ = admin.await;
@@ -249,7 +250,18 @@ fn spawn_workers(
                     Ok(runtime) => runtime.block_on(async {
                         match TcpListener::from_std(listener) {
                             Ok(listener) => {
-                                proxy_server("proxy", listener, &state, options, shutdown).await;
+                                let drain = options.drain_timeout;
+                                let tunnels = drain_tunnels_on(&state, &shutdown, drain);
+                                let serve = proxy_server(
+                                    "proxy",
+                                    listener,
+                                    &state,
+                                    options,
+                                    shutdown.clone(),
+                                );
+                                // This runtime also runs the tunnels it accepted: it
+                                // lives until they have drained too.
+                                tokio::join!(serve, tunnels);
                             }
                             Err(error) => tracing::error!(%error, "worker cannot use its listener"),
                         }
@@ -264,6 +276,13 @@ fn spawn_workers(
         }
     }
     done
+}
+
+/// Once `shutdown` fires, waits for the upgraded tunnels (WebSockets) to end, at most
+/// `timeout`, then cuts the rest.
+async fn drain_tunnels_on(state: &AppState, shutdown: &CancellationToken, timeout: Duration) {
+    shutdown.cancelled().await;
+    state.drain_tunnels(timeout).await;
 }
 
 /// `n` listening sockets on `addr` sharing it with `SO_REUSEPORT` (the kernel spreads

@@ -95,6 +95,8 @@ pub struct PoolMetrics {
     upstream_errors: [IntCounter; 4],
     pub ejections: IntCounter,
     pub retries: IntCounter,
+    /// Open upgraded tunnels (WebSockets).
+    pub upgraded: IntGauge,
     /// 5xx responses, for the status page's error ratio (the exported view is the
     /// `code` label of `canarygate_requests_total`).
     errors_5xx: AtomicU64,
@@ -209,6 +211,13 @@ impl Metrics {
             ),
             &["pool"],
         ));
+        let upgraded = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_upgraded_connections",
+                "Open upgraded tunnels (WebSockets), by pool.",
+            ),
+            &["pool"],
+        ));
         let failover_requests = must(IntCounter::new(
             "canarygate_failover_requests_total",
             "Canary requests served by production because no canary backend was usable.",
@@ -235,6 +244,7 @@ impl Metrics {
         reg(Box::new(backend_up.clone()));
         reg(Box::new(ejections.clone()));
         reg(Box::new(retries.clone()));
+        reg(Box::new(upgraded.clone()));
         reg(Box::new(failover_requests.clone()));
         reg(Box::new(config_reloads.clone()));
         #[cfg(target_os = "linux")]
@@ -256,6 +266,7 @@ impl Metrics {
                     .map(|k| upstream_errors.with_label_values(&[pool, k.as_str()])),
                 ejections: ejections.with_label_values(&[pool]),
                 retries: retries.with_label_values(&[pool]),
+                upgraded: upgraded.with_label_values(&[pool]),
                 errors_5xx: AtomicU64::new(0),
             }
         };
@@ -416,6 +427,22 @@ impl PoolMetrics {
     pub fn in_flight_guard(&self) -> InFlight<'_> {
         self.in_flight.inc();
         InFlight(&self.in_flight)
+    }
+}
+
+/// Counts one in a gauge while it lives (owned, for spawned tasks).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn new(gauge: IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -63,7 +63,7 @@ pub struct ConnInfo {
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
     /// Framing verdicts from the smuggling guard, one per request in order.
-    pub framing: std::sync::Arc<crate::framing::ConnFraming>,
+    pub framing: std::sync::Arc<crate::framing::ConnShared>,
 }
 
 /// Why a request got no upstream response.
@@ -79,6 +79,8 @@ pub enum ProxyError {
     PayloadTooLarge(u64),
     #[error("the client's request body was malformed or cut short")]
     ClientBody,
+    #[error("backend switched protocols without being asked")]
+    BadGatewayUpgrade,
     #[error("connecting to the backend failed")]
     Connect(#[source] ExchangeError),
     #[error("backend sent no response headers within {0:?}")]
@@ -95,7 +97,9 @@ impl ProxyError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::NoBackend(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Connect(_) | Self::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Self::Connect(_) | Self::Upstream(_) | Self::BadGatewayUpgrade => {
+                StatusCode::BAD_GATEWAY
+            }
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -112,6 +116,7 @@ impl ProxyError {
             Self::Connect(_) => Some(UpstreamErrorKind::Connect),
             Self::Timeout(_) => Some(UpstreamErrorKind::Timeout),
             Self::Upstream(e) => Some(classify_upstream(e)),
+            Self::BadGatewayUpgrade => Some(UpstreamErrorKind::Protocol),
         }
     }
 
@@ -126,6 +131,7 @@ impl ProxyError {
             | Self::NoBackend(_)
             | Self::PayloadTooLarge(_)
             | Self::ClientBody
+            | Self::BadGatewayUpgrade
             | Self::Timeout(_) => false,
         }
     }
@@ -138,6 +144,7 @@ impl ProxyError {
             | Self::NoBackend(_)
             | Self::Connect(_)
             | Self::Timeout(_)
+            | Self::BadGatewayUpgrade
             | Self::Upstream(_) => false,
         }
     }
@@ -149,7 +156,7 @@ impl ProxyError {
             Self::NoBackend(_) => "503 no backend available\n",
             Self::PayloadTooLarge(_) => "413 request body too large\n",
             Self::Connect(_) => "502 bad gateway: backend unreachable\n",
-            Self::Upstream(_) => "502 bad gateway: backend failed\n",
+            Self::Upstream(_) | Self::BadGatewayUpgrade => "502 bad gateway: backend failed\n",
             Self::Timeout(_) => "504 gateway timeout: backend too slow\n",
         }
     }
@@ -159,7 +166,7 @@ impl ProxyError {
 pub async fn handle(
     state: &AppState,
     conn: ConnInfo,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = state.snapshot();
@@ -187,28 +194,59 @@ pub async fn handle(
     let http1 = req.version() < Version::HTTP_2;
     // Path only, never the query: queries carry tokens and personal data.
     let path_and_query = req.uri().path_and_query().cloned();
+    let ambiguous = conn.framing.next_request_is_bad();
+    let checked = check_framing(&req, ambiguous, config.limits.max_body_bytes)
+        .and_then(|()| upgrade_requested(&req, &config.routing.allowed_upgrades));
+    let upgrade = match &checked {
+        Ok(Some(protocol)) => Some((protocol.clone(), hyper::upgrade::on(&mut req))),
+        Ok(None) | Err(_) => None,
+    };
     let extra = UpstreamHeaders {
         request_id: &request_id,
         flags_header: &config.flags.header.0,
         flags: &snapshot.flags.header_value,
         max_body_bytes: config.limits.max_body_bytes,
+        upgrade: upgrade.as_ref().map(|(protocol, _)| protocol),
     };
-    let ambiguous = conn.framing.next_request_is_bad();
-    let (result, backend) = match check_framing(&req, ambiguous, config.limits.max_body_bytes) {
+    let (result, backend) = match checked {
         Err(error) => (Err(error), None),
-        Ok(()) => {
+        Ok(_) => {
             let pool = snapshot.pools.get(kind);
             proxy_to_pool(state, &snapshot, pool, req, &conn, &extra).await
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
 
-    let mut response = match result {
-        Ok(mut response) => {
+    let mut response = match (result, upgrade) {
+        (Ok(mut response), Some((_, client_side)))
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+        {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            keep_upgrade_headers(response.headers_mut());
+            conn.framing.set_idle(config.timeouts.websocket_idle());
+            let tunnel = tunnel(
+                client_side,
+                upstream_side,
+                pool_metrics.upgraded.clone(),
+                state.tunnel_cut.clone(),
+            );
+            state.tunnels.spawn(tunnel);
+            response.map(Either::Left)
+        }
+        (Ok(response), _) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            // A 101 nobody asked for: the connection cannot be handed over.
+            warn!(
+                pool = kind.as_str(),
+                backend = backend_addr,
+                "unrequested 101 from backend"
+            );
+            error_response(&ProxyError::BadGatewayUpgrade)
+        }
+        (Ok(mut response), _) => {
             strip_hop_by_hop(response.headers_mut());
             response.map(Either::Left)
         }
-        Err(error) => {
+        (Err(error), _) => {
             let status = error.status();
             warn!(
                 pool = kind.as_str(),
@@ -505,6 +543,85 @@ impl RetryCopy {
     }
 }
 
+/// The `Upgrade` header of an HTTP/1.1 upgrade request (`Connection: upgrade` plus
+/// `Upgrade`), if it asks for one; a protocol not in `allowed` is refused with 400.
+fn upgrade_requested(
+    req: &Request<Incoming>,
+    allowed: &[String],
+) -> Result<Option<HeaderValue>, ProxyError> {
+    let h = req.headers();
+    let Some(protocol) = h.get(header::UPGRADE) else {
+        return Ok(None);
+    };
+    let connection_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+    });
+    if !connection_upgrade || req.version() != Version::HTTP_11 {
+        // Not an upgrade request: the Upgrade header is hop-by-hop noise.
+        return Ok(None);
+    }
+    let first = protocol
+        .as_bytes()
+        .split(|&b| b == b',')
+        .next()
+        .unwrap_or_default();
+    let name = first
+        .split(|&b| b == b'/')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if allowed
+        .iter()
+        .any(|a| name.eq_ignore_ascii_case(a.as_bytes()))
+    {
+        Ok(Some(protocol.clone()))
+    } else {
+        Err(ProxyError::BadRequest(
+            "upgrade to a protocol not in routing.allowed_upgrades",
+        ))
+    }
+}
+
+/// Strips a 101 response's hop-by-hop headers but keeps the two that describe the
+/// switch itself.
+fn keep_upgrade_headers(headers: &mut HeaderMap) {
+    let protocol = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(protocol) = protocol {
+        headers.insert(header::UPGRADE, protocol);
+    }
+}
+
+/// Splices an upgraded client connection and its backend connection both ways until
+/// either side closes (or the connection goes idle, or the drain deadline cuts it).
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    open: prometheus::IntGauge,
+    cut: tokio_util::sync::CancellationToken,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(client), Ok(upstream)) => (client, upstream),
+        (Err(error), _) | (_, Err(error)) => {
+            debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let _open = crate::metrics::GaugeGuard::new(open);
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    tokio::select! {
+        result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
+            Ok((up, down)) => debug!(up, down, "tunnel closed"),
+            Err(error) => debug!(%error, "tunnel ended"),
+        },
+        () = cut.cancelled() => debug!("tunnel cut by the drain deadline"),
+    }
+}
+
 /// Sends the request to `backend` on a pooled connection and waits for the response
 /// headers, at most `deadline`.
 async fn forward(
@@ -550,6 +667,8 @@ struct UpstreamHeaders<'a> {
     flags_header: &'a HeaderName,
     flags: &'a HeaderValue,
     max_body_bytes: Option<u64>,
+    /// The `Upgrade` value of a valid, allowed upgrade request, passed through.
+    upgrade: Option<&'a HeaderValue>,
 }
 
 /// Rewrites a client request into the request sent to `backend`.
@@ -586,6 +705,11 @@ fn upstream_request(
     if let Some(host) = host {
         h.insert(X_FORWARDED_HOST, host.clone());
         h.insert(header::HOST, host);
+    }
+    if let Some(protocol) = extra.upgrade {
+        // The one exception to hop-by-hop stripping: a valid upgrade keeps its headers.
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, protocol.clone());
     }
     append_forwarded_for(h, conn.peer.ip());
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));

@@ -31,7 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::framing::{ConnFraming, FramingGuard};
+use crate::framing::{ConnShared, FramingGuard};
 use tracing::{debug, info, warn};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -91,7 +91,7 @@ pub async fn serve<F, S, B>(
     shutdown: CancellationToken,
     service_for: F,
 ) where
-    F: Fn(SocketAddr, Arc<ConnFraming>) -> S,
+    F: Fn(SocketAddr, Arc<ConnShared>) -> S,
     S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<BoxError>,
@@ -148,10 +148,13 @@ pub async fn serve<F, S, B>(
         if let Err(error) = stream.set_nodelay(true) {
             debug!(listener = name, %error, "set_nodelay failed");
         }
-        let io = IdleTimeout::new(stream, options.idle_timeout);
-        let framing = Arc::new(ConnFraming::default());
+        let framing = Arc::new(ConnShared::default());
+        let io = IdleTimeout::new(stream, options.idle_timeout, Arc::clone(&framing));
         let service = service_for(peer, Arc::clone(&framing));
-        let counted = options.connections.clone().map(ConnectionCount::new);
+        let counted = options
+            .connections
+            .clone()
+            .map(crate::metrics::GaugeGuard::new);
         let builder = Arc::clone(&builder);
         let (drain, force_close) = (drain.clone(), force_close.clone());
         let tls = options
@@ -236,22 +239,6 @@ async fn drive<I, S, B>(
     }
 }
 
-/// Counts a connection in a gauge while it lives.
-struct ConnectionCount(prometheus::IntGauge);
-
-impl ConnectionCount {
-    fn new(gauge: prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for ConnectionCount {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// A TCP stream that fails with `TimedOut` once no byte has moved for `idle`.
 ///
 /// I/O only bumps a counter (no clock read per read or write, which showed in
@@ -260,7 +247,10 @@ impl Drop for ConnectionCount {
 /// between `idle` and 1.25 x `idle`.
 pub struct IdleTimeout {
     inner: TcpStream,
-    tick: Duration,
+    idle: Duration,
+    /// The idle timeout the current tick length was computed from.
+    armed_for: Duration,
+    shared: Arc<ConnShared>,
     activity: u64,
     seen: u64,
     quiet_ticks: u8,
@@ -270,11 +260,13 @@ pub struct IdleTimeout {
 const IDLE_TICKS: u8 = 4;
 
 impl IdleTimeout {
-    pub fn new(inner: TcpStream, idle: Duration) -> Self {
+    pub fn new(inner: TcpStream, idle: Duration, shared: Arc<ConnShared>) -> Self {
         let tick = (idle / u32::from(IDLE_TICKS)).max(Duration::from_millis(1));
         Self {
             inner,
-            tick,
+            idle,
+            armed_for: idle,
+            shared,
             activity: 0,
             seen: 0,
             quiet_ticks: 0,
@@ -295,6 +287,17 @@ impl IdleTimeout {
 
     /// Ready when the connection has been quiet for `IDLE_TICKS` ticks in a row.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let idle = self.shared.idle_override().unwrap_or(self.idle);
+        if idle != self.armed_for {
+            // The handler changed the timeout (an upgraded tunnel): start counting anew.
+            self.armed_for = idle;
+            self.quiet_ticks = 0;
+            self.seen = self.activity;
+            let tick = (idle / u32::from(IDLE_TICKS)).max(Duration::from_millis(1));
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + tick);
+        }
         loop {
             ready!(self.timer.as_mut().poll(cx));
             if self.activity == self.seen {
@@ -306,8 +309,10 @@ impl IdleTimeout {
                 self.seen = self.activity;
                 self.quiet_ticks = 0;
             }
-            let next = tokio::time::Instant::now() + self.tick;
-            self.timer.as_mut().reset(next);
+            let tick = (self.armed_for / u32::from(IDLE_TICKS)).max(Duration::from_millis(1));
+            self.timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + tick);
         }
     }
 }

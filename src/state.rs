@@ -43,6 +43,10 @@ pub struct AppState {
     /// Whether canary traffic is currently failing over to production (to log the
     /// start and the end once, not per request).
     pub canary_failover: Arc<AtomicBool>,
+    /// Upgraded tunnels (WebSockets), for the drain to wait on.
+    pub tunnels: tokio_util::task::TaskTracker,
+    /// Cut every tunnel still open when the drain deadline passes.
+    pub tunnel_cut: tokio_util::sync::CancellationToken,
     /// The TLS listener's certificate source, swapped on reload.
     tls: Arc<std::sync::OnceLock<crate::server::TlsSource>>,
 }
@@ -63,6 +67,8 @@ impl AppState {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             canary_failover: Arc::new(AtomicBool::new(false)),
             tls: Arc::default(),
+            tunnels: tokio_util::task::TaskTracker::new(),
+            tunnel_cut: tokio_util::sync::CancellationToken::new(),
             flag_store_up: Arc::new(AtomicBool::new(false)),
             draining: Arc::new(AtomicBool::new(false)),
             metrics,
@@ -144,6 +150,22 @@ impl AppState {
     pub fn set_flag_store_up(&self, up: bool) {
         self.flag_store_up.store(up, Ordering::Relaxed);
         self.metrics.set_flag_store_up(up);
+    }
+
+    /// Waits for open tunnels to end, at most `timeout`, then cuts the rest.
+    pub async fn drain_tunnels(&self, timeout: std::time::Duration) {
+        self.tunnels.close();
+        if tokio::time::timeout(timeout, self.tunnels.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = self.tunnels.len(),
+                "drain timeout; closing open tunnels"
+            );
+            self.tunnel_cut.cancel();
+            self.tunnels.wait().await;
+        }
     }
 
     pub fn set_tls(&self, source: crate::server::TlsSource) {

@@ -1,0 +1,401 @@
+//! WebSocket (HTTP/1.1 Upgrade) pass-through with real WebSocket clients and servers
+//! (tokio-tungstenite): echo, the canary split, closes both ways, refusal of other
+//! protocols, idle tunnels and the drain.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use support::*;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+/// A WebSocket server: text comes back as `<name>: <text>`, binary as is, `close`
+/// makes the server close; every ended socket is reported on `closed`.
+struct WsBackend {
+    addr: SocketAddr,
+    closed: mpsc::UnboundedReceiver<&'static str>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WsBackend {
+    async fn start(name: &'static str) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, closed) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok(message)) = ws.next().await {
+                        let reply = match message {
+                            Message::Text(t) if t.as_str() == "close" => {
+                                let _ = ws.close(None).await;
+                                break;
+                            }
+                            Message::Text(t) => Message::text(format!("{name}: {}", t.as_str())),
+                            Message::Binary(b) => Message::Binary(b),
+                            Message::Close(_) => break,
+                            _ => continue,
+                        };
+                        if ws.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = tx.send(name);
+                });
+            }
+        });
+        Self { addr, closed, task }
+    }
+}
+
+impl Drop for WsBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type Client =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(
+    addr: SocketAddr,
+    headers: &[(&'static str, &str)],
+) -> (Client, http::Response<Option<Vec<u8>>>) {
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().insert(*k, v.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(request)
+        .await
+        .expect("websocket handshake through the proxy")
+}
+
+async fn say(ws: &mut Client, text: &str) -> String {
+    ws.send(Message::text(text)).await.unwrap();
+    match ws.next().await {
+        Some(Ok(Message::Text(t))) => t.as_str().to_owned(),
+        other => panic!("expected a text reply, got {other:?}"),
+    }
+}
+
+async fn metric(c: &TestClient, admin: SocketAddr, series: &str) -> f64 {
+    let text = get(c, &format!("http://{admin}/metrics"), &[]).await;
+    parse_scrape(text.text())
+        .get(series)
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoes_text_and_a_1_mib_binary_message_intact() {
+    within(60, async {
+        let prod = WsBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let (mut ws, response) = connect(proxy.addr, &[]).await;
+        assert_eq!(response.status(), 101);
+        assert_eq!(response.headers()["x-canarygate-pool"], "production");
+        assert_eq!(say(&mut ws, "hello").await, "production: hello");
+        let payload: Vec<u8> = (0..1024 * 1024).map(|i: u32| (i % 251) as u8).collect();
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                assert!(b.as_ref() == payload.as_slice(), "1 MiB message changed");
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = client();
+        let open = r#"canarygate_upgraded_connections{pool="production"}"#;
+        assert_eq!(metric(&c, proxy.admin_addr, open).await, 1.0);
+        assert_eq!(
+            metric(
+                &c,
+                proxy.admin_addr,
+                r#"canarygate_requests_total{code="101",method="GET",pool="production"}"#
+            )
+            .await,
+            1.0
+        );
+        ws.close(None).await.unwrap();
+        // The close handshake ends; then the client closes its TCP connection.
+        while ws.next().await.is_some() {}
+        drop(ws);
+        eventually(Duration::from_secs(3), "tunnel gauge back to 0", || {
+            let c = c.clone();
+            let admin = proxy.admin_addr;
+            async move { metric(&c, admin, open).await == 0.0 }
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sticky_user_gets_sockets_from_the_version_of_its_pages() {
+    within(60, async {
+        // The demo app serves both the pages and /ws, so page and socket can be compared.
+        let demo = |name: &str, version: &str| {
+            let identity = canarygate::backend::AppIdentity {
+                name: name.to_owned(),
+                version: version.to_owned(),
+            };
+            async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                let options = canarygate::server::ServeOptions::basic(
+                    Duration::from_secs(10),
+                    Duration::from_secs(60),
+                    Duration::from_millis(100),
+                );
+                tokio::spawn(canarygate::backend::run(
+                    listener,
+                    identity,
+                    options,
+                    tokio_util::sync::CancellationToken::new(),
+                ));
+                addr
+            }
+        };
+        let (v1, v2) = (demo("production", "v1").await, demo("canary", "v2").await);
+        let proxy = Proxy::start(&config_toml(
+            &[v1],
+            &[v2],
+            "[routing]\ncanary_percent = 50\n",
+        ))
+        .await;
+        let c = client();
+        let mut versions = std::collections::HashSet::new();
+        for user in 0..12 {
+            let cookie = format!("canarygate_id=user-{user}");
+            let page = get(&c, &proxy.url("/"), &[("cookie", &cookie)]).await;
+            let version = if page.text().contains("(v1)") {
+                "production v1"
+            } else {
+                "canary v2"
+            };
+            let (mut ws, _) = connect(proxy.addr, &[("cookie", &cookie)]).await;
+            assert_eq!(
+                say(&mut ws, "hi").await,
+                format!("{version}: hi"),
+                "user-{user}"
+            );
+            versions.insert(version);
+        }
+        assert_eq!(versions.len(), 2, "both versions exercised");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_sockets_split_two_to_one() {
+    within(60, async {
+        let prod = WsBackend::start("production").await;
+        let canary = WsBackend::start("canary").await;
+        let proxy = Proxy::start(&config_toml(
+            &[prod.addr],
+            &[canary.addr],
+            "[routing]\nsticky = \"none\"\n",
+        ))
+        .await;
+        let mut sockets = Vec::new();
+        for _ in 0..200 {
+            sockets.push(connect(proxy.addr, &[]).await.0);
+        }
+        let mut canaries = 0;
+        for ws in &mut sockets {
+            canaries += usize::from(say(ws, "x").await.starts_with("canary"));
+        }
+        let c = client();
+        let open = metric(
+            &c,
+            proxy.admin_addr,
+            r#"canarygate_upgraded_connections{pool="canary"}"#,
+        )
+        .await
+            + metric(
+                &c,
+                proxy.admin_addr,
+                r#"canarygate_upgraded_connections{pool="production"}"#,
+            )
+            .await;
+        assert_eq!(open, 200.0);
+        assert!(
+            (46..=86).contains(&canaries),
+            "{canaries} of 200 sockets on canary"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closes_travel_both_ways() {
+    within(60, async {
+        let mut prod = WsBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+
+        // The backend closes: the client sees the close frame.
+        let (mut ws, _) = connect(proxy.addr, &[]).await;
+        ws.send(Message::text("close")).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Close(_))) | None => {}
+            other => panic!("expected the backend's close, got {other:?}"),
+        }
+        assert_eq!(prod.closed.recv().await, Some("production"));
+
+        // The client closes: the backend sees it.
+        let (mut ws, _) = connect(proxy.addr, &[]).await;
+        assert_eq!(say(&mut ws, "a").await, "production: a");
+        ws.close(None).await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(3), prod.closed.recv()).await;
+        assert_eq!(seen.ok().flatten(), Some("production"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_upgrades_are_refused_with_400() {
+    within(30, async {
+        let prod = WsBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let addr = proxy.addr;
+        let h2c = tokio::task::spawn_blocking(move || {
+            raw_exchange(addr, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        })
+        .await
+        .unwrap();
+        assert!(h2c.starts_with("HTTP/1.1 400"), "{h2c}");
+
+        // With websocket not listed, WebSockets are refused too.
+        let strict = Proxy::start(&config_toml(&[prod.addr], &[], "[routing]\nallowed_upgrades = []\n")).await;
+        let request = format!("ws://{}/ws", strict.addr).into_client_request().unwrap();
+        match tokio_tungstenite::connect_async(request).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400),
+            other => panic!("expected 400, got {other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tunnels_close_after_websocket_idle_ms() {
+    within(30, async {
+        let prod = WsBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(
+            &[prod.addr],
+            &[],
+            "[timeouts]\nwebsocket_idle_ms = 400\n",
+        ))
+        .await;
+        let (mut ws, _) = connect(proxy.addr, &[]).await;
+        assert_eq!(say(&mut ws, "a").await, "production: a");
+        let started = Instant::now();
+        let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("tunnel closed");
+        assert!(
+            matches!(end, None | Some(Err(_) | Ok(Message::Close(_)))),
+            "{end:?}"
+        );
+        let after = started.elapsed();
+        assert!(
+            after >= Duration::from_millis(350) && after < Duration::from_secs(2),
+            "{after:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_open_sockets_then_cuts_them_at_drain_timeout() {
+    within(30, async {
+        let prod = WsBackend::start("production").await;
+        let mut proxy = ProxyProcess::spawn(
+            &config_toml(&[prod.addr], &[], ""),
+            "drain_timeout_ms = 1500",
+        );
+        let (mut ws, _) = connect(proxy.addr, &[]).await;
+        assert_eq!(say(&mut ws, "before").await, "production: before");
+        let started = Instant::now();
+        proxy.signal("TERM");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Still open while draining.
+        assert_eq!(say(&mut ws, "during").await, "production: during");
+        let end = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("socket cut");
+        assert!(
+            matches!(end, None | Some(Err(_) | Ok(Message::Close(_)))),
+            "{end:?}"
+        );
+        let cut_after = started.elapsed();
+        assert!(
+            cut_after >= Duration::from_millis(1300) && cut_after < Duration::from_secs(4),
+            "{cut_after:?}"
+        );
+        let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(status.and_then(|s| s.code()), Some(0));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_page_widget_shows_which_version_answered_over_the_socket() {
+    within(90, async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let v1 = listener.local_addr().unwrap();
+        let identity = canarygate::backend::AppIdentity {
+            name: "production".into(),
+            version: "v1".into(),
+        };
+        let options = canarygate::server::ServeOptions::basic(
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+        );
+        tokio::spawn(canarygate::backend::run(
+            listener,
+            identity,
+            options,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let proxy = Proxy::start(&config_toml(&[v1], &[], "")).await;
+        let url = proxy.url("/");
+        let dom = tokio::task::spawn_blocking(move || {
+            let profile = TempDir::new("chromium-ws");
+            let out = std::process::Command::new("chromium")
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--virtual-time-budget=3000",
+                    "--dump-dom",
+                ])
+                .arg(format!("--user-data-dir={}", profile.0.display()))
+                .arg(url)
+                .output()
+                .expect("chromium (apt-get install chromium)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .await
+        .unwrap();
+        assert!(
+            dom.contains("socket answered by production v1: hello"),
+            "{dom}"
+        );
+    })
+    .await;
+}
