@@ -198,7 +198,7 @@ pub async fn handle(
     let checked = check_framing(&req, ambiguous, config.limits.max_body_bytes)
         .and_then(|()| upgrade_requested(&req, &config.routing.allowed_upgrades));
     let upgrade = match &checked {
-        Ok(Some(protocol)) => Some((protocol.clone(), hyper::upgrade::on(&mut req))),
+        Ok(Some(upgrade)) => Some((upgrade.clone(), hyper::upgrade::on(&mut req))),
         Ok(None) | Err(_) => None,
     };
     let extra = UpstreamHeaders {
@@ -206,7 +206,7 @@ pub async fn handle(
         flags_header: &config.flags.header.0,
         flags: &snapshot.flags.header_value,
         max_body_bytes: config.limits.max_body_bytes,
-        upgrade: upgrade.as_ref().map(|(protocol, _)| protocol),
+        upgrade: upgrade.as_ref().map(|(upgrade, _)| upgrade),
     };
     let (result, backend) = match checked {
         Err(error) => (Err(error), None),
@@ -218,11 +218,18 @@ pub async fn handle(
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
 
     let mut response = match (result, upgrade) {
-        (Ok(mut response), Some((_, client_side)))
+        (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
         {
             let upstream_side = hyper::upgrade::on(&mut response);
-            keep_upgrade_headers(response.headers_mut());
+            if upgrade.extended_connect {
+                // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1 handshake.
+                *response.status_mut() = StatusCode::OK;
+                strip_hop_by_hop(response.headers_mut());
+                response.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+            } else {
+                keep_upgrade_headers(response.headers_mut());
+            }
             conn.framing.set_idle(config.timeouts.websocket_idle());
             let tunnel = tunnel(
                 client_side,
@@ -543,25 +550,47 @@ impl RetryCopy {
     }
 }
 
-/// The `Upgrade` header of an HTTP/1.1 upgrade request (`Connection: upgrade` plus
-/// `Upgrade`), if it asks for one; a protocol not in `allowed` is refused with 400.
+/// A valid, allowed request to switch protocols.
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    /// The protocol, as the `Upgrade` header value sent upstream (`websocket`).
+    pub protocol: HeaderValue,
+    /// An HTTP/2 extended CONNECT (RFC 8441), bridged to an HTTP/1.1 upgrade.
+    pub extended_connect: bool,
+}
+
+/// The upgrade a request asks for: an HTTP/1.1 `Connection: upgrade` + `Upgrade`, or
+/// an HTTP/2 extended CONNECT with `:protocol` (RFC 8441). A protocol not in
+/// `allowed` is refused with 400.
 fn upgrade_requested(
     req: &Request<Incoming>,
     allowed: &[String],
-) -> Result<Option<HeaderValue>, ProxyError> {
+) -> Result<Option<UpgradeRequest>, ProxyError> {
     let h = req.headers();
-    let Some(protocol) = h.get(header::UPGRADE) else {
-        return Ok(None);
+    let (protocol, extended_connect) = if req.method() == Method::CONNECT {
+        match req.extensions().get::<hyper::ext::Protocol>() {
+            Some(protocol) => match HeaderValue::from_str(protocol.as_str()) {
+                Ok(value) => (value, true),
+                Err(_) => return Err(ProxyError::BadRequest("invalid :protocol")),
+            },
+            // A plain CONNECT: refused later with 405.
+            None => return Ok(None),
+        }
+    } else {
+        let Some(protocol) = h.get(header::UPGRADE) else {
+            return Ok(None);
+        };
+        let connection_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
+        });
+        if !connection_upgrade || req.version() != Version::HTTP_11 {
+            // Not an upgrade request: the Upgrade header is hop-by-hop noise.
+            return Ok(None);
+        }
+        (protocol.clone(), false)
     };
-    let connection_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-    });
-    if !connection_upgrade || req.version() != Version::HTTP_11 {
-        // Not an upgrade request: the Upgrade header is hop-by-hop noise.
-        return Ok(None);
-    }
     let first = protocol
         .as_bytes()
         .split(|&b| b == b',')
@@ -576,12 +605,36 @@ fn upgrade_requested(
         .iter()
         .any(|a| name.eq_ignore_ascii_case(a.as_bytes()))
     {
-        Ok(Some(protocol.clone()))
+        Ok(Some(UpgradeRequest {
+            protocol,
+            extended_connect,
+        }))
     } else {
         Err(ProxyError::BadRequest(
             "upgrade to a protocol not in routing.allowed_upgrades",
         ))
     }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 4.1).
+fn websocket_key() -> HeaderValue {
+    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes = fastrand::u128(..).to_le_bytes();
+    let mut out = Vec::with_capacity(24);
+    for chunk in bytes.chunks(3) {
+        let n =
+            chunk.iter().fold(0u32, |acc, &b| (acc << 8) | u32::from(b)) << (8 * (3 - chunk.len()));
+        let symbols = chunk.len() + 1;
+        for i in 0..4 {
+            out.push(if i < symbols {
+                B64[((n >> (18 - 6 * i)) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
+    }
+    HeaderValue::from_bytes(&out)
+        .unwrap_or_else(|_| HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="))
 }
 
 /// Strips a 101 response's hop-by-hop headers but keeps the two that describe the
@@ -667,8 +720,8 @@ struct UpstreamHeaders<'a> {
     flags_header: &'a HeaderName,
     flags: &'a HeaderValue,
     max_body_bytes: Option<u64>,
-    /// The `Upgrade` value of a valid, allowed upgrade request, passed through.
-    upgrade: Option<&'a HeaderValue>,
+    /// A valid, allowed upgrade request, passed through.
+    upgrade: Option<&'a UpgradeRequest>,
 }
 
 /// Rewrites a client request into the request sent to `backend`.
@@ -678,10 +731,25 @@ fn upstream_request(
     backend: &http::uri::Authority,
     extra: &UpstreamHeaders<'_>,
 ) -> Result<Request<UpstreamBody>, ProxyError> {
-    if req.method() == Method::CONNECT {
+    let extended_connect = extra.upgrade.is_some_and(|u| u.extended_connect);
+    if req.method() == Method::CONNECT && !extended_connect {
         return Err(ProxyError::MethodNotAllowed);
     }
     let (mut parts, body) = req.into_parts();
+    if extended_connect {
+        // RFC 8441 -> RFC 6455: the backend speaks HTTP/1.1, so it gets the classic
+        // handshake (GET + Sec-WebSocket-Key); the WebSocket frames then pass as is.
+        parts.method = Method::GET;
+        parts
+            .headers
+            .insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+        if !parts.headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+            parts.headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+    }
     // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
@@ -706,10 +774,10 @@ fn upstream_request(
         h.insert(X_FORWARDED_HOST, host.clone());
         h.insert(header::HOST, host);
     }
-    if let Some(protocol) = extra.upgrade {
+    if let Some(upgrade) = extra.upgrade {
         // The one exception to hop-by-hop stripping: a valid upgrade keeps its headers.
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, protocol.clone());
+        h.insert(header::UPGRADE, upgrade.protocol.clone());
     }
     append_forwarded_for(h, conn.peer.ip());
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
@@ -936,6 +1004,15 @@ mod tests {
             v,
             "canarygate_id=0123456789abcdef0123456789abcdef; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
         );
+    }
+
+    #[test]
+    fn websocket_keys_are_16_random_bytes_in_base64() {
+        let a = websocket_key();
+        let b = websocket_key();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 24);
+        assert!(a.to_str().unwrap().ends_with("=="));
     }
 
     #[test]

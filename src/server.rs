@@ -112,7 +112,8 @@ pub async fn serve<F, S, B>(
     }
     {
         let mut http2 = builder.http2();
-        http2.timer(TokioTimer::new());
+        // RFC 8441: WebSockets over HTTP/2 (extended CONNECT).
+        http2.timer(TokioTimer::new()).enable_connect_protocol();
         if let Some(max) = options.max_header_bytes {
             http2.max_header_list_size(u32::try_from(max).unwrap_or(u32::MAX));
         }

@@ -399,3 +399,52 @@ async fn the_demo_page_widget_shows_which_version_answered_over_the_socket() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_extended_connect_is_bridged_to_the_http11_backend() {
+    within(30, async {
+        let prod = WsBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        // An HTTP/2 (prior knowledge) client opening a WebSocket per RFC 8441.
+        let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut send, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://{}/ws", proxy.addr))
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut response = send.send_request(req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-canarygate-pool"], "production");
+        let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Client,
+            None,
+        )
+        .await;
+        ws.send(Message::text("over h2")).await.unwrap();
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => assert_eq!(t.as_str(), "production: over h2"),
+            other => panic!("{other:?}"),
+        }
+        // Another :protocol is refused.
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://{}/x", proxy.addr))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("connect-udp"));
+        assert_eq!(send.send_request(req).await.unwrap().status(), 400);
+    })
+    .await;
+}
