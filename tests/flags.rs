@@ -134,6 +134,27 @@ async fn flips_reach_the_application_header() {
     .await;
 }
 
+/// HSET one field and wait until the proxy has published a new flag version.
+async fn flip(r: &mut redis::aio::MultiplexedConnection, proxy: &Proxy, field: &str, value: &str) {
+    let before = proxy.state.snapshot().flags.version;
+    let _: () = r.hset(KEY, field, value).await.unwrap();
+    let state = proxy.state.clone();
+    eventually(Duration::from_secs(3), "flip applied", move || {
+        let ok = state.snapshot().flags.version > before;
+        async move { ok }
+    })
+    .await;
+}
+
+/// Asserts that `n` requests are all served by `pool`.
+async fn assert_all(c: &TestClient, proxy: &Proxy, n: usize, headers: &[(&str, &str)], pool: &str) {
+    let pools = pools_of(c, proxy, n, headers).await;
+    assert!(
+        pools.iter().all(|p| p == pool),
+        "expected all on {pool}: {pools:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserved_fields_steer_traffic_and_bad_values_change_nothing() {
     within(60, async {
@@ -153,60 +174,17 @@ async fn reserved_fields_steer_traffic_and_bad_values_change_nothing() {
         .await;
         let c = client();
         let mut r = redis.conn().await;
-        let version_after = |v: u64| {
-            let state = proxy.state.clone();
-            move || {
-                let ok = state.snapshot().flags.version > v;
-                async move { ok }
-            }
-        };
-
         for (percent, expected) in [("0", "production"), ("100", "canary")] {
-            let v = proxy.state.snapshot().flags.version;
-            let _: () = r.hset(KEY, "canary_percent", percent).await.unwrap();
-            eventually(Duration::from_secs(3), "percent applied", version_after(v)).await;
-            let pools = pools_of(&c, &proxy, 60, &[]).await;
-            assert!(
-                pools.iter().all(|p| p == expected),
-                "percent {percent}: {pools:?}"
-            );
+            flip(&mut r, &proxy, "canary_percent", percent).await;
+            assert_all(&c, &proxy, 60, &[], expected).await;
         }
 
         // Kill switch: everything to production, whatever the percent or the override.
-        let v = proxy.state.snapshot().flags.version;
-        let _: () = r.hset(KEY, "canary", "off").await.unwrap();
-        eventually(
-            Duration::from_secs(3),
-            "kill switch applied",
-            version_after(v),
-        )
-        .await;
-        assert!(
-            pools_of(&c, &proxy, 40, &[])
-                .await
-                .iter()
-                .all(|p| p == "production")
-        );
-        assert!(
-            pools_of(&c, &proxy, 10, &[("x-canary", "always")])
-                .await
-                .iter()
-                .all(|p| p == "production")
-        );
-        let v = proxy.state.snapshot().flags.version;
-        let _: () = r.hset(KEY, "canary", "on").await.unwrap();
-        eventually(
-            Duration::from_secs(3),
-            "kill switch released",
-            version_after(v),
-        )
-        .await;
-        assert!(
-            pools_of(&c, &proxy, 40, &[])
-                .await
-                .iter()
-                .all(|p| p == "canary")
-        );
+        flip(&mut r, &proxy, "canary", "off").await;
+        assert_all(&c, &proxy, 40, &[], "production").await;
+        assert_all(&c, &proxy, 10, &[("x-canary", "always")], "production").await;
+        flip(&mut r, &proxy, "canary", "on").await;
+        assert_all(&c, &proxy, 40, &[], "canary").await;
 
         // Invalid reserved values are ignored (and counted); traffic does not move.
         let admin_flags = format!("http://{}/flags", proxy.admin_addr);
@@ -220,22 +198,11 @@ async fn reserved_fields_steer_traffic_and_bad_values_change_nothing() {
                 async move { get_json(&c2, &url).await["rejected_total"]["canary_percent"] == want }
             })
             .await;
-            assert!(
-                pools_of(&c, &proxy, 30, &[])
-                    .await
-                    .iter()
-                    .all(|p| p == "canary"),
-                "{bad}"
-            );
+            assert_all(&c, &proxy, 30, &[], "canary").await;
         }
         let _: () = r.hset(KEY, "canary", "maybe").await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            pools_of(&c, &proxy, 30, &[])
-                .await
-                .iter()
-                .all(|p| p == "canary")
-        );
+        assert_all(&c, &proxy, 30, &[], "canary").await;
         let flags = get_json(&c, &admin_flags).await;
         assert_eq!(flags["reserved"]["canary_percent"], 100);
         assert_eq!(flags["reserved"]["canary"], "on");

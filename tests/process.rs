@@ -4,7 +4,6 @@
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -223,30 +222,8 @@ async fn large_bodies_stream_intact_in_bounded_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_command_serves_the_demo_app() {
     within(30, async {
-        let mut child = Command::new(binary())
-            .args([
-                "--log-format",
-                "json",
-                "backend",
-                "--listen",
-                "127.0.0.1:0",
-                "--name",
-                "canary",
-                "--app-version",
-                "v2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr: SocketAddr = loop {
-            let line = lines.next().expect("log line").unwrap();
-            if line.contains("backend listening") {
-                let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-                break v["addr"].as_str().unwrap().parse().unwrap();
-            }
-        };
+        let backend = BackendProcess::spawn_with("canary", &["--app-version", "v2"]);
+        let addr = backend.addr;
         let c = client();
         let page = get(&c, &format!("http://{addr}/"), &[]).await;
         assert_eq!(page.status, 200);
@@ -259,8 +236,6 @@ async fn backend_command_serves_the_demo_app() {
         );
         let health = get(&c, &format!("http://{addr}/health"), &[]).await;
         assert_eq!((health.status.as_u16(), health.text()), (200, "ok\n"));
-        let _ = child.kill();
-        let _ = child.wait();
     })
     .await;
 }

@@ -142,29 +142,10 @@ async fn echoes_text_and_a_1_mib_binary_message_intact() {
 async fn a_sticky_user_gets_sockets_from_the_version_of_its_pages() {
     within(60, async {
         // The demo app serves both the pages and /ws, so page and socket can be compared.
-        let demo = |name: &str, version: &str| {
-            let identity = canarygate::backend::AppIdentity {
-                name: name.to_owned(),
-                version: version.to_owned(),
-            };
-            async move {
-                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let addr = listener.local_addr().unwrap();
-                let options = canarygate::server::ServeOptions::basic(
-                    Duration::from_secs(10),
-                    Duration::from_secs(60),
-                    Duration::from_millis(100),
-                );
-                tokio::spawn(canarygate::backend::run(
-                    listener,
-                    identity,
-                    options,
-                    tokio_util::sync::CancellationToken::new(),
-                ));
-                addr
-            }
-        };
-        let (v1, v2) = (demo("production", "v1").await, demo("canary", "v2").await);
+        let (v1, v2) = (
+            demo_app("production", "v1").await,
+            demo_app("canary", "v2").await,
+        );
         let proxy = Proxy::start(&config_toml(
             &[v1],
             &[v2],
@@ -351,23 +332,7 @@ async fn sigterm_waits_for_open_sockets_then_cuts_them_at_drain_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_page_widget_shows_which_version_answered_over_the_socket() {
     within(90, async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let v1 = listener.local_addr().unwrap();
-        let identity = canarygate::backend::AppIdentity {
-            name: "production".into(),
-            version: "v1".into(),
-        };
-        let options = canarygate::server::ServeOptions::basic(
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            Duration::from_millis(100),
-        );
-        tokio::spawn(canarygate::backend::run(
-            listener,
-            identity,
-            options,
-            tokio_util::sync::CancellationToken::new(),
-        ));
+        let v1 = demo_app("production", "v1").await;
         let proxy = Proxy::start(&config_toml(&[v1], &[], "")).await;
         let url = proxy.url("/");
         let dom = tokio::task::spawn_blocking(move || {

@@ -247,6 +247,31 @@ impl Body for PatternBody {
     }
 }
 
+/// The demo app (`canarygate::backend`) in-process on an ephemeral port: pages, and a
+/// WebSocket echo on `/ws`. Runs until the test's runtime ends.
+pub async fn demo_app(name: &str, version: &str) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    let identity = canarygate::backend::AppIdentity {
+        name: name.to_owned(),
+        version: version.to_owned(),
+    };
+    let options = ServeOptions::basic(
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+        Duration::from_millis(100),
+    );
+    tokio::spawn(canarygate::backend::run(
+        listener,
+        identity,
+        options,
+        CancellationToken::new(),
+    ));
+    addr
+}
+
 /// An address nothing listens on: bound, then released.
 pub async fn dead_addr() -> SocketAddr {
     let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
@@ -759,6 +784,11 @@ pub struct BackendProcess {
 
 impl BackendProcess {
     pub fn spawn(name: &str) -> Self {
+        Self::spawn_with(name, &[])
+    }
+
+    /// With extra `canarygate backend` arguments (e.g. `--app-version v2`).
+    pub fn spawn_with(name: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(binary())
             .args([
                 "--log-format",
@@ -769,6 +799,7 @@ impl BackendProcess {
                 "--name",
                 name,
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
