@@ -327,18 +327,14 @@ async fn proxy_server(
         connections: Some(state.metrics.client_connections.clone()),
         ..options
     };
-    let state = state.clone();
+    // One Arc each, so a request costs one reference count, not one per field.
+    let state = Arc::new(state.clone());
     server::serve(name, listener, options, shutdown, move |peer, framing| {
-        let state = state.clone();
-        let conn = ConnInfo {
-            peer,
-            scheme,
-            framing,
-        };
+        let state = Arc::clone(&state);
+        let conn = Arc::new(ConnInfo::new(peer, scheme, framing));
         service_fn(move |req| {
-            let state = state.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&state, conn, req).await) }
+            let (state, conn) = (Arc::clone(&state), Arc::clone(&conn));
+            async move { Ok::<_, Infallible>(proxy::handle(&state, &conn, req).await) }
         })
     })
     .instrument(info_span!("proxy", listener = name))

@@ -56,14 +56,39 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// A year, the lifetime of the sticky cookie.
 const STICKY_COOKIE_MAX_AGE_S: u32 = 365 * 24 * 3600;
 
-/// What the proxy knows about the client connection a request came on.
-#[derive(Debug, Clone)]
+/// What the proxy knows about the client connection a request came on. Built once
+/// per connection, so per-request work (the client IP's text, its sticky bucket) is
+/// not repeated for every request of a keep-alive connection.
+#[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     pub scheme: &'static str,
     /// Framing verdicts from the smuggling guard, one per request in order.
     pub framing: std::sync::Arc<crate::framing::ConnShared>,
+    /// The peer IP as an `X-Forwarded-For` value.
+    forwarded_for: HeaderValue,
+    /// The peer IP's sticky bucket (`sticky = "ip"`).
+    ip_bucket: u8,
+}
+
+impl ConnInfo {
+    pub fn new(
+        peer: SocketAddr,
+        scheme: &'static str,
+        framing: std::sync::Arc<crate::framing::ConnShared>,
+    ) -> Self {
+        let mut buf = [0u8; 64];
+        let ip_text = write_ip(&mut buf, peer.ip());
+        Self {
+            peer,
+            scheme,
+            framing,
+            forwarded_for: HeaderValue::from_bytes(ip_text)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            ip_bucket: routing::bucket(ip_text),
+        }
+    }
 }
 
 /// Why a request got no upstream response.
@@ -165,14 +190,14 @@ impl ProxyError {
 /// Proxies one request. Never fails: every error becomes a short response.
 pub async fn handle(
     state: &AppState,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let start = Instant::now();
     let snapshot = state.snapshot();
     let config = &snapshot.config;
     let now = upstream::now_ms();
-    let (chosen, new_sticky_id) = choose_pool(&snapshot, &conn, req.headers());
+    let (chosen, new_sticky_id) = choose_pool(&snapshot, conn, req.headers());
     let kind = if chosen == PoolKind::Canary && !snapshot.pools.canary.has_usable(now) {
         state.metrics.failover_requests.inc();
         note_canary_failover(state, true);
@@ -212,7 +237,7 @@ pub async fn handle(
         Err(error) => (Err(error), None),
         Ok(_) => {
             let pool = snapshot.pools.get(kind);
-            proxy_to_pool(state, &snapshot, pool, req, &conn, &extra).await
+            proxy_to_pool(state, &snapshot, pool, req, conn, &extra).await
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
@@ -321,7 +346,7 @@ fn choose_pool(
         Sticky::Header(name) => headers
             .get(name)
             .map_or_else(random_bucket, |v| routing::bucket(v.as_bytes())),
-        Sticky::Ip => ip_bucket(conn.peer.ip()),
+        Sticky::Ip => conn.ip_bucket,
         Sticky::None => random_bucket(),
     };
     let flags = &snapshot.flags;
@@ -770,6 +795,8 @@ fn upstream_request(
     parts.version = Version::HTTP_11;
 
     let h = &mut parts.headers;
+    // Room for the headers added below, so the map grows at most once.
+    h.reserve(6);
     if let Some(host) = host {
         h.insert(X_FORWARDED_HOST, host.clone());
         h.insert(header::HOST, host);
@@ -779,7 +806,7 @@ fn upstream_request(
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, upgrade.protocol.clone());
     }
-    append_forwarded_for(h, conn.peer.ip());
+    append_forwarded_for(h, &conn.forwarded_for);
     h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     h.insert(REQUEST_ID, extra.request_id.clone());
     // `insert` replaces every client-sent value: flags come only from the proxy.
@@ -815,20 +842,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Appends the client IP to `X-Forwarded-For`, keeping what earlier proxies wrote.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: IpAddr) {
-    let mut buf = [0u8; 64];
-    let ip_text = write_ip(&mut buf, ip);
+fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
     let value = match headers.get(X_FORWARDED_FOR) {
         Some(prior) if !prior.is_empty() => {
-            let mut joined = Vec::with_capacity(prior.len() + 2 + ip_text.len());
+            let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
             joined.extend_from_slice(prior.as_bytes());
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(ip_text);
-            HeaderValue::from_bytes(&joined)
+            joined.extend_from_slice(ip.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
         }
-        _ => HeaderValue::from_bytes(ip_text),
+        _ => Some(ip.clone()),
     };
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR, value);
     }
 }
@@ -840,12 +865,6 @@ fn write_ip(buf: &mut [u8; 64], ip: IpAddr) -> &[u8] {
     let _ = write!(cursor, "{ip}");
     let len = usize::try_from(cursor.position()).unwrap_or(0);
     &buf[..len]
-}
-
-/// The bucket of a client IP, hashed in its text form so other tools can reproduce it.
-fn ip_bucket(ip: IpAddr) -> u8 {
-    let mut buf = [0u8; 64];
-    routing::bucket(write_ip(&mut buf, ip))
 }
 
 fn random_bucket() -> u8 {
@@ -981,11 +1000,19 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
+        let conn = |ip: &str| {
+            ConnInfo::new(
+                SocketAddr::new(ip.parse().unwrap(), 1),
+                "http",
+                std::sync::Arc::default(),
+            )
+        };
         let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, "10.0.0.1".parse().unwrap());
+        append_forwarded_for(&mut h, &conn("10.0.0.1").forwarded_for);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
-        append_forwarded_for(&mut h, "2001:db8::1".parse().unwrap());
+        append_forwarded_for(&mut h, &conn("2001:db8::1").forwarded_for);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 2001:db8::1");
+        assert_eq!(conn("127.0.0.1").ip_bucket, routing::bucket(b"127.0.0.1"));
     }
 
     #[test]
