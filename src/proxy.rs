@@ -362,7 +362,10 @@ fn choose_pool(
 
 /// Logs and records the start and the end of a canary failover, once each.
 fn note_canary_failover(state: &AppState, active: bool) {
-    if state.canary_failover.swap(active, Ordering::Relaxed) == active {
+    // Read first: the usual case changes nothing and must not write a shared line.
+    if state.canary_failover.load(Ordering::Relaxed) == active
+        || state.canary_failover.swap(active, Ordering::Relaxed) == active
+    {
         return;
     }
     if active {
