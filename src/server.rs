@@ -36,6 +36,29 @@ use tracing::{debug, info, warn};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A service the accept loop can run on a connection (one place for the bounds).
+pub trait HttpService<B>:
+    Service<
+        Request<Incoming>,
+        Response = Response<B>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<B>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Send
+        + 'static
+{
+}
+
 /// TLS settings a listener reads per connection, so a reload swaps certificates for
 /// new connections without touching open ones.
 pub type TlsSource = Arc<ArcSwap<rustls::ServerConfig>>;
@@ -92,12 +115,8 @@ pub async fn serve<F, S, B>(
     service_for: F,
 ) where
     F: Fn(SocketAddr, Arc<ConnShared>) -> S,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     {
@@ -215,12 +234,8 @@ async fn drive<I, S, B>(
     force_close: &CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<B>,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
 {
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
