@@ -224,7 +224,7 @@ fn status_page(state: &AppState) -> String {
             if backends.is_empty() {
                 "(none)".to_owned()
             } else {
-                escape(&backends.join(", "))
+                escape_html(&backends.join(", "))
             },
             w.rate_per_s,
             w.error_ratio * 100.0,
@@ -257,8 +257,8 @@ fn status_page(state: &AppState) -> String {
         let _ = write!(
             html,
             "<tr><td>{}</td><td>{}</td></tr>",
-            escape(name),
-            escape(value.as_str())
+            escape_html(name),
+            escape_html(value.as_str())
         );
     }
     if flags.set.values.is_empty() {
@@ -273,7 +273,7 @@ fn status_page(state: &AppState) -> String {
             e.level,
             humantime::format_rfc3339_seconds(e.at),
             e.source,
-            escape(&e.message)
+            escape_html(&e.message)
         );
     }
     if events.is_empty() {
@@ -357,11 +357,20 @@ fn rate_chart(samples: &[Sample], now: Instant) -> String {
     svg
 }
 
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+/// HTML escaping for text and attribute values (also used by the demo app).
+pub(crate) fn escape_html(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 const CSS: &str = "body{font-family:system-ui,-apple-system,sans-serif;margin:1.5rem auto;max-width:980px;color:#0f172a;padding:0 1rem}\
@@ -372,3 +381,14 @@ header{display:flex;gap:1rem;align-items:baseline}h1{margin:0}h2{font-size:1.1re
 table{border-collapse:collapse;width:100%;font-size:.92rem}th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #e2e8f0}\
 tr.warn td{color:#b45309}.dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.4rem}\
 .axis{font-size:11px;fill:#64748b}footer{margin-top:2rem}";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn escapes_markup() {
+        assert_eq!(
+            super::escape_html("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+}

@@ -24,6 +24,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::escape_html;
 use crate::server::{self, ServeOptions};
 
 /// Identity of one demo app instance.
@@ -180,8 +181,8 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
          h1{{color:{accent}}}td{{padding:.2rem .8rem;font-family:monospace}}</style></head>\
          <body><h1>Hello from {name} ({version})</h1>\
          <p>This page was served by the <strong>{name}</strong> backend, version <strong>{version}</strong>.</p>",
-        name = escape(&identity.name),
-        version = escape(&identity.version),
+        name = escape_html(&identity.name),
+        version = escape_html(&identity.version),
     );
     let flags = req
         .headers()
@@ -206,12 +207,12 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
         let _ = write!(
             html,
             "<li><code>{}</code> = <code>{}</code></li>",
-            escape(name),
-            escape(value)
+            escape_html(name),
+            escape_html(value)
         );
     }
     html.push_str("</ul><h2>Request</h2><table><tr><td>path</td><td>");
-    html.push_str(&escape(path));
+    html.push_str(&escape_html(path));
     html.push_str("</td></tr>");
     html.push_str(
         "</table><h2>Live socket</h2><p id=\"ws\">connecting&hellip;</p><script>\
@@ -224,43 +225,21 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
     );
     for name in ["x-request-id", "x-forwarded-for", "x-forwarded-host"] {
         if let Some(value) = req.headers().get(name).and_then(|v| v.to_str().ok()) {
-            let _ = write!(html, "<tr><td>{name}</td><td>{}</td></tr>", escape(value));
+            let _ = write!(
+                html,
+                "<tr><td>{name}</td><td>{}</td></tr>",
+                escape_html(value)
+            );
         }
     }
     html.push_str("</table></body></html>\n");
     html
 }
 
-/// Minimal HTML escaping for text and attribute values.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::escape;
-
     #[test]
     fn static_page_is_100_bytes() {
         assert_eq!(super::STATIC_PAGE.len(), 100);
-    }
-
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            escape("<a href=\"x\">&'"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
-        );
     }
 }

@@ -85,16 +85,6 @@ pub enum ExchangeError {
     Exchange(#[source] hyper::Error),
 }
 
-impl ExchangeError {
-    /// The request never reached the backend.
-    pub fn is_connect(&self) -> bool {
-        match self {
-            Self::Connect(..) | Self::ConnectTimeout(..) | Self::Handshake(..) => true,
-            Self::Exchange(_) => false,
-        }
-    }
-}
-
 struct Idle {
     sender: SendRequest<UpstreamBody>,
     since_ms: u64,

@@ -237,7 +237,7 @@ pub async fn handle(
         Err(error) => (Err(error), None),
         Ok(_) => {
             let pool = snapshot.pools.get(kind);
-            proxy_to_pool(state, &snapshot, pool, req, conn, &extra).await
+            proxy_to_pool(state, &snapshot, pool, req, conn, &extra, now).await
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
@@ -436,11 +436,11 @@ async fn proxy_to_pool<'s>(
     req: Request<Incoming>,
     conn: &ConnInfo,
     extra: &UpstreamHeaders<'_>,
+    now: u64,
 ) -> (
     Result<Response<PooledBody>, ProxyError>,
     Option<&'s Backend>,
 ) {
-    let now = upstream::now_ms();
     let Some((index, backend)) = pool.pick(now, None) else {
         return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
     };
@@ -717,10 +717,10 @@ async fn forward(
         .send(&backend.authority, req, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(e)) if e.is_connect() => Err(ProxyError::Connect(e)),
         Ok(Err(ExchangeError::Exchange(e))) => {
             Err(client_side_cause(&e).unwrap_or(ProxyError::Upstream(e)))
         }
+        // Connect, connect timeout or handshake: the request never reached the backend.
         Ok(Err(e)) => Err(ProxyError::Connect(e)),
         Err(_) => Err(ProxyError::Timeout(deadline)),
     }
@@ -729,17 +729,20 @@ async fn forward(
 /// The client-side error, if the exchange failed because of the client's body: too
 /// large (413) or malformed / cut short (400). The backend is not to blame for these.
 fn client_side_cause(error: &hyper::Error) -> Option<ProxyError> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = cause {
+    error_chain(error).find_map(|e| {
         if let Some(BodyTooLarge(limit)) = e.downcast_ref::<BodyTooLarge>() {
-            return Some(ProxyError::PayloadTooLarge(*limit));
+            Some(ProxyError::PayloadTooLarge(*limit))
+        } else {
+            e.is::<ClientBodyError>().then_some(ProxyError::ClientBody)
         }
-        if e.is::<ClientBodyError>() {
-            return Some(ProxyError::ClientBody);
-        }
-        cause = e.source();
-    }
-    None
+    })
+}
+
+/// An error and its sources, outermost first.
+fn error_chain<'e>(
+    error: &'e (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'e (dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(error), |e| e.source())
 }
 
 /// Headers and limits the proxy applies to every upstream request.
@@ -937,8 +940,7 @@ fn error_response(error: &ProxyError) -> Response<ProxyBody> {
 /// A failed exchange after connecting: `reset` when the connection closed or broke
 /// early, `protocol` when the backend sent something that is not HTTP.
 fn classify_upstream(error: &hyper::Error) -> UpstreamErrorKind {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = cause {
+    for e in error_chain(error) {
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
                 return UpstreamErrorKind::Reset;
@@ -956,18 +958,15 @@ fn classify_upstream(error: &hyper::Error) -> UpstreamErrorKind {
                 return UpstreamErrorKind::Reset;
             }
         }
-        cause = e.source();
     }
     UpstreamErrorKind::Protocol
 }
 
 /// The innermost cause of an error, for the log line.
 fn error_cause(error: &ProxyError) -> String {
-    let mut cause: &dyn std::error::Error = error;
-    while let Some(next) = cause.source() {
-        cause = next;
-    }
-    cause.to_string()
+    error_chain(error)
+        .last()
+        .map_or_else(String::new, ToString::to_string)
 }
 
 #[cfg(test)]
