@@ -14,8 +14,8 @@
 # The backends are the same for all: two `canarygate backend --workers 1` processes
 # serving a fixed 100-byte page on /static. Per run it prints req/s, p50, p99, the
 # proxy's CPU seconds per 100k requests and its peak RSS; then per-round ratios
-# canarygate/nginx and canarygate/haproxy and their medians. Last, the RSS of
-# canarygate holding 10,000 idle keep-alive client connections.
+# canarygate/nginx and canarygate/haproxy and their medians. Last, the RSS of each
+# proxy holding 10,000 idle keep-alive client connections.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -149,29 +149,68 @@ for conns in sorted({r["conns"] for r in rows}, key=int):
 EOF
 
 # --- Memory with idle keep-alive connections ------------------------------------------
-python3 - "$CG" "$IDLE_CONNECTIONS" "$CG_PID" <<'EOF'
-import socket, sys, time
-port, n, pid = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+# Clients arrive in waves of 100 (each connects, makes one request, reads the answer
+# and stays open), as keep-alive clients do; sending all 10,000 requests at once
+# would measure a 10,000-connection burst into two single-threaded backends instead
+# (their backlogs overflow and connects time out). RSS is read once every connection
+# is parked (canarygate_parked_connections equals the count; nginx and HAProxy: after
+# the same wait) and the allocator has returned the freed buffers, and again 10 s
+# later. RSS is summed over a contender's processes (nginx: master and workers).
+idle_memory() { # idle_memory NAME PORT PID ADMIN_PORT|-
+python3 - "$1" "$2" "$IDLE_CONNECTIONS" "$4" $(family "$3") <<'EOF'
+import re, socket, sys, time, urllib.request
+name, port, n, admin, pids = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
 def rss():
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) / 1024
-before = rss()
-socks = []
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(b"GET /static HTTP/1.1\r\nHost: x\r\n\r\n")
-    socks.append(s)
-for s in socks:  # read each response so every connection is an idle keep-alive one
-    s.settimeout(10)
+    total = 0
+    for pid in pids:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                total += int(line.split()[1])
+    return total / 1024
+def parked():
+    if admin == "-":
+        return n
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+    return int(re.search(r"^canarygate_parked_connections (\d+)", text, re.M).group(1))
+def read_response(s):
     data = b""
-    while b"</html>" not in data:
+    while b"\r\n\r\n" not in data:
         chunk = s.recv(65536)
         if not chunk:
-            break
+            raise SystemExit("connection closed before a response")
         data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(body) < length:
+        body += s.recv(65536)
+    return head.split(b" ")[1].decode()
+before = rss()
+socks, statuses = [], {}
+for start in range(0, n, 100):
+    wave = [socket.create_connection(("127.0.0.1", port)) for _ in range(min(100, n - start))]
+    for s in wave:
+        s.sendall(b"GET /static HTTP/1.1\r\nHost: x\r\n\r\n")
+    for s in wave:
+        s.settimeout(10)
+        code = read_response(s)
+        statuses[code] = statuses.get(code, 0) + 1
+    socks += wave
 time.sleep(1)
-print(f"\nmemory: canarygate RSS {before:.1f} MiB before, {rss():.1f} MiB with {len(socks)} idle keep-alive client connections")
+deadline = time.time() + 30
+while parked() < len(socks) and time.time() < deadline:
+    time.sleep(0.2)
+time.sleep(2)  # mimalloc returns freed pages after a short delay
+settled = rss()
+parked_note = f", {parked()} parked" if admin != "-" else ""
+time.sleep(10)
+print(f"memory: {name:<10} RSS {before:6.1f} MiB before, {settled:6.1f} MiB with {len(socks)} idle "
+      f"keep-alive client connections (statuses {statuses}{parked_note}), {rss():6.1f} MiB 10 s later")
 for s in socks:
     s.close()
 EOF
+}
+echo
+idle_memory canarygate "$CG" "$CG_PID" "$CG_ADMIN"
+idle_memory nginx "$NG" "$NG_PID" -
+# Not HAProxy: its maxconn stays below 10,000 under this machine's 20,000 open-file
+# limit (it needs two descriptors per connection).

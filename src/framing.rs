@@ -13,18 +13,26 @@
 //! The scan stops for good on HTTP/2 (the preface), after an Upgrade request, and on
 //! anything it cannot follow (hyper rejects that itself): it never blocks or alters
 //! a byte.
+//!
+//! Because the scan knows where each message ends, it also tells the accept loop when
+//! a connection stands between requests with nothing half-read, which is when an idle
+//! keep-alive connection may be parked (see [`crate::server`]).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Per-connection state shared by the I/O wrappers and the request handler: what the
-/// scan learned, and the idle timeout the handler may change (an upgraded tunnel
-/// uses `websocket_idle_ms` instead of `idle_ms`).
+/// Per-connection state shared by the I/O wrappers, the accept loop and the request
+/// handler: what the scan learned, the idle timeout the handler may change (an
+/// upgraded tunnel uses `websocket_idle_ms` instead of `idle_ms`), and what the
+/// accept loop needs to know before parking an idle connection.
+///
+/// Every field has one writer (the connection's own task), so the atomics are only
+/// there to share it, never contended.
 #[derive(Debug)]
 pub struct ConnShared {
     /// Index (0-based) of the first request head with ambiguous framing.
@@ -33,6 +41,18 @@ pub struct ConnShared {
     handled: AtomicU64,
     /// Idle timeout override in ms; `u64::MAX` = none.
     idle_ms: AtomicU64,
+    /// Reads and writes that moved bytes (a clock-free activity count).
+    activity: AtomicU64,
+    /// Complete request heads the scan has read.
+    heads: AtomicU64,
+    /// The scan stands between messages with nothing half-read (and is still on).
+    at_rest: AtomicBool,
+    /// Requests handed to the service on this connection.
+    calls: AtomicU64,
+    /// Requests whose response has not been fully handed to hyper yet.
+    open_exchanges: AtomicU64,
+    /// The accept loop is parking the connection: hyper's shutdown must not close it.
+    parking: AtomicBool,
 }
 
 impl Default for ConnShared {
@@ -41,11 +61,53 @@ impl Default for ConnShared {
             first_bad: AtomicU64::new(u64::MAX),
             handled: AtomicU64::new(0),
             idle_ms: AtomicU64::new(u64::MAX),
+            activity: AtomicU64::new(0),
+            heads: AtomicU64::new(0),
+            at_rest: AtomicBool::new(true),
+            calls: AtomicU64::new(0),
+            open_exchanges: AtomicU64::new(0),
+            parking: AtomicBool::new(false),
         }
     }
 }
 
 impl ConnShared {
+    /// Counts one read or write that moved bytes.
+    pub fn bump_activity(&self) {
+        // One writer: a plain load and store, no locked instruction per I/O call.
+        let n = self.activity.load(Ordering::Relaxed);
+        self.activity.store(n.wrapping_add(1), Ordering::Relaxed);
+    }
+
+    pub fn activity(&self) -> u64 {
+        self.activity.load(Ordering::Relaxed)
+    }
+
+    /// A request was handed to the service; returns its guard, which ends the
+    /// exchange when dropped (after the response body is done or abandoned).
+    pub fn open_exchange(self: &Arc<Self>) -> OpenExchange {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.open_exchanges.fetch_add(1, Ordering::Relaxed);
+        OpenExchange(Arc::clone(self))
+    }
+
+    /// Whether the connection stands between requests: every request read was handed
+    /// to the service and answered in full, and no byte of a next one has been read.
+    /// hyper's own buffer is then empty (the scan saw every byte hyper read).
+    pub fn between_requests(&self) -> bool {
+        self.at_rest.load(Ordering::Relaxed)
+            && self.open_exchanges.load(Ordering::Relaxed) == 0
+            && self.heads.load(Ordering::Relaxed) == self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn set_parking(&self, parking: bool) {
+        self.parking.store(parking, Ordering::Relaxed);
+    }
+
+    pub fn parking(&self) -> bool {
+        self.parking.load(Ordering::Relaxed)
+    }
+
     /// Changes the connection's idle timeout from now on.
     pub fn set_idle(&self, idle: std::time::Duration) {
         let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX - 1);
@@ -64,6 +126,16 @@ impl ConnShared {
     pub fn next_request_is_bad(&self) -> bool {
         let index = self.handled.fetch_add(1, Ordering::Relaxed);
         index >= self.first_bad.load(Ordering::Relaxed)
+    }
+}
+
+/// Ends an exchange on drop (see [`ConnShared::open_exchange`]).
+#[derive(Debug)]
+pub struct OpenExchange(Arc<ConnShared>);
+
+impl Drop for OpenExchange {
+    fn drop(&mut self) {
+        self.0.open_exchanges.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -178,6 +250,24 @@ impl<T> FramingGuard<T> {
     fn stop(&mut self) {
         self.scan = Scan::Off;
         self.head = Vec::new();
+    }
+
+    /// Publishes where the scan stands, after a read.
+    fn publish(&self) {
+        let at_rest = self.scan == Scan::Head && self.head.is_empty();
+        self.verdict.at_rest.store(at_rest, Ordering::Relaxed);
+        self.verdict.heads.store(self.heads, Ordering::Relaxed);
+    }
+
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
+    /// Drops the spare capacity a head split across reads left behind.
+    pub fn release_buffers(&mut self) {
+        if self.head.is_empty() {
+            self.head = Vec::new();
+        }
     }
 }
 
@@ -295,6 +385,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
                 this.feed(new);
+                this.publish();
             }
         }
         poll

@@ -17,6 +17,7 @@
 //! - [`metrics`]: the owned Prometheus registry and per-pool handles.
 //! - [`stats`]: short-term history (rates, error ratios, percentiles) for the status page.
 //! - [`events`]: recent operational events for the status page and `/events`.
+//! - [`memory`]: the task that returns memory idle connections hold (pool purge, allocator).
 //! - [`backend`]: the demo web app (`canarygate backend`, `canarygate demo`).
 //!
 //! [`run`] takes already-bound listeners so tests (and the demo) can bind port 0.
@@ -29,6 +30,7 @@ pub mod events;
 pub mod flags;
 pub mod framing;
 pub mod health;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
@@ -145,6 +147,7 @@ pub async fn serve_all(
         tokio::spawn(flags::run(state.clone(), tasks.clone()).instrument(info_span!("flags"))),
         tokio::spawn(stats::run(state.clone(), tasks.clone()).instrument(info_span!("stats"))),
         tokio::spawn(health::run(state.clone(), tasks.clone()).instrument(info_span!("health"))),
+        tokio::spawn(memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory"))),
     ];
 
     // The admin listener outlives the proxy's drain, so /readyz can say 503 meanwhile.
@@ -325,6 +328,7 @@ async fn proxy_server(
     };
     let options = ServeOptions {
         connections: Some(state.metrics.client_connections.clone()),
+        parked: Some(state.metrics.parked_connections.clone()),
         ..options
     };
     // One Arc each, so a request costs one reference count, not one per field.
@@ -351,6 +355,7 @@ pub fn serve_options(config: &Config) -> ServeOptions {
         max_connections: usize::try_from(config.limits.max_connections).ok(),
         max_header_bytes: usize::try_from(config.limits.max_header_bytes).ok(),
         tls: None,
+        parked: None,
     }
 }
 

@@ -16,7 +16,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 // mimalloc: measurably faster than glibc malloc for the proxy's many small,
-// short-lived allocations (headers, buffers) across threads.
+// short-lived allocations (headers, buffers) across threads. Built with `no_thp`:
+// otherwise it advises transparent huge pages on its arena and every region it
+// touches costs 2 MiB of RSS (8 MiB at start, and most of what 10,000 idle
+// connections held); a proxy's heap is small and gains nothing from huge pages.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -78,6 +78,7 @@ pub struct Metrics {
     flag_enabled: IntGaugeVec,
     flag_rejected: IntCounterVec,
     pub client_connections: IntGauge,
+    pub parked_connections: IntGauge,
     backend_up: IntGaugeVec,
     pub failover_requests: IntCounter,
     config_reloads: IntCounterVec,
@@ -152,6 +153,10 @@ impl Metrics {
         let client_connections = must(IntGauge::new(
             "canarygate_client_connections",
             "Open client connections on the proxy listener.",
+        ));
+        let parked_connections = must(IntGauge::new(
+            "canarygate_parked_connections",
+            "Idle keep-alive client connections parked (holding no HTTP buffers).",
         ));
         let canary_percent = must(IntGauge::new(
             "canarygate_canary_percent",
@@ -235,6 +240,7 @@ impl Metrics {
         reg(Box::new(upstream_errors.clone()));
         reg(Box::new(in_flight.clone()));
         reg(Box::new(client_connections.clone()));
+        reg(Box::new(parked_connections.clone()));
         reg(Box::new(canary_percent.clone()));
         reg(Box::new(flags_version.clone()));
         reg(Box::new(flag_store_up.clone()));
@@ -284,6 +290,7 @@ impl Metrics {
             flag_enabled,
             flag_rejected,
             client_connections,
+            parked_connections,
             backend_up,
             failover_requests,
             config_reloads,

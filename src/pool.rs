@@ -1,20 +1,26 @@
 //! Keep-alive connections to one backend, reused across requests.
 //!
-//! hyper-util's general-purpose client showed in profiles (a mutex and a hash lookup
-//! per checkout, boxed connect futures per request), so the proxy keeps its own small
-//! pool per backend: a lock-free queue of idle HTTP/1.1 senders. A sender goes back
-//! to the queue when the response body has been read to its end; a body dropped
-//! early takes its connection with it, since its state is unknown. Idle connections
-//! older than `idle_ms` are closed when met. A request that a reused connection
-//! refused before writing anything (it was closing) is sent again on another one.
+//! hyper-util's general-purpose client showed in profiles (a mutex shared by all
+//! threads and a hash lookup per checkout, boxed connect futures per request), so the
+//! proxy keeps its own small pool per backend and worker thread: a stack of idle
+//! HTTP/1.1 senders behind a lock only that worker takes (uncontended). A sender goes
+//! back when the response body has been read to its end; a body dropped early takes
+//! its connection with it, since its state is unknown. A request that a reused
+//! connection refused before writing anything (it was closing) is sent again on
+//! another one.
+//!
+//! Last in, first out: the connections in use stay warm at the top, and the ones a
+//! burst left behind sink to the bottom, where [`ConnPool::purge`] closes them (as
+//! HAProxy's pool-purge-delay does): each idle connection holds hyper's buffers, and
+//! after a 512-connection load the pools held about 30 MiB. Connections older than
+//! `idle_ms` are also closed when met.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use crossbeam_queue::ArrayQueue;
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -27,6 +33,9 @@ use crate::upstream::{UpstreamBody, now_ms};
 
 /// Idle connections kept per backend and worker thread; more are closed when returned.
 pub const MAX_IDLE: usize = 256;
+
+/// Idle connections unused for this long are purged, half of them per purge.
+pub const PURGE_AFTER_MS: u64 = 5_000;
 
 static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
 
@@ -70,6 +79,11 @@ impl WorkerPools {
     pub fn idle_count(&self) -> usize {
         self.0.iter().map(|p| p.idle_count()).sum()
     }
+
+    /// Purges every worker's pool (see [`ConnPool::purge`]); returns how many closed.
+    pub fn purge(&self, now_ms: u64) -> usize {
+        self.0.iter().map(|p| p.purge(now_ms)).sum()
+    }
 }
 
 /// Why no response came back.
@@ -90,24 +104,18 @@ struct Idle {
     since_ms: u64,
 }
 
-/// The idle connections of one backend.
+/// The idle connections of one backend on one worker: a stack, oldest at the bottom
+/// (so `since_ms` never decreases from bottom to top).
+#[derive(Default)]
 pub struct ConnPool {
-    idle: ArrayQueue<Idle>,
+    idle: Mutex<Vec<Idle>>,
 }
 
 impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnPool")
-            .field("idle", &self.idle.len())
+            .field("idle", &self.idle_count())
             .finish()
-    }
-}
-
-impl Default for ConnPool {
-    fn default() -> Self {
-        Self {
-            idle: ArrayQueue::new(MAX_IDLE),
-        }
     }
 }
 
@@ -120,7 +128,24 @@ pub struct ConnectSettings {
 
 impl ConnPool {
     pub fn idle_count(&self) -> usize {
-        self.idle.len()
+        self.stack().len()
+    }
+
+    fn stack(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Closes half (rounded up) of the idle connections unused for
+    /// [`PURGE_AFTER_MS`]: called every second, a burst's leftovers are gone within
+    /// seconds while connections in steady use are never touched. Returns how many
+    /// it closed.
+    pub fn purge(&self, now_ms: u64) -> usize {
+        let closed: Vec<Idle> = {
+            let mut stack = self.stack();
+            let n = purge_count(stack.iter().map(|c| c.since_ms), now_ms);
+            stack.drain(..n).collect()
+        };
+        closed.len() // dropped outside the lock
     }
 
     /// Sends `req` to `authority` on an idle connection, or a new one.
@@ -151,11 +176,12 @@ impl ConnPool {
 
     /// An idle connection ready for a request, dropping closed and expired ones.
     async fn checkout(&self, idle_ms: u64) -> Option<SendRequest<UpstreamBody>> {
-        while let Some(Idle {
-            mut sender,
-            since_ms,
-        }) = self.idle.pop()
-        {
+        loop {
+            // The lock is released at the end of this statement, before any await.
+            let Idle {
+                mut sender,
+                since_ms,
+            } = self.stack().pop()?;
             if sender.is_closed() || now_ms().saturating_sub(since_ms) > idle_ms {
                 continue;
             }
@@ -165,18 +191,32 @@ impl ConnPool {
                 return Some(sender);
             }
         }
-        None
     }
 
     fn put_back(&self, sender: SendRequest<UpstreamBody>) {
-        if !sender.is_closed() {
-            // A full queue drops (closes) the connection.
-            let _ = self.idle.push(Idle {
+        if sender.is_closed() {
+            return;
+        }
+        let mut stack = self.stack();
+        if stack.len() < MAX_IDLE {
+            stack.push(Idle {
                 sender,
                 since_ms: now_ms(),
             });
+        } else {
+            drop(stack);
+            drop(sender); // a full pool closes the connection (outside the lock)
         }
     }
+}
+
+/// How many connections from the bottom of a stack idle since `since_ms` (oldest
+/// first) a purge at `now_ms` closes: half of the stale ones, rounded up.
+fn purge_count(since_ms: impl Iterator<Item = u64>, now_ms: u64) -> usize {
+    since_ms
+        .take_while(|&since| now_ms.saturating_sub(since) >= PURGE_AFTER_MS)
+        .count()
+        .div_ceil(2)
 }
 
 async fn connect(
@@ -264,5 +304,32 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purge_closes_half_of_the_stale_bottom_rounded_up() {
+        let now = 100_000;
+        let stale = now - PURGE_AFTER_MS;
+        // Oldest first; the fresh ones on top are never touched.
+        assert_eq!(
+            purge_count([stale - 9, stale, now - 1, now].into_iter(), now),
+            1
+        );
+        assert_eq!(purge_count([stale; 7].into_iter(), now), 4);
+        assert_eq!(purge_count([stale + 1; 7].into_iter(), now), 0);
+        assert_eq!(purge_count(std::iter::empty(), now), 0);
+        // Repeated purges of 10 stale connections: 10 -> 5 -> 2 -> 1 -> 0.
+        let mut left = 10usize;
+        let mut seen = Vec::new();
+        while left > 0 {
+            left -= purge_count(std::iter::repeat_n(stale, left), now);
+            seen.push(left);
+        }
+        assert_eq!(seen, [5, 2, 1, 0]);
     }
 }

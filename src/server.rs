@@ -7,6 +7,16 @@
 //! ones close, requests in flight finish) and gets up to `drain_timeout` before the
 //! rest are cut. `max_connections` is a semaphore taken before `accept`, so excess
 //! clients wait in the kernel backlog instead of being accepted and dropped.
+//!
+//! Idle keep-alive connections are parked. hyper keeps its read and write buffers
+//! (16 KiB and more) for as long as a connection is open, which made 10,000 idle
+//! keep-alive clients cost over half a gigabyte. Once a plain-TCP connection has
+//! been quiet for [`PARK_AFTER`] with every request answered and nothing of a next
+//! one read (the framing scan knows), hyper's connection is shut down without closing
+//! the socket, its state freed, and the socket waits for readability alone; the next
+//! request starts a fresh hyper connection on the same socket. The client sees
+//! nothing (no `Connection: close`, no reconnect). TLS connections are not parked:
+//! rustls may hold decrypted bytes that socket readiness would not report.
 
 use std::future::Future;
 use std::io;
@@ -20,7 +30,7 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -31,7 +41,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::framing::{ConnShared, FramingGuard};
+use crate::framing::{ConnShared, FramingGuard, OpenExchange};
 use tracing::{debug, info, warn};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,7 +92,15 @@ pub struct ServeOptions {
     pub max_header_bytes: Option<usize>,
     /// Terminate TLS on this listener.
     pub tls: Option<TlsSource>,
+    /// Gauge of parked idle keep-alive connections, if this listener is counted.
+    pub parked: Option<prometheus::IntGauge>,
 }
+
+/// How long a keep-alive connection stays quiet between requests before it is
+/// parked (checked on ticks of this length, so it parks after one to two ticks).
+/// Short enough that idle clients hold no buffers within a second, long enough that
+/// a busy connection (requests microseconds apart) never pays for a re-park.
+pub const PARK_AFTER: Duration = Duration::from_millis(250);
 
 impl ServeOptions {
     /// Plain settings with no limits, for the admin listener, the demo app and tests.
@@ -99,6 +117,7 @@ impl ServeOptions {
             max_connections: None,
             max_header_bytes: None,
             tls: None,
+            parked: None,
         }
     }
 }
@@ -115,7 +134,7 @@ pub async fn serve<F, S, B>(
     service_for: F,
 ) where
     F: Fn(SocketAddr, Arc<ConnShared>) -> S,
-    S: HttpService<B>,
+    S: HttpService<B> + Clone,
     B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -176,7 +195,11 @@ pub async fn serve<F, S, B>(
             .clone()
             .map(crate::metrics::GaugeGuard::new);
         let builder = Arc::clone(&builder);
-        let (drain, force_close) = (drain.clone(), force_close.clone());
+        let parked = options.parked.clone();
+        let ends = Ends {
+            drain: drain.clone(),
+            force_close: force_close.clone(),
+        };
         let tls = options
             .tls
             .as_ref()
@@ -184,22 +207,35 @@ pub async fn serve<F, S, B>(
         let handshake_timeout = options.header_read_timeout;
         tracker.spawn(async move {
             let _held = (permit, counted);
+            let scan_shared = Arc::clone(&framing);
+            let conn = Conn {
+                name,
+                peer,
+                builder: &builder,
+                shared: &framing,
+                ends: &ends,
+            };
             match tls {
                 None => {
-                    let io = TokioIo::new(FramingGuard::new(io, framing));
-                    drive(name, peer, &builder, io, service, &drain, &force_close).await;
+                    let io = FramingGuard::new(io, scan_shared);
+                    conn.serve_tcp(io, service, parked).await;
                 }
+                // Boxed: the handshake future is large, and inline it would size every
+                // connection's task, plain ones included, for its whole life.
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-                        Ok(Ok(tls_stream)) => {
-                            let io = TokioIo::new(FramingGuard::new(tls_stream, framing));
-                            drive(name, peer, &builder, io, service, &drain, &force_close).await;
+                    Box::pin(async {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                            Ok(Ok(tls_stream)) => {
+                                let io = FramingGuard::new(tls_stream, scan_shared);
+                                conn.serve_once(io, service, None).await;
+                            }
+                            Ok(Err(error)) => {
+                                debug!(listener = name, %peer, %error, "TLS handshake failed");
+                            }
+                            Err(_) => debug!(listener = name, %peer, "TLS handshake timed out"),
                         }
-                        Ok(Err(error)) => {
-                            debug!(listener = name, %peer, %error, "TLS handshake failed");
-                        }
-                        Err(_) => debug!(listener = name, %peer, "TLS handshake timed out"),
-                    }
+                    })
+                    .await;
                 }
             }
         });
@@ -222,36 +258,289 @@ pub async fn serve<F, S, B>(
     }
 }
 
-/// Serves one connection: until it ends, or gracefully once `drain` fires, or cut
-/// when `force_close` fires.
-async fn drive<I, S, B>(
+/// How a connection's service ends: gracefully once `drain` fires, cut when
+/// `force_close` fires.
+struct Ends {
+    drain: CancellationToken,
+    force_close: CancellationToken,
+}
+
+/// One accepted connection, for its whole life.
+struct Conn<'a> {
     name: &'static str,
     peer: SocketAddr,
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
-    drain: &CancellationToken,
-    force_close: &CancellationToken,
-) where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    S: HttpService<B>,
-    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
-{
-    let connection = builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = drain.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = force_close.cancelled() => return,
+    builder: &'a auto::Builder<TokioExecutor>,
+    shared: &'a Arc<ConnShared>,
+    ends: &'a Ends,
+}
+
+impl Conn<'_> {
+    /// Serves a plain TCP connection, parking it whenever it idles between requests.
+    async fn serve_tcp<S, B>(
+        &self,
+        mut io: FramingGuard<IdleTimeout>,
+        service: S,
+        parked: Option<prometheus::IntGauge>,
+    ) where
+        S: HttpService<B> + Clone,
+        B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+    {
+        loop {
+            // Boxed: while parked, the task keeps none of a served connection's state.
+            match Box::pin(self.serve_once(io, service.clone(), Some(PARK_AFTER))).await {
+                Some(back) => io = back,
+                None => return,
+            }
+            io.release_buffers();
+            let _parked = parked.clone().map(crate::metrics::GaugeGuard::new);
+            // The wait is kept small: it is what 10,000 idle clients cost.
+            let woke = tokio::select! {
+                woke = std::future::poll_fn(|cx| io.get_mut().poll_parked(cx)) => woke,
+                // An idle connection closes at once on shutdown (`force_close` comes
+                // only after `drain`).
+                () = self.ends.drain.cancelled() => false,
+            };
+            if !woke {
+                return;
             }
         }
-        () = force_close.cancelled() => return,
-    };
-    if let Err(error) = result {
-        debug!(listener = name, %peer, %error, "connection ended with error");
+    }
+
+    /// Serves `io` with hyper until the connection ends (`None`), or until it is
+    /// parked (`Some`: the I/O, between requests, with hyper's state dropped).
+    /// `park_after: None` never parks.
+    async fn serve_once<T, S, B>(
+        &self,
+        io: T,
+        service: S,
+        park_after: Option<Duration>,
+    ) -> Option<T>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: HttpService<B>,
+        B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(None));
+        let io = TokioIo::new(Parkable {
+            io: Some(io),
+            slot: Arc::clone(&slot),
+            shared: Arc::clone(self.shared),
+        });
+        let service = Tracked {
+            inner: service,
+            shared: Arc::clone(self.shared),
+        };
+        // Boxed so that a parked connection's task does not keep hyper's state inline.
+        let mut connection = Box::pin(self.builder.serve_connection_with_upgrades(io, service));
+        let mut tick = park_after.map(|every| Box::pin(tokio::time::sleep(every)));
+        let mut seen = self.shared.activity();
+        let (drain, force_close) = (&self.ends.drain, &self.ends.force_close);
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                () = drain.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        result = connection.as_mut() => break result,
+                        () = force_close.cancelled() => return None,
+                    }
+                }
+                () = force_close.cancelled() => return None,
+                () = next_tick(tick.as_mut()) => {
+                    let activity = self.shared.activity();
+                    if activity == seen && self.shared.between_requests() {
+                        // hyper is idle: a graceful shutdown ends it at once, flushing
+                        // first; `Parkable` skips the socket shutdown and hands it back.
+                        self.shared.set_parking(true);
+                        connection.as_mut().graceful_shutdown();
+                        let result = tokio::select! {
+                            result = connection.as_mut() => result,
+                            () = force_close.cancelled() => return None,
+                        };
+                        drop(connection);
+                        self.shared.set_parking(false);
+                        let io = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+                        if io.is_some() && self.shared.between_requests() {
+                            return io;
+                        }
+                        break result;
+                    }
+                    seen = activity;
+                    if let (Some(tick), Some(every)) = (tick.as_mut(), park_after) {
+                        tick.as_mut().reset(tokio::time::Instant::now() + every);
+                    }
+                }
+            }
+        };
+        if let Err(error) = result {
+            debug!(listener = self.name, peer = %self.peer, %error, "connection ended with error");
+        }
+        None
+    }
+}
+
+/// Waits for the park check's next tick; never, without one.
+async fn next_tick(tick: Option<&mut Pin<Box<Sleep>>>) {
+    match tick {
+        Some(tick) => tick.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The I/O hyper serves a connection through. While the connection is being parked
+/// it leaves the socket open on shutdown, and when hyper drops it, it hands the
+/// I/O back to the accept loop instead of closing it.
+struct Parkable<T> {
+    /// Always `Some` until dropped.
+    io: Option<T>,
+    slot: Arc<Mutex<Option<T>>>,
+    shared: Arc<ConnShared>,
+}
+
+impl<T> Parkable<T> {
+    fn io(&mut self) -> Pin<&mut T>
+    where
+        T: Unpin,
+    {
+        Pin::new(
+            self.io
+                .as_mut()
+                .expect("Parkable holds its I/O until dropped"),
+        )
+    }
+}
+
+impl<T> Drop for Parkable<T> {
+    fn drop(&mut self) {
+        if self.shared.parking() {
+            *self.slot.lock().unwrap_or_else(PoisonError::into_inner) = self.io.take();
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Parkable<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.get_mut().io().poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Parkable<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(AsyncWrite::is_write_vectored)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.shared.parking() {
+            // hyper flushed before asking; the socket stays open for the next request.
+            return Poll::Ready(Ok(()));
+        }
+        this.io().poll_shutdown(cx)
+    }
+}
+
+/// The service, counting each exchange open from the request until hyper is done
+/// with the response body (so the park check knows a connection is between requests).
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    shared: Arc<ConnShared>,
+}
+
+impl<S, B> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        TrackedFuture {
+            exchange: Some(self.shared.open_exchange()),
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The service's future; moves the open exchange into the response body.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        exchange: Option<OpenExchange>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let exchange = this.exchange.take();
+        Poll::Ready(result.map(|response| {
+            response.map(|inner| TrackedBody {
+                inner,
+                _exchange: exchange,
+            })
+        }))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that ends its exchange when hyper drops it.
+    struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _exchange: Option<OpenExchange>,
+    }
+}
+
+impl<B: Body> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -267,7 +556,6 @@ pub struct IdleTimeout {
     /// The idle timeout the current tick length was computed from.
     armed_for: Duration,
     shared: Arc<ConnShared>,
-    activity: u64,
     seen: u64,
     quiet_ticks: u8,
     timer: Pin<Box<Sleep>>,
@@ -283,7 +571,6 @@ impl IdleTimeout {
             idle,
             armed_for: idle,
             shared,
-            activity: 0,
             seen: 0,
             quiet_ticks: 0,
             timer: Box::pin(tokio::time::sleep(tick)),
@@ -294,7 +581,7 @@ impl IdleTimeout {
     fn track<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
         match poll {
             Poll::Ready(result) => {
-                self.activity = self.activity.wrapping_add(1);
+                self.shared.bump_activity();
                 Poll::Ready(result)
             }
             Poll::Pending => self.poll_expired(cx).map(Err),
@@ -302,13 +589,22 @@ impl IdleTimeout {
     }
 
     /// Ready when the connection has been quiet for `IDLE_TICKS` ticks in a row.
+    /// While parked: `true` once the socket is readable (a request, or the client
+    /// closing), `false` when the idle timeout expires first.
+    pub fn poll_parked(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        if self.inner.poll_read_ready(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        self.poll_expired(cx).map(|_| false)
+    }
+
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         let idle = self.shared.idle_override().unwrap_or(self.idle);
         if idle != self.armed_for {
             // The handler changed the timeout (an upgraded tunnel): start counting anew.
             self.armed_for = idle;
             self.quiet_ticks = 0;
-            self.seen = self.activity;
+            self.seen = self.shared.activity();
             let tick = (idle / u32::from(IDLE_TICKS)).max(Duration::from_millis(1));
             self.timer
                 .as_mut()
@@ -316,13 +612,14 @@ impl IdleTimeout {
         }
         loop {
             ready!(self.timer.as_mut().poll(cx));
-            if self.activity == self.seen {
+            let activity = self.shared.activity();
+            if activity == self.seen {
                 self.quiet_ticks += 1;
                 if self.quiet_ticks >= IDLE_TICKS {
                     return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));
                 }
             } else {
-                self.seen = self.activity;
+                self.seen = activity;
                 self.quiet_ticks = 0;
             }
             let tick = (self.armed_for / u32::from(IDLE_TICKS)).max(Duration::from_millis(1));
