@@ -31,8 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// upgraded tunnel uses `websocket_idle_ms` instead of `idle_ms`), and what the
 /// accept loop needs to know before parking an idle connection.
 ///
-/// Every field has one writer (the connection's own task), so the atomics are only
-/// there to share it, never contended.
+/// The connection's own task writes the scan and activity fields (plain stores);
+/// the request and exchange counters take atomic increments because HTTP/2 streams
+/// run and end on tasks of their own. Nothing here is contended across connections.
 #[derive(Debug)]
 pub struct ConnShared {
     /// Index (0-based) of the first request head with ambiguous framing.

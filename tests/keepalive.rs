@@ -113,6 +113,17 @@ async fn proxy_to(backend: &TestBackend, extra: &str) -> Proxy {
     Proxy::start(&config_toml(&[backend.addr], &[], extra)).await
 }
 
+/// A proxy (config `extra`) and one client connection that made a request and has
+/// been parked since.
+async fn one_parked_connection(extra: &str) -> (TestBackend, Proxy, Conn) {
+    let backend = TestBackend::start("production").await;
+    let proxy = proxy_to(&backend, extra).await;
+    let mut conn = Conn::open(proxy.addr).await;
+    assert_eq!(conn.get("/").await.status, 200);
+    parked_becomes(&proxy, 1).await;
+    (backend, proxy, conn)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_parked_and_serve_their_next_request() {
     within(30, async {
@@ -204,11 +215,7 @@ async fn a_half_read_request_or_a_slow_response_is_never_parked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_wake_a_parked_connection_and_are_answered_in_order() {
     within(30, async {
-        let backend = TestBackend::start("production").await;
-        let proxy = proxy_to(&backend, "").await;
-        let mut conn = Conn::open(proxy.addr).await;
-        conn.get("/").await;
-        parked_becomes(&proxy, 1).await;
+        let (_backend, proxy, mut conn) = one_parked_connection("").await;
         conn.send(
             b"GET /sleep?ms=50 HTTP/1.1\r\nHost: test\r\n\r\nGET /status?code=201 HTTP/1.1\r\nHost: test\r\n\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\n",
         )
@@ -234,15 +241,13 @@ async fn pipelined_requests_wake_a_parked_connection_and_are_answered_in_order()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_connection_closes_at_the_idle_timeout() {
     within(30, async {
-        let backend = TestBackend::start("production").await;
-        let proxy = proxy_to(&backend, "[timeouts]\nidle_ms = 1500\n").await;
-        let mut conn = Conn::open(proxy.addr).await;
-        conn.get("/").await;
-        let answered = Instant::now();
-        parked_becomes(&proxy, 1).await;
+        let started = Instant::now();
+        let (_backend, proxy, mut conn) =
+            one_parked_connection("[timeouts]\nidle_ms = 1500\n").await;
         assert!(conn.closed_within(Duration::from_secs(5)).await, "closed");
-        let after = answered.elapsed();
-        // idle_ms, up to a quarter more (the idle timer's granularity).
+        let after = started.elapsed();
+        // idle_ms after the answer, up to a quarter more (the idle timer's granularity);
+        // `started` is a little before the answer, so the upper bound has slack.
         assert!(
             after >= Duration::from_millis(1400) && after < Duration::from_millis(2500),
             "closed after {after:?}"
@@ -255,11 +260,8 @@ async fn a_parked_connection_closes_at_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_parked_connections_at_once() {
     within(30, async {
-        let backend = TestBackend::start("production").await;
-        let proxy = proxy_to(&backend, "[server]\ndrain_timeout_ms = 20000\n").await;
-        let mut conn = Conn::open(proxy.addr).await;
-        conn.get("/").await;
-        parked_becomes(&proxy, 1).await;
+        let (_backend, proxy, mut conn) =
+            one_parked_connection("[server]\ndrain_timeout_ms = 20000\n").await;
         let started = Instant::now();
         proxy.stop().await;
         assert!(
