@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# User-space instructions per proxied request, counted by valgrind's callgrind: the
+# same binary and inputs give the same count whatever else the machine is doing, so
+# small CPU changes show here when wrk's req/s is lost in the noise (10-20% on a
+# shared 2-core VM). Everything listens on 127.0.0.1; all processes are killed on exit.
+#
+#   bash benches/instructions.sh                  # builds release, measures it
+#   bash benches/instructions.sh path/to/canarygate   # another build, for an A/B
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+command -v wrk >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+if [ $# -ge 1 ]; then BIN=$1; else cargo build --release --quiet; BIN=target/release/canarygate; fi
+BACKEND=target/release/canarygate
+[ -x "$BACKEND" ] || cargo build --release --quiet
+DURATION=${DURATION:-10}
+work=$(mktemp -d /tmp/canarygate-instr.XXXXXX)
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+
+P1=$(free_port); P2=$(free_port); CG=$(free_port); ADMIN=$(free_port)
+RUST_LOG=warn $BACKEND backend --listen 127.0.0.1:$P1 --name production --workers 1 & pids+=($!)
+RUST_LOG=warn $BACKEND backend --listen 127.0.0.1:$P2 --name canary --workers 1 & pids+=($!)
+cat > "$work/canarygate.toml" <<TOML
+[server]
+listen = "127.0.0.1:$CG"
+admin_listen = "127.0.0.1:$ADMIN"
+[pools.production]
+backends = ["127.0.0.1:$P1"]
+[pools.canary]
+backends = ["127.0.0.1:$P2"]
+[routing]
+canary_percent = 33
+sticky = "none"
+[flags.static]
+new_checkout = "on"
+theme = "blue"
+TOML
+wait_port "$P1"; wait_port "$P2"
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+  "$BIN" run --config "$work/canarygate.toml" --workers 1 2>"$work/valgrind.log" & VG=$!
+pids+=($VG)
+wait_port "$CG"
+requests=$(wrk -t1 -c8 -d"${DURATION}s" "http://127.0.0.1:$CG/static" | awk '/requests in/ {print $1}')
+kill -INT "$VG"; wait "$VG" 2>/dev/null || true
+total=$(callgrind_annotate "$work/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$BIN: $requests requests, $total instructions in all (start-up included), $((total / requests)) per request"
