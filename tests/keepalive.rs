@@ -336,3 +336,25 @@ async fn upstream_connections_a_burst_left_idle_are_purged() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_never_parked_and_stay_usable() {
+    within(30, async {
+        let backend = TestBackend::start("production").await;
+        let proxy = proxy_to(&backend, "").await;
+        let h2 = h2_client();
+        let got = get(&h2, &proxy.url("/"), &[]).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, "production"));
+        // A plain HTTP/1.1 connection beside it parks, so the gauge works here.
+        let mut idle = Conn::open(proxy.addr).await;
+        idle.get("/").await;
+        parked_becomes(&proxy, 1).await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(parked(&proxy), 1, "the HTTP/2 connection is not parked");
+        assert_eq!(proxy.state.metrics.client_connections.get(), 2);
+        // The same HTTP/2 connection serves again (no second connection opened).
+        assert_eq!(get(&h2, &proxy.url("/"), &[]).await.status, 200);
+        assert_eq!(proxy.state.metrics.client_connections.get(), 2);
+    })
+    .await;
+}
