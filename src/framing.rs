@@ -275,9 +275,11 @@ impl<T> FramingGuard<T> {
 /// Parses one complete request head, records a bad verdict as head number `*heads`,
 /// and returns the scan state for what follows it.
 fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnShared) -> Scan {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
+    // Uninitialized slots: initializing 128 headers (4 KiB) cost more than the parse.
+    let mut headers =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
         // hyper will refuse what httparse cannot parse; nothing more to follow.
         Ok(httparse::Status::Partial) | Err(_) => return Scan::Off,
