@@ -18,28 +18,14 @@ work=$(mktemp -d /tmp/canarygate-instr.XXXXXX)
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; rm -rf "$work"; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-
-P1=$(free_port); P2=$(free_port); CG=$(free_port); ADMIN=$(free_port)
-RUST_LOG=warn $BACKEND backend --listen 127.0.0.1:$P1 --name production --workers 1 & pids+=($!)
-RUST_LOG=warn $BACKEND backend --listen 127.0.0.1:$P2 --name canary --workers 1 & pids+=($!)
-cat > "$work/canarygate.toml" <<TOML
-[server]
-listen = "127.0.0.1:$CG"
-admin_listen = "127.0.0.1:$ADMIN"
-[pools.production]
-backends = ["127.0.0.1:$P1"]
-[pools.canary]
-backends = ["127.0.0.1:$P2"]
-[routing]
-canary_percent = 33
-sticky = "none"
+. benches/common.sh
+start_backends "$BACKEND"
+CG=$(free_port); ADMIN=$(free_port)
+write_config "$work/canarygate.toml" "$CG" "$ADMIN" <<TOML
 [flags.static]
 new_checkout = "on"
 theme = "blue"
 TOML
-wait_port "$P1"; wait_port "$P2"
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
   "$BIN" run --config "$work/canarygate.toml" --workers 1 2>"$work/valgrind.log" & VG=$!
 pids+=($VG)

@@ -42,31 +42,18 @@ fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 cargo build --release --quiet
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+. benches/common.sh
 
 # --- Backends, Redis -----------------------------------------------------------------
-P1=$(free_port); P2=$(free_port)
-RUST_LOG=warn $BIN backend --listen 127.0.0.1:$P1 --name production --workers 1 & pids+=($!)
-RUST_LOG=warn $BIN backend --listen 127.0.0.1:$P2 --name canary --app-version v2 --workers 1 & pids+=($!)
+start_backends "$BIN"
 RP=$(free_port)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!)
-wait_port "$P1"; wait_port "$P2"; wait_port "$RP"
+wait_port "$RP"
 redis-cli -p "$RP" HSET canarygate:flags new_checkout on dark_mode off theme blue >/dev/null
 
 # --- Contenders ----------------------------------------------------------------------
 CG=$(free_port); CG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port)
-cat > "$work/canarygate.toml" <<EOF
-[server]
-listen = "127.0.0.1:$CG"
-admin_listen = "127.0.0.1:$CG_ADMIN"
-[pools.production]
-backends = ["127.0.0.1:$P1"]
-[pools.canary]
-backends = ["127.0.0.1:$P2"]
-[routing]
-canary_percent = 33
-sticky = "none"
+write_config "$work/canarygate.toml" "$CG" "$CG_ADMIN" <<EOF
 [timeouts]
 client_header_read_ms = 120000
 idle_ms = 300000
