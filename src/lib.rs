@@ -10,6 +10,7 @@
 //! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
 //! - [`upstream`]: pools, backend health and ejection, retry budget, the pooled client.
 //! - [`pool`]: keep-alive connections per backend.
+//! - [`client`]: HTTP/1.1 exchanges with backends, driven by the request's own task.
 //! - [`health`]: the active health-check task.
 //! - [`tls`]: TLS termination config from PEM files.
 //! - [`flags`]: feature flags from Redis (or static) into the snapshot; the watcher task.
@@ -25,6 +26,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod events;
 pub mod flags;

@@ -3,32 +3,26 @@
 //! hyper-util's general-purpose client showed in profiles (a mutex shared by all
 //! threads and a hash lookup per checkout, boxed connect futures per request), so the
 //! proxy keeps its own small pool per backend and worker thread: a stack of idle
-//! HTTP/1.1 senders behind a lock only that worker takes (uncontended). A sender goes
-//! back when the response body has been read to its end; a body dropped early takes
-//! its connection with it, since its state is unknown. A request that a reused
-//! connection refused before writing anything (it was closing) is sent again on
-//! another one.
+//! HTTP/1.1 connections ([`crate::client::Conn`]) behind a lock only that worker takes
+//! (uncontended). A connection goes back when its response ended cleanly (see
+//! [`crate::client::PooledBody`]); a body dropped early takes its connection with it,
+//! since its state is unknown. A connection the backend closed while it was idle is
+//! seen at checkout (the socket turned readable) and dropped.
 //!
 //! Last in, first out: the connections in use stay warm at the top, and the ones a
 //! burst left behind sink to the bottom, where [`ConnPool::purge`] closes them (as
-//! HAProxy's pool-purge-delay does): each idle connection holds hyper's buffers, and
-//! after a 512-connection load the pools held about 30 MiB. Connections older than
-//! `idle_ms` are also closed when met.
+//! HAProxy's pool-purge-delay does): after a 512-connection load the pools held
+//! hundreds of sockets. Connections older than `idle_ms` are also closed when met.
 
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use hyper::body::Body as _;
 use tracing::debug;
 
+use crate::client::{self, Conn, ExchangeError, Outgoing, PooledBody};
 use crate::upstream::{UpstreamBody, now_ms};
 
 /// Idle connections kept per backend and worker thread; more are closed when returned.
@@ -86,21 +80,8 @@ impl WorkerPools {
     }
 }
 
-/// Why no response came back.
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    #[error("connect to {0} failed: {1}")]
-    Connect(String, #[source] std::io::Error),
-    #[error("connect to {0} timed out after {1:?}")]
-    ConnectTimeout(String, Duration),
-    #[error("HTTP/1.1 handshake with {0} failed")]
-    Handshake(String, #[source] hyper::Error),
-    #[error("exchange failed")]
-    Exchange(#[source] hyper::Error),
-}
-
 struct Idle {
-    sender: SendRequest<UpstreamBody>,
+    conn: Conn,
     since_ms: u64,
 }
 
@@ -148,64 +129,58 @@ impl ConnPool {
         closed.len() // dropped outside the lock
     }
 
-    /// Sends `req` to `authority` on an idle connection, or a new one.
+    /// Sends `req` to `authority` on an idle connection, or a new one. A body-less
+    /// idempotent request that a reused connection answered with nothing (the backend
+    /// had closed it) is sent again on another one (RFC 9112 9.3.1).
     pub async fn send(
         self: &Arc<Self>,
         authority: &Authority,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
         settings: ConnectSettings,
     ) -> Result<Response<PooledBody>, ExchangeError> {
+        let (parts, body) = req.into_parts();
+        let out = Outgoing::new(&parts, &body, authority);
+        let resendable = body.is_end_stream() && parts.method.is_idempotent();
+        let mut body = (!body.is_end_stream()).then_some(body);
         loop {
-            let (mut sender, reused) = match self.checkout(settings.idle_ms).await {
-                Some(sender) => (sender, true),
-                None => (connect(authority, settings.connect_timeout).await?, false),
+            let (conn, reused) = match self.checkout(settings.idle_ms) {
+                Some(conn) => (conn, true),
+                None => (
+                    Conn::connect(authority, settings.connect_timeout).await?,
+                    false,
+                ),
             };
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let pool = Arc::clone(self);
-                    return Ok(response.map(|body| PooledBody::new(body, sender, pool)));
+            match client::exchange(conn, &out, body.take(), self).await {
+                Ok(response) => return Ok(response),
+                Err(failure) if reused && resendable && !failure.received => {
+                    debug!(%authority, error = %failure.error, "reused connection failed; sending again");
                 }
-                Err(mut error) => match error.take_message() {
-                    // Never written: the reused connection was closing. Try another.
-                    Some(unsent) if reused => req = unsent,
-                    _ => return Err(ExchangeError::Exchange(error.into_error())),
-                },
+                Err(failure) => return Err(failure.error),
             }
         }
     }
 
     /// An idle connection ready for a request, dropping closed and expired ones.
-    async fn checkout(&self, idle_ms: u64) -> Option<SendRequest<UpstreamBody>> {
+    fn checkout(&self, idle_ms: u64) -> Option<Conn> {
+        let now = now_ms();
         loop {
-            // The lock is released at the end of this statement, before any await.
-            let Idle {
-                mut sender,
-                since_ms,
-            } = self.stack().pop()?;
-            if sender.is_closed() || now_ms().saturating_sub(since_ms) > idle_ms {
-                continue;
-            }
-            // Usually ready at once; right after a body ended the connection task
-            // may still be finishing the exchange.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
+            let Idle { conn, since_ms } = self.stack().pop()?;
+            if conn.still_idle() && now.saturating_sub(since_ms) <= idle_ms {
+                return Some(conn);
             }
         }
     }
 
-    fn put_back(&self, sender: SendRequest<UpstreamBody>) {
-        if sender.is_closed() {
-            return;
-        }
+    pub(crate) fn put_back(&self, conn: Conn) {
         let mut stack = self.stack();
         if stack.len() < MAX_IDLE {
             stack.push(Idle {
-                sender,
+                conn,
                 since_ms: now_ms(),
             });
         } else {
             drop(stack);
-            drop(sender); // a full pool closes the connection (outside the lock)
+            drop(conn); // a full pool closes the connection (outside the lock)
         }
     }
 }
@@ -217,94 +192,6 @@ fn purge_count(since_ms: impl Iterator<Item = u64>, now_ms: u64) -> usize {
         .take_while(|&since| now_ms.saturating_sub(since) >= PURGE_AFTER_MS)
         .count()
         .div_ceil(2)
-}
-
-async fn connect(
-    authority: &Authority,
-    timeout: Duration,
-) -> Result<SendRequest<UpstreamBody>, ExchangeError> {
-    let host = authority
-        .host()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let port = authority.port_u16().unwrap_or(80);
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect((host, port))).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(ExchangeError::Connect(authority.to_string(), e)),
-        Err(_) => {
-            return Err(ExchangeError::ConnectTimeout(
-                authority.to_string(),
-                timeout,
-            ));
-        }
-    };
-    // Headers are small writes that must not wait for Nagle's algorithm.
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ExchangeError::Handshake(authority.to_string(), e))?;
-    let backend = authority.clone();
-    tokio::spawn(async move {
-        if let Err(error) = connection.with_upgrades().await {
-            debug!(%backend, %error, "upstream connection ended with error");
-        }
-    });
-    Ok(sender)
-}
-
-/// A response body that returns its connection to the pool once read to the end.
-pub struct PooledBody {
-    body: Incoming,
-    home: Option<(SendRequest<UpstreamBody>, Arc<ConnPool>)>,
-}
-
-impl PooledBody {
-    fn new(body: Incoming, sender: SendRequest<UpstreamBody>, pool: Arc<ConnPool>) -> Self {
-        let mut this = Self {
-            body,
-            home: Some((sender, pool)),
-        };
-        if this.body.is_end_stream() {
-            this.release();
-        }
-        this
-    }
-
-    fn release(&mut self) {
-        if let Some((sender, pool)) = self.home.take() {
-            pool.put_back(sender);
-        }
-    }
-}
-
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = self.get_mut();
-        let poll = Pin::new(&mut this.body).poll_frame(cx);
-        match &poll {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
-            // An error leaves the connection in an unknown state: it is dropped.
-            Poll::Ready(Some(Err(_))) => this.home = None,
-            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
-        }
-        poll
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 #[cfg(test)]

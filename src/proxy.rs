@@ -21,14 +21,15 @@ use tracing::{debug, info, warn};
 
 use std::sync::atomic::Ordering;
 
+use crate::client::{ExchangeError, PooledBody, Upgraded};
 use crate::config::Sticky;
 use crate::metrics::UpstreamErrorKind;
-use crate::pool::{ConnectSettings, ExchangeError, PooledBody};
+use crate::pool::ConnectSettings;
 use crate::routing;
 use crate::routing::PoolKind;
 use crate::state::AppState;
 use crate::state::Snapshot;
-use crate::upstream::{self, Backend, BodyTooLarge, ClientBodyError, Ejection, Pool, UpstreamBody};
+use crate::upstream::{self, Backend, BodyTooLarge, Ejection, Pool, UpstreamBody};
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
@@ -111,7 +112,7 @@ pub enum ProxyError {
     #[error("backend sent no response headers within {0:?}")]
     Timeout(Duration),
     #[error("backend failed")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] ExchangeError),
 }
 
 impl ProxyError {
@@ -246,7 +247,9 @@ pub async fn handle(
         (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
         {
-            let upstream_side = hyper::upgrade::on(&mut response);
+            let Some(upstream_side) = response.body_mut().take_upgraded() else {
+                return error_response(&ProxyError::BadGatewayUpgrade);
+            };
             if upgrade.extended_connect {
                 // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1 handshake.
                 *response.status_mut() = StatusCode::OK;
@@ -680,20 +683,19 @@ fn keep_upgrade_headers(headers: &mut HeaderMap) {
 /// either side closes (or the connection goes idle, or the drain deadline cuts it).
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    mut upstream: Upgraded,
     open: prometheus::IntGauge,
     cut: tokio_util::sync::CancellationToken,
 ) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(client), Ok(upstream)) => (client, upstream),
-        (Err(error), _) | (_, Err(error)) => {
+    let client = match client.await {
+        Ok(client) => client,
+        Err(error) => {
             debug!(%error, "upgrade did not complete");
             return;
         }
     };
     let _open = crate::metrics::GaugeGuard::new(open);
     let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
     tokio::select! {
         result = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match result {
             Ok((up, down)) => debug!(up, down, "tunnel closed"),
@@ -717,25 +719,28 @@ async fn forward(
         .send(&backend.authority, req, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
-        Ok(Err(ExchangeError::Exchange(e))) => {
-            Err(client_side_cause(&e).unwrap_or(ProxyError::Upstream(e)))
+        Ok(Err(ExchangeError::ClientBody(cause))) => Err(client_side_cause(&*cause)),
+        // The request never reached the backend.
+        Ok(Err(e @ (ExchangeError::Connect(..) | ExchangeError::ConnectTimeout(..)))) => {
+            Err(ProxyError::Connect(e))
         }
-        // Connect, connect timeout or handshake: the request never reached the backend.
-        Ok(Err(e)) => Err(ProxyError::Connect(e)),
+        Ok(Err(
+            e @ (ExchangeError::Closed
+            | ExchangeError::Incomplete
+            | ExchangeError::Io(_)
+            | ExchangeError::Protocol(_)),
+        )) => Err(ProxyError::Upstream(e)),
         Err(_) => Err(ProxyError::Timeout(deadline)),
     }
 }
 
-/// The client-side error, if the exchange failed because of the client's body: too
-/// large (413) or malformed / cut short (400). The backend is not to blame for these.
-fn client_side_cause(error: &hyper::Error) -> Option<ProxyError> {
-    error_chain(error).find_map(|e| {
-        if let Some(BodyTooLarge(limit)) = e.downcast_ref::<BodyTooLarge>() {
-            Some(ProxyError::PayloadTooLarge(*limit))
-        } else {
-            e.is::<ClientBodyError>().then_some(ProxyError::ClientBody)
-        }
-    })
+/// What the client's failed body means: too large (413), or malformed / cut short
+/// (400). The backend is not to blame for either.
+fn client_side_cause(cause: &(dyn std::error::Error + 'static)) -> ProxyError {
+    match cause.downcast_ref::<BodyTooLarge>() {
+        Some(BodyTooLarge(limit)) => ProxyError::PayloadTooLarge(*limit),
+        None => ProxyError::ClientBody,
+    }
 }
 
 /// An error and its sources, outermost first.
@@ -944,27 +949,19 @@ fn error_response(error: &ProxyError) -> Response<ProxyBody> {
 
 /// A failed exchange after connecting: `reset` when the connection closed or broke
 /// early, `protocol` when the backend sent something that is not HTTP.
-fn classify_upstream(error: &hyper::Error) -> UpstreamErrorKind {
-    for e in error_chain(error) {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return UpstreamErrorKind::Reset;
-            }
-            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return UpstreamErrorKind::Protocol;
-            }
+fn classify_upstream(error: &ExchangeError) -> UpstreamErrorKind {
+    match error {
+        ExchangeError::Closed | ExchangeError::Incomplete | ExchangeError::Io(_) => {
+            UpstreamErrorKind::Reset
         }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            if matches!(
-                io.kind(),
-                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
-            ) {
-                return UpstreamErrorKind::Reset;
-            }
+        ExchangeError::Protocol(_) => UpstreamErrorKind::Protocol,
+        ExchangeError::Connect(..) | ExchangeError::ConnectTimeout(..) => {
+            UpstreamErrorKind::Connect
         }
+        // Mapped to 400/413 in `forward`, never to an upstream error; counted as the
+        // catch-all if that ever changes.
+        ExchangeError::ClientBody(_) => UpstreamErrorKind::Protocol,
     }
-    UpstreamErrorKind::Protocol
 }
 
 /// The innermost cause of an error, for the log line.

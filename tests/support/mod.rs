@@ -109,7 +109,7 @@ impl Drop for TestBackend {
     }
 }
 
-type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+pub type TestBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 fn full(body: impl Into<Bytes>) -> TestBody {
     Full::new(body.into()).map_err(|e| match e {}).boxed()

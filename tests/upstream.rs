@@ -1,0 +1,382 @@
+//! The proxy's HTTP/1.1 client (src/client.rs) against hand-written backends on real
+//! sockets: every way a backend may frame a response, sent in small pieces, and the
+//! ways a keep-alive connection to a backend ends. What the client sees, and how many
+//! connections the backend saw, show whether a connection was reused safely.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// What a scripted backend does with one request: write these pieces (a short pause
+/// between them, so the proxy reads partial messages), then close or keep going.
+struct Reply {
+    pieces: Vec<Vec<u8>>,
+    close: bool,
+}
+
+fn reply(wire: &[u8], piece: usize, close: bool) -> Reply {
+    Reply {
+        pieces: wire.chunks(piece).map(<[u8]>::to_vec).collect(),
+        close,
+    }
+}
+
+/// (request head, index of the request on its connection) -> what to send back.
+type Script = fn(&str, usize) -> Reply;
+
+/// A backend answering from a script. Health checks are answered apart and not
+/// counted, so `conns` counts the connections the proxied requests used.
+struct RawBackend {
+    addr: SocketAddr,
+    conns: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    async fn start(script: Script) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (c, h) = (Arc::clone(&conns), Arc::clone(&heads));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(serve(stream, script, Arc::clone(&c), Arc::clone(&h)));
+            }
+        });
+        Self {
+            addr,
+            conns,
+            heads,
+            task,
+        }
+    }
+
+    fn conns(&self) -> usize {
+        self.conns.load(Ordering::SeqCst)
+    }
+
+    fn paths(&self) -> Vec<String> {
+        self.heads
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|h| h.split(' ').nth(1).unwrap_or("").to_owned())
+            .collect()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    mut stream: tokio::net::TcpStream,
+    script: Script,
+    conns: Arc<AtomicUsize>,
+    heads: Arc<Mutex<Vec<String>>>,
+) {
+    let mut buf = Vec::new();
+    let mut index = 0;
+    let mut counted = false;
+    loop {
+        let head = loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head: Vec<u8> = buf.drain(..end + 4).collect();
+                break String::from_utf8(head).unwrap();
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        if head.starts_with("GET /health ") {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .await;
+            continue;
+        }
+        if !counted {
+            counted = true;
+            conns.fetch_add(1, Ordering::SeqCst);
+        }
+        heads.lock().unwrap().push(head.clone());
+        let Reply { pieces, close } = script(&head, index);
+        index += 1;
+        for piece in pieces {
+            if stream.write_all(&piece).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        if close {
+            return;
+        }
+    }
+}
+
+/// The proxy in front of one scripted backend; health checks rarely.
+async fn proxy_for(backend: &RawBackend) -> Proxy {
+    Proxy::start(&config_toml(
+        &[backend.addr],
+        &[],
+        "[health]\ninterval_ms = 600000\n",
+    ))
+    .await
+}
+
+fn empty() -> TestBody {
+    http_body_util::Empty::new().map_err(|e| match e {}).boxed()
+}
+
+async fn scrape(c: &TestClient, admin: SocketAddr) -> HashMap<String, f64> {
+    parse_scrape(get(c, &format!("http://{admin}/metrics"), &[]).await.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_with_extensions_and_trailers_arrive_whole_over_one_connection() {
+    within(30, async {
+        let backend = RawBackend::start(|_, _| {
+            reply(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
+                  5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: 1\r\n\r\n",
+                7,
+                false,
+            )
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        for _ in 0..3 {
+            let got = get(&c, &proxy.url("/chunked"), &[]).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), "hello world");
+            assert_eq!(got.header("transfer-encoding"), "chunked");
+        }
+        assert_eq!(
+            backend.conns(),
+            1,
+            "the connection was reused after each end"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_bodies_arrive_whole_and_end_their_connection() {
+    within(30, async {
+        let backend = RawBackend::start(|_, _| {
+            reply(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the backend closes",
+                5,
+                true,
+            )
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        for _ in 0..2 {
+            let got = get(&c, &proxy.url("/stream"), &[]).await;
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), "until the backend closes");
+        }
+        assert_eq!(backend.conns(), 2);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informational_responses_are_skipped_and_bodiless_ones_keep_the_connection() {
+    within(30, async {
+        let backend = RawBackend::start(|head, _| {
+            let wire: &[u8] = match head.split(' ').nth(1) {
+                Some("/early") => {
+                    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+                      HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                }
+                Some("/204") => b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+                Some("/304") => b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                // HEAD: the length of the body a GET would get, and no body.
+                _ => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
+            };
+            reply(wire, 9, false)
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        let early = get(&c, &proxy.url("/early"), &[]).await;
+        assert_eq!((early.status.as_u16(), early.text()), (200, "ok"));
+        let no_content = get(&c, &proxy.url("/204"), &[]).await;
+        assert_eq!((no_content.status.as_u16(), no_content.header("x-a")), (204, "1"));
+        assert_eq!(get(&c, &proxy.url("/304"), &[]).await.status, 304);
+        let head = send(
+            &c,
+            http::Request::head(proxy.url("/page"))
+                .body(empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(head.status, 200);
+        assert_eq!(head.header("content-length"), "1000");
+        assert!(head.body.is_empty());
+        assert_eq!(get(&c, &proxy.url("/early"), &[]).await.text(), "ok");
+        assert_eq!(backend.conns(), 1, "every response ended cleanly");
+        assert_eq!(backend.paths(), ["/early", "/204", "/304", "/page", "/early"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_that_cannot_be_framed_are_502_and_their_connection_is_dropped() {
+    within(30, async {
+        let backend = RawBackend::start(|head, _| {
+            let wire: Vec<u8> = match head.split(' ').nth(1) {
+                Some("/conflicting") => {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+                        .to_vec()
+                }
+                Some("/garbage") => b"HELLO THERE\r\n\r\n".to_vec(),
+                Some("/bad-chunk") => {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+                        .to_vec()
+                }
+                Some("/huge-head") => {
+                    let mut wire = b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec();
+                    wire.extend(std::iter::repeat_n(b'a', 70_000));
+                    wire.extend_from_slice(b"\r\nContent-Length: 0\r\n\r\n");
+                    wire
+                }
+                _ => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            };
+            reply(&wire, 4096, false)
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        for path in ["/conflicting", "/garbage", "/huge-head"] {
+            let got = get(&c, &proxy.url(path), &[]).await;
+            assert_eq!(got.status, 502, "{path}");
+        }
+        // Framing broken mid-body: the head was already sent, so the client's
+        // response is cut off rather than passed off as complete.
+        let cut = try_get(&c, &proxy.url("/bad-chunk")).await;
+        assert!(
+            cut.is_err(),
+            "a malformed chunked body reached the client whole"
+        );
+        let fine = get(&client(), &proxy.url("/fine"), &[]).await;
+        assert_eq!((fine.status.as_u16(), fine.text()), (200, "ok"));
+        // One connection per broken response (none was reused), one for the last.
+        assert_eq!(backend.conns(), 5);
+        let metrics = scrape(&c, proxy.admin_addr).await;
+        assert_eq!(
+            metrics[r#"canarygate_upstream_errors_total{kind="protocol",pool="production"}"#],
+            3.0
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_closed_unanswered_resends_only_idempotent_requests() {
+    within(30, async {
+        // Each connection answers its first request and closes on the second
+        // without a word: the race with a backend's keep-alive timeout.
+        let backend = RawBackend::start(|_, index| {
+            if index == 0 {
+                reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 64, false)
+            } else {
+                reply(b"", 1, true)
+            }
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        assert_eq!(get(&c, &proxy.url("/a"), &[]).await.status, 200);
+        let resent = get(&c, &proxy.url("/b"), &[]).await;
+        assert_eq!((resent.status.as_u16(), resent.text()), (200, "ok"));
+        assert_eq!(backend.conns(), 2);
+        // A POST is not idempotent: it may have been acted on, so it is not sent again.
+        let post = send(
+            &c,
+            http::Request::post(proxy.url("/c")).body(empty()).unwrap(),
+        )
+        .await;
+        assert_eq!(post.status, 502);
+        assert_eq!(backend.paths(), ["/a", "/b", "/b", "/c"]);
+        let metrics = scrape(&c, proxy.admin_addr).await;
+        assert_eq!(
+            metrics[r#"canarygate_upstream_errors_total{kind="reset",pool="production"}"#],
+            1.0
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_backend_closed_while_idle_is_never_used() {
+    within(30, async {
+        // Answers as if keeping the connection, then closes it at once.
+        let backend = RawBackend::start(|_, _| {
+            reply(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 64, true)
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        // POSTs, which are never sent twice: a dead connection taken from the pool
+        // would show as a 502 here.
+        for _ in 0..3 {
+            let post = http::Request::post(proxy.url("/x")).body(empty()).unwrap();
+            let got = send(&c, post).await;
+            assert_eq!((got.status.as_u16(), got.text()), (200, "ok"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Each was sent exactly once, on a connection of its own.
+        assert_eq!(backend.conns(), 3);
+        assert_eq!(backend.paths(), ["/x", "/x", "/x"]);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_short_by_the_backend_is_not_passed_off_as_complete() {
+    within(30, async {
+        let backend = RawBackend::start(|_, _| {
+            reply(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..",
+                64,
+                true,
+            )
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let c = client();
+        let got = try_get(&c, &proxy.url("/short")).await;
+        assert!(
+            got.is_err(),
+            "client got a complete response: {:?}",
+            got.map(|g| g.body)
+        );
+        // The proxy goes on serving.
+        let again = try_get(&client(), &proxy.url("/short")).await;
+        assert!(again.is_err());
+        assert_eq!(backend.conns(), 2);
+    })
+    .await;
+}
