@@ -380,3 +380,82 @@ async fn a_body_cut_short_by_the_backend_is_not_passed_off_as_complete() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_echo_flows_both_ways_at_once() {
+    within(60, async {
+        // The backend answers at once and echoes the body as it reads it: a client
+        // that sent the whole body before reading would deadlock once the socket
+        // buffers filled (16 MiB is far more than they hold).
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let echo = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    hyper_util::rt::TokioIo::new(stream),
+                    hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+                        },
+                    ),
+                ));
+            }
+        });
+        let proxy = Proxy::start(&config_toml(
+            &[addr],
+            &[],
+            "[health]\ninterval_ms = 600000\n",
+        ))
+        .await;
+        const SIZE: u64 = 16 * 1024 * 1024;
+        let req = http::Request::post(proxy.url("/echo"))
+            .body(PatternBody::new(SIZE).boxed())
+            .unwrap();
+        let got = send(&client(), req).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body.len() as u64, SIZE);
+        assert_eq!(
+            hex(&<sha2::Sha256 as sha2::Digest>::digest(&got.body)),
+            PatternBody::sha256(SIZE)
+        );
+        echo.abort();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_lets_the_body_through_once_asked_for() {
+    within(30, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        conn.write_all(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        // The client holds its body until told to go on.
+        let mut seen = Vec::new();
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed before 100 Continue");
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        assert!(seen.starts_with(b"HTTP/1.1 100 Continue\r\n"), "{}", String::from_utf8_lossy(&seen));
+        conn.write_all(b"hello").await.unwrap();
+        // The backend answers `<length> <sha256>` of what it received.
+        let sha = hex(&<sha2::Sha256 as sha2::Digest>::digest(b"hello"));
+        let mut response = Vec::new();
+        while !String::from_utf8_lossy(&response).contains(&sha) {
+            let mut chunk = [0u8; 4096];
+            let n = conn.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains(&format!("5 {sha}")), "{text}");
+    })
+    .await;
+}
