@@ -150,27 +150,39 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// Encodes `parts` in origin form. The framing header comes from the body: a
+    /// Encodes `parts` in origin form: the client's fields, except those `set`
+    /// replaces, then the fields in `set`. The framing header comes from the body: a
     /// client's Content-Length is kept; a body of unknown length goes chunked.
-    pub fn new(parts: &http::request::Parts, body: &UpstreamBody, authority: &Authority) -> Self {
+    pub fn new(
+        parts: &http::request::Parts,
+        set: &[(HeaderName, HeaderValue)],
+        body: &UpstreamBody,
+        authority: &Authority,
+    ) -> Self {
         let h = &parts.headers;
         let path = parts
             .uri
             .path_and_query()
             .map_or("/", http::uri::PathAndQuery::as_str);
         let method = parts.method.as_str();
-        let fields: usize = h.iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+        let fields: usize = h
+            .iter()
+            .chain(set.iter().map(|(n, v)| (n, v)))
+            .map(|(n, v)| n.as_str().len() + v.len() + 4)
+            .sum();
         let mut head = Vec::with_capacity(method.len() + path.len() + fields + 64);
         head.extend_from_slice(method.as_bytes());
         head.push(b' ');
         head.extend_from_slice(path.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        if !h.contains_key(header::HOST) {
+        let replaced = |name: &HeaderName| set.iter().any(|(n, _)| n == name);
+        if !h.contains_key(header::HOST) && !replaced(&header::HOST) {
             head.extend_from_slice(b"host: ");
             head.extend_from_slice(authority.as_str().as_bytes());
             head.extend_from_slice(b"\r\n");
         }
-        for (name, value) in h {
+        let client = h.iter().filter(|(name, _)| !replaced(name));
+        for (name, value) in client.chain(set.iter().map(|(n, v)| (n, v))) {
             head.extend_from_slice(name.as_str().as_bytes());
             head.extend_from_slice(b": ");
             head.extend_from_slice(value.as_bytes());
@@ -194,7 +206,7 @@ impl Outgoing {
             head: Bytes::from(head),
             chunked,
             head_request: parts.method == Method::HEAD,
-            upgrade: h.contains_key(header::UPGRADE),
+            upgrade: replaced(&header::UPGRADE),
         }
     }
 }
@@ -1025,14 +1037,36 @@ mod tests {
         let authority: Authority = "127.0.0.1:9".parse().unwrap();
         let request = http::Request::post("http://127.0.0.1:9/a?b=1")
             .header("x-one", "1")
+            .header("x-request-id", "from-client")
+            .header("x-two", "2")
             .body(())
             .unwrap();
         let (parts, ()) = request.into_parts();
-        let out = Outgoing::new(&parts, &UpstreamBody::Empty, &authority);
+        let set = [(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_static("from-proxy"),
+        )];
+        let out = Outgoing::new(&parts, &set, &UpstreamBody::Empty, &authority);
         assert_eq!(
             std::str::from_utf8(&out.head).unwrap(),
-            "POST /a?b=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-one: 1\r\ncontent-length: 0\r\n\r\n"
+            "POST /a?b=1 HTTP/1.1\r\nhost: 127.0.0.1:9\r\nx-one: 1\r\nx-two: 2\r\n\
+             x-request-id: from-proxy\r\ncontent-length: 0\r\n\r\n"
         );
         assert!(!out.chunked && !out.head_request && !out.upgrade);
+        // An upgrade the proxy allowed: its fields come from `set`.
+        let get = http::Request::get("/chat")
+            .header("host", "app")
+            .body(())
+            .unwrap();
+        let set = [
+            (header::CONNECTION, HeaderValue::from_static("upgrade")),
+            (header::UPGRADE, HeaderValue::from_static("websocket")),
+        ];
+        let out = Outgoing::new(&get.into_parts().0, &set, &UpstreamBody::Empty, &authority);
+        assert_eq!(
+            std::str::from_utf8(&out.head).unwrap(),
+            "GET /chat HTTP/1.1\r\nhost: app\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        );
+        assert!(out.upgrade);
     }
 }

@@ -17,6 +17,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use http::header::{HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Request, Response};
 use hyper::body::Body as _;
@@ -129,17 +130,19 @@ impl ConnPool {
         closed.len() // dropped outside the lock
     }
 
-    /// Sends `req` to `authority` on an idle connection, or a new one. A body-less
+    /// Sends `req`, with the fields in `set` (see [`Outgoing::new`]), to `authority` on
+    /// an idle connection, or a new one. A body-less
     /// idempotent request that a reused connection answered with nothing (the backend
     /// had closed it) is sent again on another one (RFC 9112 9.3.1).
     pub async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         req: Request<UpstreamBody>,
+        set: &[(HeaderName, HeaderValue)],
         settings: ConnectSettings,
     ) -> Result<Response<PooledBody>, ExchangeError> {
         let (parts, body) = req.into_parts();
-        let out = Outgoing::new(&parts, &body, authority);
+        let out = Outgoing::new(&parts, set, &body, authority);
         let resendable = body.is_end_stream() && parts.method.is_idempotent();
         let mut body = (!body.is_end_stream()).then_some(body);
         loop {

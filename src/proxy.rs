@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{Scheme, Uri};
+use http::uri::Uri;
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::{Body as _, Incoming};
@@ -448,7 +448,7 @@ async fn proxy_to_pool<'s>(
         return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
     };
     pool.retry_budget.record_request(now);
-    let request = match upstream_request(req, conn, &backend.authority, extra) {
+    let (request, set) = match upstream_request(req, conn, extra) {
         Ok(request) => request,
         Err(error) => return (Err(error), Some(backend)),
     };
@@ -461,7 +461,7 @@ async fn proxy_to_pool<'s>(
         connect_timeout: timeouts.connect(),
         idle_ms: timeouts.idle_ms,
     };
-    let first = forward(backend, request, deadline, settings).await;
+    let first = forward(backend, request, &set, deadline, settings).await;
     record_outcome(state, pool, index, &first);
     let Err(error) = &first else {
         return (first, Some(backend));
@@ -485,10 +485,14 @@ async fn proxy_to_pool<'s>(
     }
     state.metrics.pool(pool.kind).retries.inc();
     debug!(pool = pool.kind.as_str(), from = %backend.authority, to = %second_backend.authority, "retrying");
-    let second = match retry.into_request(&second_backend.authority) {
-        Ok(request) => forward(second_backend, request, deadline, settings).await,
-        Err(error) => Err(error),
-    };
+    let second = forward(
+        second_backend,
+        retry.into_request(),
+        &set,
+        deadline,
+        settings,
+    )
+    .await;
     record_outcome(state, pool, second_index, &second);
     (second, Some(second_backend))
 }
@@ -566,18 +570,12 @@ impl RetryCopy {
         })
     }
 
-    fn into_request(
-        self,
-        backend: &http::uri::Authority,
-    ) -> Result<Request<UpstreamBody>, ProxyError> {
-        let mut uri = self.uri.into_parts();
-        uri.authority = Some(backend.clone());
-        let uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("bad request target"))?;
+    fn into_request(self) -> Request<UpstreamBody> {
         let mut request = Request::new(UpstreamBody::Empty);
         *request.method_mut() = self.method;
-        *request.uri_mut() = uri;
+        *request.uri_mut() = self.uri;
         *request.headers_mut() = self.headers;
-        Ok(request)
+        request
     }
 }
 
@@ -710,13 +708,14 @@ async fn tunnel(
 async fn forward(
     backend: &Backend,
     req: Request<UpstreamBody>,
+    set: &[(HeaderName, HeaderValue)],
     deadline: Duration,
     settings: ConnectSettings,
 ) -> Result<Response<PooledBody>, ProxyError> {
     let exchange = backend
         .conns
         .local()
-        .send(&backend.authority, req, settings);
+        .send(&backend.authority, req, set, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(ExchangeError::ClientBody(cause))) => Err(client_side_cause(&*cause)),
@@ -760,16 +759,23 @@ struct UpstreamHeaders<'a> {
     upgrade: Option<&'a UpgradeRequest>,
 }
 
-/// Rewrites a client request into the request sent to `backend`.
+/// Rewrites a client request into the request sent upstream: the client's header
+/// fields minus the hop-by-hop ones, and the fields the proxy sets (`Host` when the
+/// client sent `:authority`, `X-Forwarded-*`, `X-Request-Id`, the flags header, an
+/// allowed upgrade's `Connection` and `Upgrade`), which replace any the client sent.
+/// Those are returned apart and written straight into the request head: inserting
+/// them into the client's map made it grow and rehash on most requests.
 fn upstream_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
-    backend: &http::uri::Authority,
     extra: &UpstreamHeaders<'_>,
-) -> Result<Request<UpstreamBody>, ProxyError> {
+) -> Result<(Request<UpstreamBody>, Vec<(HeaderName, HeaderValue)>), ProxyError> {
     let extended_connect = extra.upgrade.is_some_and(|u| u.extended_connect);
     if req.method() == Method::CONNECT && !extended_connect {
         return Err(ProxyError::MethodNotAllowed);
+    }
+    if req.uri().path_and_query().is_none() {
+        return Err(ProxyError::BadRequest("request target has no path"));
     }
     let (mut parts, body) = req.into_parts();
     if extended_connect {
@@ -786,45 +792,41 @@ fn upstream_request(
             );
         }
     }
-    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
-    let host = match parts.headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
-    };
     strip_hop_by_hop(&mut parts.headers);
-
-    let mut uri = std::mem::take(&mut parts.uri).into_parts();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(backend.clone());
-    if uri.path_and_query.is_none() {
-        return Err(ProxyError::BadRequest("request target has no path"));
-    }
-    parts.uri = Uri::from_parts(uri).map_err(|_| ProxyError::BadRequest("bad request target"))?;
     parts.version = Version::HTTP_11;
 
-    let h = &mut parts.headers;
-    // Room for the headers added below, so the map grows at most once.
-    h.reserve(6);
-    if let Some(host) = host {
-        h.insert(X_FORWARDED_HOST, host.clone());
-        h.insert(header::HOST, host);
+    let h = &parts.headers;
+    let mut set = Vec::with_capacity(8);
+    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
+    match h.get(header::HOST) {
+        Some(host) => set.push((X_FORWARDED_HOST, host.clone())),
+        None => {
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                set.push((header::HOST, host.clone()));
+                set.push((X_FORWARDED_HOST, host));
+            }
+        }
     }
     if let Some(upgrade) = extra.upgrade {
         // The one exception to hop-by-hop stripping: a valid upgrade keeps its headers.
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, upgrade.protocol.clone());
+        set.push((header::CONNECTION, HeaderValue::from_static("upgrade")));
+        set.push((header::UPGRADE, upgrade.protocol.clone()));
     }
-    append_forwarded_for(h, &conn.forwarded_for);
-    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
-    h.insert(REQUEST_ID, extra.request_id.clone());
-    // `insert` replaces every client-sent value: flags come only from the proxy.
-    h.insert(extra.flags_header.clone(), extra.flags.clone());
-    Ok(Request::from_parts(
-        parts,
-        UpstreamBody::new(body, extra.max_body_bytes),
+    set.push((
+        X_FORWARDED_FOR,
+        forwarded_for(h.get(X_FORWARDED_FOR), &conn.forwarded_for),
+    ));
+    set.push((X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme)));
+    set.push((REQUEST_ID, extra.request_id.clone()));
+    // Replaces every client-sent value: flags come only from the proxy.
+    set.push((extra.flags_header.clone(), extra.flags.clone()));
+    Ok((
+        Request::from_parts(parts, UpstreamBody::new(body, extra.max_body_bytes)),
+        set,
     ))
 }
 
@@ -857,20 +859,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Appends the client IP to `X-Forwarded-For`, keeping what earlier proxies wrote.
-fn append_forwarded_for(headers: &mut HeaderMap, ip: &HeaderValue) {
-    let value = match headers.get(X_FORWARDED_FOR) {
+/// `X-Forwarded-For` with the client IP appended, keeping what earlier proxies wrote.
+fn forwarded_for(prior: Option<&HeaderValue>, ip: &HeaderValue) -> HeaderValue {
+    match prior {
         Some(prior) if !prior.is_empty() => {
             let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
             joined.extend_from_slice(prior.as_bytes());
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
+            // Both parts are valid header values, and so is ", ".
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ip.clone())
         }
-        _ => Some(ip.clone()),
-    };
-    if let Some(value) = value {
-        headers.insert(X_FORWARDED_FOR, value);
+        _ => ip.clone(),
     }
 }
 
@@ -1011,11 +1011,15 @@ mod tests {
                 std::sync::Arc::default(),
             )
         };
-        let mut h = HeaderMap::new();
-        append_forwarded_for(&mut h, &conn("10.0.0.1").forwarded_for);
-        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1");
-        append_forwarded_for(&mut h, &conn("2001:db8::1").forwarded_for);
-        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 2001:db8::1");
+        let first = forwarded_for(None, &conn("10.0.0.1").forwarded_for);
+        assert_eq!(first, "10.0.0.1");
+        let second = forwarded_for(Some(&first), &conn("2001:db8::1").forwarded_for);
+        assert_eq!(second, "10.0.0.1, 2001:db8::1");
+        let empty = HeaderValue::from_static("");
+        assert_eq!(
+            forwarded_for(Some(&empty), &conn("10.0.0.2").forwarded_for),
+            "10.0.0.2"
+        );
         assert_eq!(conn("127.0.0.1").ip_bucket, routing::bucket(b"127.0.0.1"));
     }
 
