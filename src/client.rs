@@ -140,6 +140,10 @@ impl Conn {
     }
 }
 
+/// Header fields the proxy sets on an upstream request; each replaces any field of
+/// the same name the client sent (see [`Outgoing::new`]).
+pub type SetFields = Vec<(HeaderName, HeaderValue)>;
+
 /// A request head ready for the wire, and how its body is framed.
 #[derive(Debug, Clone)]
 pub struct Outgoing {

@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 
 use std::sync::atomic::Ordering;
 
-use crate::client::{ExchangeError, PooledBody, Upgraded};
+use crate::client::{ExchangeError, PooledBody, SetFields, Upgraded};
 use crate::config::Sticky;
 use crate::metrics::UpstreamErrorKind;
 use crate::pool::ConnectSettings;
@@ -769,7 +769,7 @@ fn upstream_request(
     req: Request<Incoming>,
     conn: &ConnInfo,
     extra: &UpstreamHeaders<'_>,
-) -> Result<(Request<UpstreamBody>, Vec<(HeaderName, HeaderValue)>), ProxyError> {
+) -> Result<(Request<UpstreamBody>, SetFields), ProxyError> {
     let extended_connect = extra.upgrade.is_some_and(|u| u.extended_connect);
     if req.method() == Method::CONNECT && !extended_connect {
         return Err(ProxyError::MethodNotAllowed);
