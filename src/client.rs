@@ -461,7 +461,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or(ExchangeError::Protocol("invalid status code"))?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the fields the proxy adds to every response (pool, request id, a
+    // sticky cookie): growing the map for them rehashed it on every request.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 3);
     for (name, start, end) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| ExchangeError::Protocol("invalid header value"))?;
