@@ -10,6 +10,7 @@
 //! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
 //! - [`upstream`]: pools, backend health and ejection, retry budget, the pooled client.
 //! - [`pool`]: keep-alive connections per backend.
+//! - [`balance`]: evens out client connections over the worker threads.
 //! - [`client`]: HTTP/1.1 exchanges with backends, driven by the request's own task.
 //! - [`health`]: the active health-check task.
 //! - [`tls`]: TLS termination config from PEM files.
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod backend;
+pub mod balance;
 pub mod client;
 pub mod config;
 pub mod events;
@@ -190,11 +192,16 @@ pub async fn serve_all(
             proxy_shutdown.cancel();
         }
     };
+    let balance = (!listeners.workers.is_empty())
+        .then(|| balance::Balance::new(listeners.workers.len() + 1, &state.metrics));
     let plain = proxy_server(
         "proxy",
         listeners.proxy,
         &state,
-        options.clone(),
+        ServeOptions {
+            balance: balance.as_ref().map(|b| b.worker(0)),
+            ..options.clone()
+        },
         proxy_shutdown.clone(),
     );
     let https = async {
@@ -213,7 +220,13 @@ pub async fn serve_all(
             .await;
         }
     };
-    let workers = spawn_workers(listeners.workers, &state, &options, &proxy_shutdown);
+    let workers = spawn_workers(
+        listeners.workers,
+        &state,
+        &options,
+        balance.as_ref(),
+        &proxy_shutdown,
+    );
     let workers_done = async {
         for done in workers {
             let _ = done.await;
@@ -238,11 +251,16 @@ fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
     state: &AppState,
     options: &ServeOptions,
+    balance: Option<&Arc<balance::Balance>>,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     let mut done = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {
-        let (state, options, shutdown) = (state.clone(), options.clone(), shutdown.clone());
+        let options = ServeOptions {
+            balance: balance.map(|b| b.worker(i + 1)),
+            ..options.clone()
+        };
+        let (state, shutdown) = (state.clone(), shutdown.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         let spawned = std::thread::Builder::new()
             .name(format!("canarygate-worker-{}", i + 1))
@@ -360,6 +378,7 @@ pub fn serve_options(config: &Config) -> ServeOptions {
         max_header_bytes: usize::try_from(config.limits.max_header_bytes).ok(),
         tls: None,
         parked: None,
+        balance: None,
     }
 }
 

@@ -79,6 +79,10 @@ pub struct Metrics {
     flag_rejected: IntCounterVec,
     pub client_connections: IntGauge,
     pub parked_connections: IntGauge,
+    /// Open plain-HTTP client connections per worker thread (`--workers`).
+    pub worker_connections: IntGaugeVec,
+    /// Client connections a worker handed to a less loaded one.
+    pub connections_handed_off: IntCounter,
     backend_up: IntGaugeVec,
     pub failover_requests: IntCounter,
     config_reloads: IntCounterVec,
@@ -157,6 +161,17 @@ impl Metrics {
         let parked_connections = must(IntGauge::new(
             "canarygate_parked_connections",
             "Idle keep-alive client connections parked (holding no HTTP buffers).",
+        ));
+        let worker_connections = must(IntGaugeVec::new(
+            Opts::new(
+                "canarygate_worker_connections",
+                "Open plain-HTTP client connections per worker thread.",
+            ),
+            &["worker"],
+        ));
+        let connections_handed_off = must(IntCounter::new(
+            "canarygate_connections_handed_off_total",
+            "Client connections accepted by a worker and handed to a less loaded one.",
         ));
         let canary_percent = must(IntGauge::new(
             "canarygate_canary_percent",
@@ -241,6 +256,8 @@ impl Metrics {
         reg(Box::new(in_flight.clone()));
         reg(Box::new(client_connections.clone()));
         reg(Box::new(parked_connections.clone()));
+        reg(Box::new(worker_connections.clone()));
+        reg(Box::new(connections_handed_off.clone()));
         reg(Box::new(canary_percent.clone()));
         reg(Box::new(flags_version.clone()));
         reg(Box::new(flag_store_up.clone()));
@@ -291,6 +308,8 @@ impl Metrics {
             flag_rejected,
             client_connections,
             parked_connections,
+            worker_connections,
+            connections_handed_off,
             backend_up,
             failover_requests,
             config_reloads,

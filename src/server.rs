@@ -94,6 +94,9 @@ pub struct ServeOptions {
     pub tls: Option<TlsSource>,
     /// Gauge of parked idle keep-alive connections, if this listener is counted.
     pub parked: Option<prometheus::IntGauge>,
+    /// This listener's worker thread, when client connections are balanced over
+    /// several (see [`crate::balance`]).
+    pub balance: Option<crate::balance::Worker>,
 }
 
 /// How long a keep-alive connection stays quiet between requests before it is
@@ -118,6 +121,7 @@ impl ServeOptions {
             max_header_bytes: None,
             tls: None,
             parked: None,
+            balance: None,
         }
     }
 }
@@ -164,6 +168,10 @@ pub async fn serve<F, S, B>(
     let drain = CancellationToken::new();
     let force_close = CancellationToken::new();
 
+    let mut inbox = options
+        .balance
+        .as_ref()
+        .and_then(crate::balance::Worker::take_inbox);
     loop {
         let permit = match &limit {
             None => None,
@@ -172,10 +180,24 @@ pub async fn serve<F, S, B>(
                 permit = Arc::clone(limit).acquire_owned() => permit.ok(),
             },
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, permit) = tokio::select! {
             () = shutdown.cancelled() => break,
+            // Another worker's connection: its permit comes with it, ours goes back.
+            handoff = next_handoff(&mut inbox) => match TcpStream::from_std(handoff.stream) {
+                Ok(stream) => (stream, handoff.peer, handoff.permit),
+                Err(error) => {
+                    debug!(listener = name, %error, "handed-off connection unusable");
+                    continue;
+                }
+            },
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok((stream, peer)) => match options.balance.as_ref().and_then(|w| w.target().map(|to| (w, to))) {
+                    None => (stream, peer, permit),
+                    Some((worker, to)) => match hand_off(worker, to, stream, peer, permit) {
+                        None => continue,
+                        Some(back) => back,
+                    },
+                },
                 Err(error) => {
                     // Usually EMFILE: back off briefly instead of spinning on the error.
                     warn!(listener = name, %error, "accept failed");
@@ -194,6 +216,10 @@ pub async fn serve<F, S, B>(
             .connections
             .clone()
             .map(crate::metrics::GaugeGuard::new);
+        let serving = options
+            .balance
+            .as_ref()
+            .map(crate::balance::Worker::serving);
         let builder = Arc::clone(&builder);
         let parked = options.parked.clone();
         let ends = Ends {
@@ -206,7 +232,7 @@ pub async fn serve<F, S, B>(
             .map(|t| TlsAcceptor::from(t.load_full()));
         let handshake_timeout = options.header_read_timeout;
         tracker.spawn(async move {
-            let _held = (permit, counted);
+            let _held = (permit, counted, serving);
             let scan_shared = Arc::clone(&framing);
             let conn = Conn {
                 name,
@@ -254,6 +280,56 @@ pub async fn serve<F, S, B>(
                 "drain timeout; closing remaining connections"
             );
             force_close.cancel();
+        }
+    }
+}
+
+/// The next connection another worker hands this one; never, without an inbox (or
+/// once every sender is gone).
+async fn next_handoff(
+    inbox: &mut Option<tokio::sync::mpsc::UnboundedReceiver<crate::balance::Handoff>>,
+) -> crate::balance::Handoff {
+    if let Some(rx) = inbox
+        && let Some(handoff) = rx.recv().await
+    {
+        return handoff;
+    }
+    *inbox = None;
+    std::future::pending().await
+}
+
+/// Hands an accepted connection to worker `to`. Gives it back to serve here when that
+/// worker stopped taking connections (shutdown), or `None` once it is sent (or lost:
+/// a socket that cannot leave this runtime is closed).
+fn hand_off(
+    worker: &crate::balance::Worker,
+    to: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Option<(
+    TcpStream,
+    SocketAddr,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+)> {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            debug!(%peer, %error, "cannot hand off connection");
+            return None;
+        }
+    };
+    let handoff = crate::balance::Handoff {
+        stream,
+        peer,
+        permit,
+    };
+    let back = worker.hand_off(to, handoff).err()?;
+    match TcpStream::from_std(back.stream) {
+        Ok(stream) => Some((stream, back.peer, back.permit)),
+        Err(error) => {
+            debug!(%peer, %error, "cannot take back connection");
+            None
         }
     }
 }

@@ -298,3 +298,56 @@ async fn demo_splits_two_to_one_and_stops_on_ctrl_c() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_are_spread_evenly_over_the_workers() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = ProxyProcess::spawn_with_workers(&config_toml(&[prod.addr], &[], ""), 3);
+        // 30 keep-alive connections opened one after another. SO_REUSEPORT's hash
+        // alone would leave them uneven over the 3 workers.
+        let mut senders = Vec::new();
+        for _ in 0..30 {
+            let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            let response = sender.send_request(get_static()).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+            senders.push(sender);
+        }
+        let scrape = parse_scrape(
+            get(
+                &client(),
+                &format!("http://{}/metrics", proxy.admin_addr),
+                &[],
+            )
+            .await
+            .text(),
+        );
+        let per_worker: Vec<f64> = (0..3)
+            .map(|w| scrape[&format!("canarygate_worker_connections{{worker=\"{w}\"}}")])
+            .collect();
+        assert_eq!(per_worker, [10.0, 10.0, 10.0]);
+        assert_eq!(scrape["canarygate_client_connections"], 30.0);
+        assert!(scrape["canarygate_connections_handed_off_total"] >= 1.0);
+        // Handed-off connections serve like any other, on their new worker.
+        for sender in &mut senders {
+            let response = sender.send_request(get_static()).await.unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.headers()["x-canarygate-pool"], "production");
+            response.into_body().collect().await.unwrap();
+        }
+    })
+    .await;
+}
+
+fn get_static() -> Request<http_body_util::Empty<bytes::Bytes>> {
+    Request::get("/static")
+        .header("host", "test")
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}

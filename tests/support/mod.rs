@@ -418,10 +418,21 @@ impl ProxyProcess {
 
     /// [`Self::spawn`] with extra environment variables for the child.
     pub fn spawn_with_env(toml: &str, server_extra: &str, env: &[(&str, &str)]) -> Self {
+        Self::start(toml, server_extra, env, &[])
+    }
+
+    /// [`Self::spawn`] with `run --workers N`.
+    pub fn spawn_with_workers(toml: &str, workers: usize) -> Self {
+        Self::start(toml, "", &[], &["--workers", &workers.to_string()])
+    }
+
+    fn start(toml: &str, server_extra: &str, env: &[(&str, &str)], run_args: &[&str]) -> Self {
         let dir = TempDir::new("proc");
         let path = dir.write("config.toml", &server_toml(server_extra, toml));
         let mut child = Command::new(binary())
-            .args(["--log-format", "json", "run", "--config"])
+            .args(["--log-format", "json", "run"])
+            .args(run_args)
+            .arg("--config")
             .arg(&path)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
