@@ -88,6 +88,7 @@ to_ms() { # wrk latency like 812.00us / 1.23ms / 2.01s -> ms
 measure() { # measure ROUND CONNS NAME PORT PID
   local round=$1 conns=$2 name=$3 port=$4 pid=$5 out before after
   before=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
+  local log_at; log_at=$(wc -l < "$work/canarygate.log")
   out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "http://127.0.0.1:$port/static")
   after=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
   local rps p50 p99 total cpu rss
@@ -99,7 +100,11 @@ measure() { # measure ROUND CONNS NAME PORT PID
     cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v n="$total" 'BEGIN { printf "%.2f", d / hz / (n / 100000) }')
     rss=$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN { printf "%.1f", k / 1024 }')
   fi
-  if grep -qE "Non-2xx|Socket errors" <<<"$out"; then echo "  note: $(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ')"; fi
+  if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
+    echo "  note ($name): $(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ')"
+    # Why, in canarygate's own words (its log is at warn: errors only).
+    if [ "$name" = canarygate ]; then tail -n "+$((log_at + 1))" "$work/canarygate.log" | head -n 5 | cut -c1-300 | sed 's/^/    /'; fi
+  fi
   printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$round" "$conns" "$name" "$rps" "$p50" "$p99" "$cpu" "$rss" | tee -a "$results"
 }
 
