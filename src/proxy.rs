@@ -247,26 +247,31 @@ pub async fn handle(
         (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
         {
-            let Some(upstream_side) = response.body_mut().take_upgraded() else {
-                return error_response(&ProxyError::BadGatewayUpgrade);
-            };
-            if upgrade.extended_connect {
-                // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1 handshake.
-                *response.status_mut() = StatusCode::OK;
-                strip_hop_by_hop(response.headers_mut());
-                response.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
-            } else {
-                keep_upgrade_headers(response.headers_mut());
+            match response.body_mut().take_upgraded() {
+                // The body holds the connection of a 101 to an upgrade request; without
+                // it there is nothing to hand over.
+                None => error_response(&ProxyError::BadGatewayUpgrade),
+                Some(upstream_side) => {
+                    if upgrade.extended_connect {
+                        // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1
+                        // handshake.
+                        *response.status_mut() = StatusCode::OK;
+                        strip_hop_by_hop(response.headers_mut());
+                        response.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+                    } else {
+                        keep_upgrade_headers(response.headers_mut());
+                    }
+                    conn.framing.set_idle(config.timeouts.websocket_idle());
+                    let tunnel = tunnel(
+                        client_side,
+                        upstream_side,
+                        pool_metrics.upgraded.clone(),
+                        state.tunnel_cut.clone(),
+                    );
+                    state.tunnels.spawn(tunnel);
+                    response.map(Either::Left)
+                }
             }
-            conn.framing.set_idle(config.timeouts.websocket_idle());
-            let tunnel = tunnel(
-                client_side,
-                upstream_side,
-                pool_metrics.upgraded.clone(),
-                state.tunnel_cut.clone(),
-            );
-            state.tunnels.spawn(tunnel);
-            response.map(Either::Left)
         }
         (Ok(response), _) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
             // A 101 nobody asked for: the connection cannot be handed over.
