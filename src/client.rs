@@ -31,6 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::pool::ConnPool;
+use crate::proxy::list_items;
 use crate::upstream::UpstreamBody;
 
 /// A response head larger than this is refused (hyper's default limit was ~400 KiB
@@ -541,18 +542,15 @@ fn framing(
 /// The one Content-Length of a response: repeated values must agree (RFC 9110 8.6).
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
     let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err(ExchangeError::Protocol("invalid Content-Length"));
-            }
-            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if length.is_some_and(|l| l != n) {
-                return Err(ExchangeError::Protocol("conflicting Content-Length values"));
-            }
-            length = Some(n);
+    for item in list_items(&headers.get_all(header::CONTENT_LENGTH)) {
+        if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+            return Err(ExchangeError::Protocol("invalid Content-Length"));
         }
+        let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(ExchangeError::Protocol("conflicting Content-Length values"));
+        }
+        length = Some(n);
     }
     Ok(length)
 }
@@ -561,15 +559,12 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
 /// `keep-alive`.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut keep = version == Version::HTTP_11;
-    for value in headers.get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                return false;
-            }
-            if token.eq_ignore_ascii_case(b"keep-alive") {
-                keep = true;
-            }
+    for token in list_items(&headers.get_all(header::CONNECTION)) {
+        if token.eq_ignore_ascii_case(b"close") {
+            return false;
+        }
+        if token.eq_ignore_ascii_case(b"keep-alive") {
+            keep = true;
         }
     }
     keep

@@ -614,11 +614,8 @@ fn upgrade_requested(
         let Some(protocol) = h.get(header::UPGRADE) else {
             return Ok(None);
         };
-        let connection_upgrade = h.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-        });
+        let connection_upgrade = list_items(&h.get_all(header::CONNECTION))
+            .any(|token| token.eq_ignore_ascii_case(b"upgrade"));
         if !connection_upgrade || req.version() != Version::HTTP_11 {
             // Not an upgrade request: the Upgrade header is hop-by-hop noise.
             return Ok(None);
@@ -851,17 +848,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .iter()
             .cloned()
             .collect();
-        for value in &named {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                if let Ok(name) = std::str::from_utf8(token.trim_ascii()) {
-                    headers.remove(name);
-                }
+        for token in list_items(&named) {
+            if let Ok(name) = std::str::from_utf8(token) {
+                headers.remove(name);
             }
         }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// The trimmed items of comma-separated field values (RFC 9110 5.6.1), in order,
+/// empty ones included: `Connection` tokens, `Content-Length` lists.
+pub(crate) fn list_items<'a>(
+    values: impl IntoIterator<Item = &'a HeaderValue>,
+) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii))
 }
 
 /// `X-Forwarded-For` with the client IP appended, keeping what earlier proxies wrote.
