@@ -319,15 +319,7 @@ async fn client_connections_are_spread_evenly_over_the_workers() {
             response.into_body().collect().await.unwrap();
             senders.push(sender);
         }
-        let scrape = parse_scrape(
-            get(
-                &client(),
-                &format!("http://{}/metrics", proxy.admin_addr),
-                &[],
-            )
-            .await
-            .text(),
-        );
+        let scrape = scrape_metrics(&client(), proxy.admin_addr).await;
         let per_worker: Vec<f64> = (0..3)
             .map(|w| scrape[&format!("canarygate_worker_connections{{worker=\"{w}\"}}")])
             .collect();

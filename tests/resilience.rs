@@ -13,10 +13,6 @@ use http::Request;
 use http_body_util::BodyExt as _;
 use support::*;
 
-async fn metrics(c: &TestClient, admin: std::net::SocketAddr) -> HashMap<String, f64> {
-    parse_scrape(get(c, &format!("http://{admin}/metrics"), &[]).await.text())
-}
-
 fn m(map: &HashMap<String, f64>, series: &str) -> f64 {
     map.get(series).copied().unwrap_or(0.0)
 }
@@ -62,7 +58,7 @@ async fn kill_9_of_a_production_backend_fails_no_get() {
             "{served_by:?}"
         );
 
-        let scrape = metrics(&c, proxy.admin_addr).await;
+        let scrape = scrape_metrics(&c, proxy.admin_addr).await;
         let retries = m(&scrape, r#"canarygate_retries_total{pool="production"}"#);
         let failed_attempts = m(
             &scrape,
@@ -88,7 +84,7 @@ async fn kill_9_of_a_production_backend_fails_no_get() {
             || {
                 let (c, admin, dead) = (c.clone(), proxy.admin_addr, a.addr);
                 async move {
-                    let scrape = metrics(&c, admin).await;
+                    let scrape = scrape_metrics(&c, admin).await;
                     scrape.get(&format!(
                         r#"canarygate_backend_up{{backend="{dead}",pool="production"}}"#
                     )) == Some(&0.0)
@@ -114,14 +110,14 @@ async fn no_canary_backend_means_production_serves_everything() {
         let c = client();
         eventually(Duration::from_secs(5), "canary marked down", || {
             let (c, admin) = (c.clone(), proxy.admin_addr);
-            async move { m(&metrics(&c, admin).await, &format!(r#"canarygate_backend_up{{backend="{dead}",pool="canary"}}"#)) == 0.0 }
+            async move { m(&scrape_metrics(&c, admin).await, &format!(r#"canarygate_backend_up{{backend="{dead}",pool="canary"}}"#)) == 0.0 }
         })
         .await;
         for _ in 0..100 {
             let got = get(&c, &proxy.url("/"), &[]).await;
             assert_eq!((got.status.as_u16(), got.pool(), got.text()), (200, "production", "production"));
         }
-        let scrape = metrics(&c, proxy.admin_addr).await;
+        let scrape = scrape_metrics(&c, proxy.admin_addr).await;
         assert_eq!(m(&scrape, "canarygate_failover_requests_total"), 100.0);
         let events = get_json(&c, &format!("http://{}/events", proxy.admin_addr)).await;
         let failover_events = events["events"]
@@ -172,7 +168,7 @@ async fn a_backend_returning_500s_is_ejected_and_comes_back() {
             "{statuses:?}"
         );
         assert!(statuses[10..].iter().all(|s| *s == 200));
-        let scrape = metrics(&c, proxy.admin_addr).await;
+        let scrape = scrape_metrics(&c, proxy.admin_addr).await;
         assert_eq!(
             m(
                 &scrape,
@@ -545,7 +541,7 @@ async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
                 "canary"
             );
         }
-        let scrape = metrics(&c, admin).await;
+        let scrape = scrape_metrics(&c, admin).await;
         assert_eq!(
             m(
                 &scrape,

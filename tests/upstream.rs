@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -145,10 +144,6 @@ fn empty() -> TestBody {
     http_body_util::Empty::new().map_err(|e| match e {}).boxed()
 }
 
-async fn scrape(c: &TestClient, admin: SocketAddr) -> HashMap<String, f64> {
-    parse_scrape(get(c, &format!("http://{admin}/metrics"), &[]).await.text())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chunked_bodies_with_extensions_and_trailers_arrive_whole_over_one_connection() {
     within(30, async {
@@ -284,7 +279,7 @@ async fn responses_that_cannot_be_framed_are_502_and_their_connection_is_dropped
         assert_eq!((fine.status.as_u16(), fine.text()), (200, "ok"));
         // One connection per broken response (none was reused), one for the last.
         assert_eq!(backend.conns(), 5);
-        let metrics = scrape(&c, proxy.admin_addr).await;
+        let metrics = scrape_metrics(&c, proxy.admin_addr).await;
         assert_eq!(
             metrics[r#"canarygate_upstream_errors_total{kind="protocol",pool="production"}"#],
             3.0
@@ -320,7 +315,7 @@ async fn a_reused_connection_closed_unanswered_resends_only_idempotent_requests(
         .await;
         assert_eq!(post.status, 502);
         assert_eq!(backend.paths(), ["/a", "/b", "/b", "/c"]);
-        let metrics = scrape(&c, proxy.admin_addr).await;
+        let metrics = scrape_metrics(&c, proxy.admin_addr).await;
         assert_eq!(
             metrics[r#"canarygate_upstream_errors_total{kind="reset",pool="production"}"#],
             1.0

@@ -780,6 +780,12 @@ pub fn parse_scrape(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The proxy's metrics, scraped from its admin listener and parsed (see
+/// [`parse_scrape`]).
+pub async fn scrape_metrics(c: &TestClient, admin: SocketAddr) -> HashMap<String, f64> {
+    parse_scrape(get(c, &format!("http://{admin}/metrics"), &[]).await.text())
+}
+
 /// Where tests keep artifacts for a person to open (screenshots): target/test-artifacts.
 pub fn artifacts_dir() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
