@@ -10,7 +10,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use canarygate::flags::FlagValue;
+use canarygate::flags::model::FlagValue;
 use canarygate::state::AppState;
 use redis::AsyncCommands as _;
 use tokio_util::sync::CancellationToken;
@@ -26,7 +26,10 @@ async fn measure(
     );
     let state = AppState::new(canarygate::config::from_toml(&toml, "bench").unwrap());
     let cancel = CancellationToken::new();
-    let watcher = tokio::spawn(canarygate::flags::run(state.clone(), cancel.clone()));
+    let watcher = tokio::spawn(canarygate::flags::watcher::run(
+        state.clone(),
+        cancel.clone(),
+    ));
     let mut conn = admin.conn().await;
     // Wait for the first read.
     let _: () = conn

@@ -7,8 +7,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use canarygate::config;
-use canarygate::metrics::Metrics;
-use canarygate::proxy::strip_hop_by_hop;
+use canarygate::http1::strip_hop_by_hop;
+use canarygate::observe::metrics::Metrics;
 use canarygate::routing::{self, PoolKind};
 use canarygate::state::AppState;
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -19,7 +19,12 @@ fn routing_decision(c: &mut Criterion) {
         let id = b"0f1e2d3c4b5a69788796a5b4c3d2e1f0";
         b.iter(|| {
             let bucket = routing::bucket(black_box(id));
-            routing::choose_pool(None, bucket, black_box(33), true)
+            let canary = routing::Canary {
+                enabled: true,
+                configured: true,
+                usable: true,
+            };
+            routing::decide(None, bucket, black_box(33), canary)
         });
     });
     c.bench_function("cookie lookup in a 4-cookie header", |b| {

@@ -377,6 +377,32 @@ impl Default for FlagsConfig {
     }
 }
 
+impl FlagsConfig {
+    /// The flag set `[flags.static]` describes (validated with the config, so nothing
+    /// is refused here).
+    pub fn static_set(&self) -> crate::flags::model::FlagSet {
+        let raw: Vec<(&str, String)> = self
+            .static_flags
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_raw()))
+            .collect();
+        let (set, _) = crate::flags::model::build(
+            raw.iter().map(|(k, v)| (*k, v.as_str())),
+            &crate::flags::model::FlagSet::default(),
+        );
+        set
+    }
+
+    /// Whether `other` reads flags from another store, or the same one otherwise
+    /// (the settings the watcher starts with).
+    pub fn store_differs(&self, other: &Self) -> bool {
+        self.redis_url != other.redis_url
+            || self.tls_ca_path != other.tls_ca_path
+            || self.key != other.key
+            || self.poll_ms != other.poll_ms
+    }
+}
+
 /// The flags header name, validated.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "String")]
@@ -560,9 +586,9 @@ impl Config {
         }
         for (name, value) in &f.static_flags {
             let raw = value.as_raw();
-            let (_, rejected) = crate::flags::build(
+            let (_, rejected) = crate::flags::model::build(
                 [(name.as_str(), raw.as_str())],
-                &crate::flags::FlagSet::default(),
+                &crate::flags::model::FlagSet::default(),
             );
             if let Some(r) = rejected.first() {
                 return fail(format!("flags.static.{name}"), r.reason.to_string());

@@ -1,47 +1,41 @@
 //! canarygate: a reverse proxy that splits live traffic between an application's
 //! production and canary servers.
 //!
-//! Crate map:
+//! Crate map, from the top down (a module imports only modules below it):
+//! - [`run`] and [`serve_all`] (here): wire the state, the background tasks and the
+//!   listeners together; [`reload`] applies a new config file.
+//! - [`demo`]: the demo web app (`canarygate backend`) and `canarygate demo`.
+//! - [`ops`]: the operations half: tasks that look after the host and the proxy.
+//! - [`observe`]: metrics, stats, the event funnel, the admin listener.
+//! - [`proxy`]: the request path: decide, check, rewrite headers, forward, answer.
+//! - [`server`]: the client side: accept loop, workers, limits, parking, idle
+//!   timeout, the smuggling guard, the drain.
+//! - [`flags`]: the pure flag model, and the watcher that follows Redis.
+//! - [`upstream`]: backend pools, health state, active checks, the retry budget.
+//! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`]
+//!   (config, flags, pools) behind one `ArcSwap`.
+//! - [`client`]: the HTTP/1.1 client to the backends and its connection pool.
 //! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
-//! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`] behind an `ArcSwap`.
-//! - [`server`]: the accept loop (HTTP/1.1 + h2c + TLS), limits, idle timeouts, graceful drain.
-//! - [`framing`]: the request-smuggling guard on client connections.
-//! - [`proxy`]: the request path: route, rewrite headers, forward, map errors.
-//! - [`routing`]: pure decisions: sticky bucket, pool choice, backend choice.
-//! - [`upstream`]: pools, backend health and ejection, retry budget, the pooled client.
-//! - [`pool`]: keep-alive connections per backend.
-//! - [`balance`]: evens out client connections over the worker threads.
-//! - [`client`]: HTTP/1.1 exchanges with backends, driven by the request's own task.
-//! - [`health`]: the active health-check task.
 //! - [`tls`]: TLS termination config from PEM files.
-//! - [`flags`]: feature flags from Redis (or static) into the snapshot; the watcher task.
-//! - [`admin`]: the admin listener: metrics, health, readiness, flags, events, status page.
-//! - [`metrics`]: the owned Prometheus registry and per-pool handles.
-//! - [`stats`]: short-term history (rates, error ratios, percentiles) for the status page.
-//! - [`events`]: recent operational events for the status page and `/events`.
-//! - [`memory`]: the task that returns memory idle connections hold (pool purge, allocator).
-//! - [`backend`]: the demo web app (`canarygate backend`, `canarygate demo`).
+//! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
+//! - [`http1`]: field rules both sides share (lists, hop-by-hop).
+//! - [`clock`]: the process's monotonic millisecond clock.
 //!
 //! [`run`] takes already-bound listeners so tests (and the demo) can bind port 0.
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod backend;
-pub mod balance;
 pub mod client;
+pub mod clock;
 pub mod config;
-pub mod events;
+pub mod demo;
 pub mod flags;
-pub mod framing;
-pub mod health;
-pub mod memory;
-pub mod metrics;
-pub mod pool;
+pub mod http1;
+pub mod observe;
+pub mod ops;
 pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
-pub mod stats;
 pub mod tls;
 pub mod upstream;
 
@@ -59,9 +53,13 @@ use arc_swap::ArcSwap;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::proxy::ConnInfo;
+use crate::observe::events::{Level, Source};
+use crate::observe::{admin, stats};
+use crate::proxy::ClientPeer;
 use crate::server::ServeOptions;
+use crate::server::balance::Balance;
 use crate::state::AppState;
+use crate::tls::TlsSource;
 
 /// The sockets a proxy serves, bound by the caller (tests and the demo bind port 0).
 pub struct Listeners {
@@ -127,7 +125,7 @@ pub async fn serve_all(
         (None, _) => None,
         (Some(_), None) => return Err(StartError::TlsListenerMissing),
         (Some(tls_config), Some(_)) => {
-            let source: server::TlsSource =
+            let source: TlsSource =
                 Arc::new(ArcSwap::from_pointee(tls::server_config(tls_config)?));
             state.set_tls(Arc::clone(&source));
             Some(source)
@@ -148,10 +146,23 @@ pub async fn serve_all(
     // Background tasks stop after every server has drained.
     let tasks = CancellationToken::new();
     let background = [
-        tokio::spawn(flags::run(state.clone(), tasks.clone()).instrument(info_span!("flags"))),
-        tokio::spawn(stats::run(state.clone(), tasks.clone()).instrument(info_span!("stats"))),
-        tokio::spawn(health::run(state.clone(), tasks.clone()).instrument(info_span!("health"))),
-        tokio::spawn(memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory"))),
+        tokio::spawn(
+            flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),
+        ),
+        tokio::spawn(
+            stats::run(
+                Arc::clone(&state.stats),
+                Arc::clone(&state.metrics),
+                tasks.clone(),
+            )
+            .instrument(info_span!("stats")),
+        ),
+        tokio::spawn(
+            upstream::checks::run(state.clone(), tasks.clone()).instrument(info_span!("health")),
+        ),
+        tokio::spawn(
+            ops::memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory")),
+        ),
     ];
 
     // The admin listener outlives the proxy's drain, so /readyz can say 503 meanwhile.
@@ -193,7 +204,7 @@ pub async fn serve_all(
         }
     };
     let balance = (!listeners.workers.is_empty())
-        .then(|| balance::Balance::new(listeners.workers.len() + 1, &state.metrics));
+        .then(|| Balance::new(listeners.workers.len() + 1, &state.metrics));
     let plain = proxy_server(
         "proxy",
         listeners.proxy,
@@ -251,7 +262,7 @@ fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
     state: &AppState,
     options: &ServeOptions,
-    balance: Option<&Arc<balance::Balance>>,
+    balance: Option<&Arc<Balance>>,
     shutdown: &CancellationToken,
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     let mut done = Vec::new();
@@ -265,7 +276,7 @@ fn spawn_workers(
         let spawned = std::thread::Builder::new()
             .name(format!("canarygate-worker-{}", i + 1))
             .spawn(move || {
-                pool::set_worker_index(i + 1);
+                client::conn_pool::set_worker_index(i + 1);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();
@@ -353,14 +364,14 @@ async fn proxy_server(
     };
     // One Arc each, so a request costs one reference count, not one per field.
     let state = Arc::new(state.clone());
-    server::serve(name, listener, options, shutdown, move |peer, framing| {
+    server::serve(name, listener, options, shutdown, move |addr, conn| {
         let state = Arc::clone(&state);
-        let conn = Arc::new(ConnInfo::new(peer, scheme, framing));
+        let peer = Arc::new(ClientPeer::new(addr, scheme, conn));
         service_fn(move |req| {
-            let (state, conn) = (Arc::clone(&state), Arc::clone(&conn));
+            let (state, peer) = (Arc::clone(&state), Arc::clone(&peer));
             // Boxed: the request's future is about 4 KiB, and hyper and the service
             // wrappers move it by value; copying it showed as 3% of the proxy's CPU.
-            Box::pin(async move { Ok::<_, Infallible>(proxy::handle(&state, &conn, req).await) })
+            Box::pin(async move { Ok::<_, Infallible>(proxy::handle(&state, &peer, req).await) })
         })
     })
     .instrument(info_span!("proxy", listener = name))
@@ -414,20 +425,22 @@ pub fn reload(state: &AppState, path: &std::path::Path) -> Result<(), config::Co
             }
             state.apply_config(new);
             state.metrics.count_reload(true);
-            info!(config = %path.display(), "config reloaded");
-            state.events.push(
-                "config",
-                "info",
-                format!("config reloaded from {}", path.display()),
+            state.events.report(
+                Source::Config,
+                Level::Info,
+                "config reloaded",
+                path.display(),
             );
             Ok(())
         }
         Err(error) => {
             state.metrics.count_reload(false);
-            warn!(%error, "config reload refused; keeping the running config");
-            state
-                .events
-                .push("config", "warn", format!("config reload refused: {error}"));
+            state.events.report(
+                Source::Config,
+                Level::Warn,
+                "config reload refused; keeping the running config",
+                &error,
+            );
             Err(error)
         }
     }

@@ -4,11 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context as _;
-use canarygate::backend::{self, AppIdentity};
 use canarygate::config::{self, Config};
+use canarygate::demo::{self, AppIdentity};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -113,9 +112,14 @@ fn main() -> ExitCode {
             listen,
             admin_listen,
             redis_url,
-        } => exit_with(
-            runtime().and_then(|rt| rt.block_on(demo(*listen, *admin_listen, redis_url.clone()))),
-        ),
+        } => exit_with(runtime().and_then(|rt| {
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone())?;
+                demo::demo(*listen, *admin_listen, redis_url.clone(), shutdown).await?;
+                Ok(())
+            })
+        })),
         Command::Backend {
             listen,
             name,
@@ -228,7 +232,7 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> {
-    canarygate::pool::set_workers(workers);
+    canarygate::client::conn_pool::set_workers(workers);
     let mut proxy_sockets = canarygate::reuseport_listeners(config.server.listen, workers)
         .with_context(|| format!("cannot bind the proxy listener on {}", config.server.listen))?;
     let first = proxy_sockets.remove(0);
@@ -268,108 +272,6 @@ async fn serve_backend(listen: SocketAddr, identity: AppIdentity) -> anyhow::Res
     info!(addr = %listener.local_addr()?, name = %identity.name, "backend listening");
     let shutdown = CancellationToken::new();
     spawn_signal_handler(shutdown.clone())?;
-    backend::run(listener, identity, demo_serve_options(), shutdown).await;
-    Ok(())
-}
-
-fn demo_serve_options() -> canarygate::server::ServeOptions {
-    let defaults = config::TimeoutsConfig::default();
-    canarygate::server::ServeOptions::basic(
-        defaults.client_header_read(),
-        defaults.idle(),
-        Duration::from_secs(5),
-    )
-}
-
-/// Whether a Redis answers PING on the default local port, within a short time.
-async fn local_redis_answers() -> bool {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let probe = async {
-        let mut stream = tokio::net::TcpStream::connect(DEMO_REDIS_ADDR).await.ok()?;
-        stream.write_all(b"PING\r\n").await.ok()?;
-        let mut buf = [0u8; 7];
-        stream.read_exact(&mut buf).await.ok()?;
-        (&buf == b"+PONG\r\n").then_some(())
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(300), probe).await,
-        Ok(Some(()))
-    )
-}
-
-const DEMO_REDIS_ADDR: &str = "127.0.0.1:6379";
-
-async fn demo(
-    listen: SocketAddr,
-    admin_listen: SocketAddr,
-    redis_url: Option<String>,
-) -> anyhow::Result<()> {
-    let shutdown = CancellationToken::new();
-    let mut backends = Vec::new();
-    for (name, version) in [("production", "v1"), ("canary", "v2")] {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "demo app").await?;
-        let addr = listener.local_addr()?;
-        let identity = AppIdentity {
-            name: name.to_owned(),
-            version: version.to_owned(),
-        };
-        tokio::spawn(backend::run(
-            listener,
-            identity,
-            demo_serve_options(),
-            shutdown.clone(),
-        ));
-        backends.push(addr);
-    }
-    let redis_url = match redis_url {
-        Some(url) => Some(url),
-        None if local_redis_answers().await => Some(format!("redis://{DEMO_REDIS_ADDR}/0")),
-        None => None,
-    };
-    let redis_line = match &redis_url {
-        Some(url) => format!("flags from Redis at {url}, hash canarygate:flags"),
-        None => {
-            "no Redis answered on 127.0.0.1:6379: built-in static flags (new_banner=off)".to_owned()
-        }
-    };
-    // The demo config goes through the same parser and validation as a real one.
-    let toml = format!(
-        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
-         [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n\
-         [flags]\n{}\n[flags.static]\nnew_banner = \"off\"\ndark_mode = \"off\"\n",
-        backends[0],
-        backends[1],
-        redis_url
-            .as_ref()
-            .map(|u| format!("redis_url = {u:?}"))
-            .unwrap_or_default(),
-    );
-    let config = config::from_toml(&toml, "<demo>")?;
-    let listener = bind(
-        listen,
-        "proxy listener (pass --listen to pick another port)",
-    )
-    .await?;
-    let admin = bind(
-        admin_listen,
-        "admin listener (pass --admin-listen to pick another)",
-    )
-    .await?;
-    let (proxy_addr, admin_addr) = (listener.local_addr()?, admin.local_addr()?);
-    println!(
-        "canarygate demo\n\
-         \x20 proxy       http://{proxy_addr}/   ({}% canary, sticky by cookie)\n\
-         \x20 admin       http://{admin_addr}/healthz   http://{admin_addr}/flags\n\
-         \x20 flags       {redis_line}\n\
-         \x20 production  http://{}/   (v1)\n\
-         \x20 canary      http://{}/   (v2)\n\
-         try:  for i in $(seq 9); do curl -s http://{proxy_addr}/ | grep -o '(v[12])'; done\n\
-         \x20     curl -si -H 'x-canary: always' http://{proxy_addr}/ | grep -i x-canarygate-pool\n\
-         \x20     redis-cli HSET canarygate:flags new_banner on    # then reload the page\n\
-         Ctrl-C stops everything.",
-        config.routing.canary_percent, backends[0], backends[1]
-    );
-    spawn_signal_handler(shutdown.clone())?;
-    canarygate::run(listener, admin, config, shutdown).await;
+    demo::run(listener, identity, demo::serve_options(), shutdown).await;
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Pure routing decisions: which bucket a user is in, which pool serves a request,
-//! which backend inside the pool. No I/O and no clocks, so every rule here has an
+//! Pure routing decisions: which bucket a user is in, which pool serves a request
+//! and why ([`decide`]: override, bucket, kill switch, failover), which backend
+//! inside the pool. No I/O and no clocks, so every rule here has an
 //! exact unit test.
 //!
 //! The split is by pool first, then by backend. A user's bucket (0..=99) comes from a
@@ -73,23 +74,83 @@ pub fn bucket(key: &[u8]) -> u8 {
     b
 }
 
-/// Chooses the pool. Precedence: the override header, then the bucket. A canary pool
-/// with no usable backend sends everyone to production.
-pub fn choose_pool(
+/// Why a request went to the pool it went to: the `reason` of the request log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The override header asked for this pool.
+    Override,
+    /// The sticky bucket and the canary percent chose it.
+    Bucket,
+    /// Canary was wanted, but the kill switch (`canary off`) is on.
+    KillSwitch,
+    /// Canary was wanted, but the canary pool has no backends configured.
+    NoCanaryBackends,
+    /// Canary was wanted, but no canary backend is usable (all down or ejected).
+    Failover,
+}
+
+impl Reason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Override => "override",
+            Self::Bucket => "bucket",
+            Self::KillSwitch => "kill_switch",
+            Self::NoCanaryBackends => "no_canary_backends",
+            Self::Failover => "failover",
+        }
+    }
+}
+
+/// What the canary pool can take right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Canary {
+    /// The kill switch is off (`canary` is not `off` in the flags).
+    pub enabled: bool,
+    /// The pool has backends configured.
+    pub configured: bool,
+    /// At least one of them is usable (up and not ejected).
+    pub usable: bool,
+}
+
+/// The pool for a request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub pool: PoolKind,
+    pub reason: Reason,
+}
+
+/// The canary decision. Precedence: the override header, then the bucket against
+/// `canary_percent`; a request that wants canary still goes to production when the
+/// kill switch is on (it wins over the override too), when the canary pool is empty,
+/// or when none of its backends is usable (failover).
+pub fn decide(
     forced: Option<Override>,
     bucket: u8,
     canary_percent: u8,
-    canary_available: bool,
-) -> PoolKind {
-    let wants_canary = match forced {
-        Some(Override::Always) => true,
-        Some(Override::Never) => false,
-        None => bucket < canary_percent,
+    canary: Canary,
+) -> Decision {
+    let (wants_canary, reason) = match forced {
+        Some(Override::Always) => (true, Reason::Override),
+        Some(Override::Never) => (false, Reason::Override),
+        None => (bucket < canary_percent, Reason::Bucket),
     };
-    if wants_canary && canary_available {
-        PoolKind::Canary
+    let production = |reason| Decision {
+        pool: PoolKind::Production,
+        reason,
+    };
+    if !wants_canary {
+        production(reason)
+    } else if !canary.enabled {
+        production(Reason::KillSwitch)
+    } else if !canary.configured {
+        production(Reason::NoCanaryBackends)
+    } else if !canary.usable {
+        production(Reason::Failover)
     } else {
-        PoolKind::Production
+        Decision {
+            pool: PoolKind::Canary,
+            reason,
+        }
     }
 }
 
@@ -148,17 +209,27 @@ mod tests {
         }
     }
 
+    const READY: Canary = Canary {
+        enabled: true,
+        configured: true,
+        usable: true,
+    };
+
+    fn pool(forced: Option<Override>, bucket: u8, percent: u8, canary: Canary) -> PoolKind {
+        decide(forced, bucket, percent, canary).pool
+    }
+
     #[test]
     fn pool_choice_follows_bucket_and_percent() {
-        assert_eq!(choose_pool(None, 32, 33, true), PoolKind::Canary);
-        assert_eq!(choose_pool(None, 33, 33, true), PoolKind::Production);
-        assert_eq!(choose_pool(None, 0, 0, true), PoolKind::Production);
-        assert_eq!(choose_pool(None, 99, 100, true), PoolKind::Canary);
+        assert_eq!(pool(None, 32, 33, READY), PoolKind::Canary);
+        assert_eq!(pool(None, 33, 33, READY), PoolKind::Production);
+        assert_eq!(pool(None, 0, 0, READY), PoolKind::Production);
+        assert_eq!(pool(None, 99, 100, READY), PoolKind::Canary);
         // Raising the percent only ever moves buckets production -> canary.
         for b in 0..100 {
             for p in 0..100 {
-                if choose_pool(None, b, p, true) == PoolKind::Canary {
-                    assert_eq!(choose_pool(None, b, p + 1, true), PoolKind::Canary);
+                if pool(None, b, p, READY) == PoolKind::Canary {
+                    assert_eq!(pool(None, b, p + 1, READY), PoolKind::Canary);
                 }
             }
         }
@@ -167,22 +238,102 @@ mod tests {
     #[test]
     fn override_wins_over_bucket() {
         assert_eq!(
-            choose_pool(Some(Override::Always), 99, 0, true),
-            PoolKind::Canary
+            decide(Some(Override::Always), 99, 0, READY),
+            Decision {
+                pool: PoolKind::Canary,
+                reason: Reason::Override
+            }
         );
         assert_eq!(
-            choose_pool(Some(Override::Never), 0, 100, true),
-            PoolKind::Production
+            decide(Some(Override::Never), 0, 100, READY),
+            Decision {
+                pool: PoolKind::Production,
+                reason: Reason::Override
+            }
         );
     }
 
     #[test]
-    fn no_canary_backend_means_production() {
-        assert_eq!(choose_pool(None, 0, 100, false), PoolKind::Production);
-        assert_eq!(
-            choose_pool(Some(Override::Always), 0, 100, false),
-            PoolKind::Production
-        );
+    fn every_reason_in_its_order() {
+        let (p, c) = (PoolKind::Production, PoolKind::Canary);
+        let canary = |enabled, configured, usable| Canary {
+            enabled,
+            configured,
+            usable,
+        };
+        // (forced, bucket, percent, canary state) -> (pool, reason)
+        let table = [
+            (None, 10, 33, READY, c, Reason::Bucket),
+            (None, 50, 33, READY, p, Reason::Bucket),
+            (None, 50, 33, canary(false, false, false), p, Reason::Bucket),
+            (
+                None,
+                10,
+                33,
+                canary(false, true, true),
+                p,
+                Reason::KillSwitch,
+            ),
+            (
+                None,
+                10,
+                33,
+                canary(true, false, false),
+                p,
+                Reason::NoCanaryBackends,
+            ),
+            (None, 10, 33, canary(true, true, false), p, Reason::Failover),
+            (
+                Some(Override::Always),
+                99,
+                0,
+                canary(false, true, true),
+                p,
+                Reason::KillSwitch,
+            ),
+            (
+                Some(Override::Always),
+                99,
+                0,
+                canary(true, false, false),
+                p,
+                Reason::NoCanaryBackends,
+            ),
+            (
+                Some(Override::Always),
+                99,
+                0,
+                canary(true, true, false),
+                p,
+                Reason::Failover,
+            ),
+            (
+                Some(Override::Never),
+                0,
+                100,
+                canary(true, true, false),
+                p,
+                Reason::Override,
+            ),
+            // The kill switch is checked before the pool: an empty pool with the
+            // switch off says kill switch.
+            (
+                None,
+                10,
+                33,
+                canary(false, false, false),
+                p,
+                Reason::KillSwitch,
+            ),
+        ];
+        for (forced, bucket, percent, state, pool, reason) in table {
+            assert_eq!(
+                decide(forced, bucket, percent, state),
+                Decision { pool, reason },
+                "{forced:?} bucket {bucket} percent {percent} {state:?}"
+            );
+        }
+        assert_eq!(Reason::NoCanaryBackends.as_str(), "no_canary_backends");
     }
 
     #[test]

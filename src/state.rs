@@ -12,12 +12,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 
+use tokio::sync::watch;
+
+use crate::clock::now_ms;
 use crate::config::Config;
-use crate::events::Events;
-use crate::flags::{FlagSet, Flags, Source};
-use crate::metrics::Metrics;
-use crate::stats::Stats;
-use crate::upstream::{self, Pools};
+use crate::flags::model::{FlagSet, Flags, Source as FlagSource};
+use crate::observe::events::{Events, Level, Source};
+use crate::observe::metrics::Metrics;
+use crate::observe::stats::Stats;
+use crate::tls::TlsSource;
+use crate::upstream::pools::Pools;
 
 /// Everything a request needs to be routed, frozen at one moment.
 #[derive(Debug)]
@@ -48,12 +52,14 @@ pub struct AppState {
     /// Cut every tunnel still open when the drain deadline passes.
     pub tunnel_cut: tokio_util::sync::CancellationToken,
     /// The TLS listener's certificate source, swapped on reload.
-    tls: Arc<std::sync::OnceLock<crate::server::TlsSource>>,
+    tls: Arc<std::sync::OnceLock<TlsSource>>,
+    /// Bumped when a reload changes where flags are read from: the watcher restarts.
+    flag_store: Arc<watch::Sender<u64>>,
 }
 
 impl AppState {
     pub fn new(config: Config) -> Self {
-        let flags = Arc::new(Flags::from_static(&config.flags));
+        let flags = Arc::new(Flags::new(config.flags.static_set(), 1, FlagSource::Static));
         let pools = Arc::new(Pools::new(&config.pools, &config.health, None));
         let snapshot = Snapshot {
             config: Arc::new(config),
@@ -62,7 +68,7 @@ impl AppState {
         };
         let metrics = Arc::new(Metrics::new());
         metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
-        metrics.observe_backends(&snapshot.pools, upstream::now_ms());
+        metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             canary_failover: Arc::new(AtomicBool::new(false)),
@@ -71,6 +77,7 @@ impl AppState {
             tunnel_cut: tokio_util::sync::CancellationToken::new(),
             flag_store_up: Arc::new(AtomicBool::new(false)),
             draining: Arc::new(AtomicBool::new(false)),
+            flag_store: Arc::new(watch::Sender::new(0)),
             metrics,
             events: Arc::default(),
             stats: Arc::default(),
@@ -83,7 +90,9 @@ impl AppState {
     }
 
     /// Swaps in a new, already validated config, keeping the flags, and the health state
-    /// and warm connections of backends that stay. Requests in flight keep the snapshot they loaded.
+    /// and warm connections of backends that stay. Requests in flight keep the snapshot
+    /// they loaded. The flag settings apply too: new store settings restart the
+    /// watcher, and without a Redis the new `[flags.static]` values are published.
     pub fn apply_config(&self, config: Config) {
         let config = Arc::new(config);
         let current = self.snapshot();
@@ -92,6 +101,7 @@ impl AppState {
             &config.health,
             Some(&current.pools),
         ));
+        let old_flags = current.config.flags.clone();
         drop(current);
         self.snapshot.rcu(|current| Snapshot {
             config: Arc::clone(&config),
@@ -101,11 +111,29 @@ impl AppState {
         let snapshot = self.snapshot();
         self.metrics
             .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        self.metrics
+            .observe_backends(snapshot.pools.backend_states(now_ms()));
+        let new_flags = &config.flags;
+        let store_changed = old_flags.store_differs(new_flags);
+        if new_flags.redis_url.is_none()
+            && (store_changed || old_flags.static_flags != new_flags.static_flags)
+        {
+            self.set_flag_store_up(false);
+            self.publish_flags(&new_flags.static_set(), FlagSource::Static);
+        }
+        if store_changed {
+            self.flag_store.send_modify(|generation| *generation += 1);
+        }
+    }
+
+    /// Tells the flag watcher when a reload changed the flag store settings.
+    pub fn flag_store_changes(&self) -> watch::Receiver<u64> {
+        self.flag_store.subscribe()
     }
 
     /// Publishes a flag set read from `source`. Swaps nothing, and keeps the version,
     /// when neither the content nor the source changed. Returns the version in force.
-    pub fn publish_flags(&self, set: &FlagSet, source: Source) -> u64 {
+    pub fn publish_flags(&self, set: &FlagSet, source: FlagSource) -> u64 {
         let current = self.snapshot.load();
         if current.flags.set == *set && current.flags.source == source {
             return current.flags.version;
@@ -128,10 +156,11 @@ impl AppState {
         let snapshot = self.snapshot();
         self.metrics
             .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
-        self.events.push(
-            "flags",
-            "info",
-            format!(
+        self.events.report(
+            Source::Flags,
+            Level::Info,
+            "flags published",
+            format_args!(
                 "flags v{version} from {}: {} (canary {}%)",
                 source.as_str(),
                 snapshot.flags.header_value.to_str().unwrap_or(""),
@@ -168,11 +197,11 @@ impl AppState {
         }
     }
 
-    pub fn set_tls(&self, source: crate::server::TlsSource) {
+    pub fn set_tls(&self, source: TlsSource) {
         let _ = self.tls.set(source);
     }
 
-    pub fn tls(&self) -> Option<&crate::server::TlsSource> {
+    pub fn tls(&self) -> Option<&TlsSource> {
         self.tls.get()
     }
 
@@ -182,7 +211,11 @@ impl AppState {
 
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
-        self.events
-            .push("proxy", "info", "draining: stopped accepting");
+        self.events.report(
+            Source::Proxy,
+            Level::Info,
+            "draining: stopped accepting",
+            "",
+        );
     }
 }

@@ -5,7 +5,15 @@
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
 use crate::config::TlsConfig;
+
+/// TLS settings a listener reads per connection, so a reload swaps certificates for
+/// new connections without touching open ones.
+pub type TlsSource = Arc<ArcSwap<rustls::ServerConfig>>;
 
 /// Why the certificate or key could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -330,7 +330,7 @@ fn grafana_dashboard_only_uses_exported_metrics() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/canarygate.json");
     let dashboard: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let metrics = canarygate::metrics::Metrics::new();
+    let metrics = canarygate::observe::metrics::Metrics::new();
     let mut checked = 0;
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use canarygate::config;
-use canarygate::flags::{self, FlagSet, FlagValue};
+use canarygate::flags::model::{self as flags, FlagSet, FlagValue};
 use proptest::prelude::*;
 
 const KEYS: &[&str] = &[

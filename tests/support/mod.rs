@@ -247,14 +247,14 @@ impl Body for PatternBody {
     }
 }
 
-/// The demo app (`canarygate::backend`) in-process on an ephemeral port: pages, and a
+/// The demo app (`canarygate::demo`) in-process on an ephemeral port: pages, and a
 /// WebSocket echo on `/ws`. Runs until the test's runtime ends.
 pub async fn demo_app(name: &str, version: &str) -> SocketAddr {
     let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let identity = canarygate::backend::AppIdentity {
+    let identity = canarygate::demo::AppIdentity {
         name: name.to_owned(),
         version: version.to_owned(),
     };
@@ -263,7 +263,7 @@ pub async fn demo_app(name: &str, version: &str) -> SocketAddr {
         Duration::from_secs(60),
         Duration::from_millis(100),
     );
-    tokio::spawn(canarygate::backend::run(
+    tokio::spawn(canarygate::demo::run(
         listener,
         identity,
         options,

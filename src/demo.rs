@@ -1,4 +1,6 @@
-//! The demo web application: what `canarygate backend` and `canarygate demo` serve.
+//! The demo: the web application `canarygate backend` serves, and
+//! `canarygate demo`, which starts two of them (production v1, canary v2) with the
+//! proxy in front.
 //!
 //! A tiny app standing in for the operator's real one, so the proxy can be tried,
 //! tested, benchmarked and deployed without anything else: HTML pages on GET, 200 on
@@ -7,7 +9,9 @@
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -24,7 +28,8 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::escape_html;
+use crate::config;
+use crate::observe::admin::escape_html;
 use crate::server::{self, ServeOptions};
 
 /// Identity of one demo app instance.
@@ -234,6 +239,127 @@ fn page(identity: &AppIdentity, path: &str, req: &Request<Incoming>) -> String {
     }
     html.push_str("</table></body></html>\n");
     html
+}
+
+/// Why the demo could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("cannot bind the {what} on {addr}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+}
+
+async fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, DemoError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| DemoError::Bind { what, addr, source })
+}
+
+/// Settings of the demo apps' listeners: the proxy's default timeouts.
+pub fn serve_options() -> ServeOptions {
+    let defaults = config::TimeoutsConfig::default();
+    ServeOptions::basic(
+        defaults.client_header_read(),
+        defaults.idle(),
+        Duration::from_secs(5),
+    )
+}
+
+/// Whether a Redis answers PING on the default local port, within a short time.
+async fn local_redis_answers() -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(DEMO_REDIS_ADDR).await.ok()?;
+        stream.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 7];
+        stream.read_exact(&mut buf).await.ok()?;
+        (&buf == b"+PONG\r\n").then_some(())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(300), probe).await,
+        Ok(Some(()))
+    )
+}
+
+const DEMO_REDIS_ADDR: &str = "127.0.0.1:6379";
+
+/// `canarygate demo`: two demo apps and the proxy in front of them, until
+/// `shutdown`. Prints how to try it.
+pub async fn demo(
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    redis_url: Option<String>,
+    shutdown: CancellationToken,
+) -> Result<(), DemoError> {
+    let mut backends = Vec::new();
+    for (name, version) in [("production", "v1"), ("canary", "v2")] {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0)), "demo app").await?;
+        let addr = listener.local_addr()?;
+        let identity = AppIdentity {
+            name: name.to_owned(),
+            version: version.to_owned(),
+        };
+        tokio::spawn(run(listener, identity, serve_options(), shutdown.clone()));
+        backends.push(addr);
+    }
+    let redis_url = match redis_url {
+        Some(url) => Some(url),
+        None if local_redis_answers().await => Some(format!("redis://{DEMO_REDIS_ADDR}/0")),
+        None => None,
+    };
+    let redis_line = match &redis_url {
+        Some(url) => format!("flags from Redis at {url}, hash canarygate:flags"),
+        None => {
+            "no Redis answered on 127.0.0.1:6379: built-in static flags (new_banner=off)".to_owned()
+        }
+    };
+    // The demo config goes through the same parser and validation as a real one.
+    let toml = format!(
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
+         [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n\
+         [flags]\n{}\n[flags.static]\nnew_banner = \"off\"\ndark_mode = \"off\"\n",
+        backends[0],
+        backends[1],
+        redis_url
+            .as_ref()
+            .map(|u| format!("redis_url = {u:?}"))
+            .unwrap_or_default(),
+    );
+    let config = config::from_toml(&toml, "<demo>")?;
+    let listener = bind(
+        listen,
+        "proxy listener (pass --listen to pick another port)",
+    )
+    .await?;
+    let admin = bind(
+        admin_listen,
+        "admin listener (pass --admin-listen to pick another)",
+    )
+    .await?;
+    let (proxy_addr, admin_addr) = (listener.local_addr()?, admin.local_addr()?);
+    println!(
+        "canarygate demo\n\
+         \x20 proxy       http://{proxy_addr}/   ({}% canary, sticky by cookie)\n\
+         \x20 admin       http://{admin_addr}/healthz   http://{admin_addr}/flags\n\
+         \x20 flags       {redis_line}\n\
+         \x20 production  http://{}/   (v1)\n\
+         \x20 canary      http://{}/   (v2)\n\
+         try:  for i in $(seq 9); do curl -s http://{proxy_addr}/ | grep -o '(v[12])'; done\n\
+         \x20     curl -si -H 'x-canary: always' http://{proxy_addr}/ | grep -i x-canarygate-pool\n\
+         \x20     redis-cli HSET canarygate:flags new_banner on    # then reload the page\n\
+         Ctrl-C stops everything.",
+        config.routing.canary_percent, backends[0], backends[1]
+    );
+    crate::run(listener, admin, config, shutdown).await;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -4,15 +4,14 @@
 //! samples, computed the way Prometheus' `histogram_quantile` does.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::core::Metric as _;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{DURATION_BUCKETS, Metrics, PoolMetrics};
+use crate::observe::metrics::{DURATION_BUCKETS, Metrics, PoolMetrics};
 use crate::routing::PoolKind;
-use crate::state::AppState;
 
 /// Sampling period and history length.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -184,13 +183,14 @@ impl Stats {
     }
 }
 
-/// Samples the metrics every [`SAMPLE_EVERY`] until `cancel`.
-pub async fn run(state: AppState, cancel: CancellationToken) {
+/// Samples `metrics` into `stats` every [`SAMPLE_EVERY`] until `cancel`. It takes
+/// the two parts of the state it uses, not the state, which holds a [`Stats`].
+pub async fn run(stats: Arc<Stats>, metrics: Arc<Metrics>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(SAMPLE_EVERY);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => state.stats.record(Sample::read(&state.metrics)),
+            _ = tick.tick() => stats.record(Sample::read(&metrics)),
         }
     }
 }

@@ -15,9 +15,9 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::observe::stats::{self, PoolWindow, Sample};
 use crate::routing::PoolKind;
 use crate::state::AppState;
-use crate::stats::{self, PoolWindow, Sample};
 
 /// Events shown on the status page and returned by `/events`.
 const RECENT_EVENTS: usize = 50;
@@ -68,7 +68,7 @@ fn readiness(state: &AppState) -> Result<(), &'static str> {
         .snapshot()
         .pools
         .production
-        .has_usable(crate::upstream::now_ms())
+        .has_usable(crate::clock::now_ms())
     {
         return Err("no usable production backend\n");
     }
@@ -270,9 +270,9 @@ fn status_page(state: &AppState) -> String {
         let _ = write!(
             html,
             "<tr class=\"{}\"><td>{}</td><td>{}</td><td>{}</td></tr>",
-            e.level,
+            e.level.as_str(),
             humantime::format_rfc3339_seconds(e.at),
-            e.source,
+            e.source.as_str(),
             escape_html(&e.message)
         );
     }

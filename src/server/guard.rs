@@ -18,127 +18,13 @@
 //! a connection stands between requests with nothing half-read, which is when an idle
 //! keep-alive connection may be parked (see [`crate::server`]).
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 
-/// Per-connection state shared by the I/O wrappers, the accept loop and the request
-/// handler: what the scan learned, the idle timeout the handler may change (an
-/// upgraded tunnel uses `websocket_idle_ms` instead of `idle_ms`), and what the
-/// accept loop needs to know before parking an idle connection.
-///
-/// The connection's own task writes the scan and activity fields (plain stores);
-/// the request and exchange counters take atomic increments because HTTP/2 streams
-/// run and end on tasks of their own. Nothing here is contended across connections.
-#[derive(Debug)]
-pub struct ConnShared {
-    /// Index (0-based) of the first request head with ambiguous framing.
-    first_bad: AtomicU64,
-    /// Requests the handler has seen on this connection.
-    handled: AtomicU64,
-    /// Idle timeout override in ms; `u64::MAX` = none.
-    idle_ms: AtomicU64,
-    /// Reads and writes that moved bytes (a clock-free activity count).
-    activity: AtomicU64,
-    /// Complete request heads the scan has read.
-    heads: AtomicU64,
-    /// The scan stands between messages with nothing half-read (and is still on).
-    at_rest: AtomicBool,
-    /// Requests handed to the service on this connection.
-    calls: AtomicU64,
-    /// Requests whose response has not been fully handed to hyper yet.
-    open_exchanges: AtomicU64,
-    /// The accept loop is parking the connection: hyper's shutdown must not close it.
-    parking: AtomicBool,
-}
-
-impl Default for ConnShared {
-    fn default() -> Self {
-        Self {
-            first_bad: AtomicU64::new(u64::MAX),
-            handled: AtomicU64::new(0),
-            idle_ms: AtomicU64::new(u64::MAX),
-            activity: AtomicU64::new(0),
-            heads: AtomicU64::new(0),
-            at_rest: AtomicBool::new(true),
-            calls: AtomicU64::new(0),
-            open_exchanges: AtomicU64::new(0),
-            parking: AtomicBool::new(false),
-        }
-    }
-}
-
-impl ConnShared {
-    /// Counts one read or write that moved bytes.
-    pub fn bump_activity(&self) {
-        // One writer: a plain load and store, no locked instruction per I/O call.
-        let n = self.activity.load(Ordering::Relaxed);
-        self.activity.store(n.wrapping_add(1), Ordering::Relaxed);
-    }
-
-    pub fn activity(&self) -> u64 {
-        self.activity.load(Ordering::Relaxed)
-    }
-
-    /// A request was handed to the service; returns its guard, which ends the
-    /// exchange when dropped (after the response body is done or abandoned).
-    pub fn open_exchange(self: &Arc<Self>) -> OpenExchange {
-        self.calls.fetch_add(1, Ordering::Relaxed);
-        self.open_exchanges.fetch_add(1, Ordering::Relaxed);
-        OpenExchange(Arc::clone(self))
-    }
-
-    /// Whether the connection stands between requests: every request read was handed
-    /// to the service and answered in full, and no byte of a next one has been read.
-    /// hyper's own buffer is then empty (the scan saw every byte hyper read).
-    pub fn between_requests(&self) -> bool {
-        self.at_rest.load(Ordering::Relaxed)
-            && self.open_exchanges.load(Ordering::Relaxed) == 0
-            && self.heads.load(Ordering::Relaxed) == self.calls.load(Ordering::Relaxed)
-    }
-
-    pub fn set_parking(&self, parking: bool) {
-        self.parking.store(parking, Ordering::Relaxed);
-    }
-
-    pub fn parking(&self) -> bool {
-        self.parking.load(Ordering::Relaxed)
-    }
-
-    /// Changes the connection's idle timeout from now on.
-    pub fn set_idle(&self, idle: std::time::Duration) {
-        let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX - 1);
-        self.idle_ms.store(ms, Ordering::Relaxed);
-    }
-
-    pub fn idle_override(&self) -> Option<std::time::Duration> {
-        match self.idle_ms.load(Ordering::Relaxed) {
-            u64::MAX => None,
-            ms => Some(std::time::Duration::from_millis(ms)),
-        }
-    }
-
-    /// Called once per request, in order: whether this request's framing was
-    /// ambiguous (or an earlier one on the connection was).
-    pub fn next_request_is_bad(&self) -> bool {
-        let index = self.handled.fetch_add(1, Ordering::Relaxed);
-        index >= self.first_bad.load(Ordering::Relaxed)
-    }
-}
-
-/// Ends an exchange on drop (see [`ConnShared::open_exchange`]).
-#[derive(Debug)]
-pub struct OpenExchange(Arc<ConnShared>);
-
-impl Drop for OpenExchange {
-    fn drop(&mut self) {
-        self.0.open_exchanges.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+use crate::server::conn_state::ConnState;
+use crate::server::io::{Hook, Wrapped};
 
 /// Longest head the scan buffers; hyper refuses larger ones itself (431).
 const MAX_HEAD: usize = 256 * 1024;
@@ -170,16 +56,23 @@ enum Scan {
 }
 
 /// An I/O stream whose reads are scanned for ambiguous request framing.
-pub struct FramingGuard<T> {
+pub type FramingGuard<T> = Wrapped<SmugglingGuard<T>>;
+
+/// The scan behind a [`FramingGuard`].
+pub struct SmugglingGuard<T> {
     inner: T,
     scan: Scan,
     head: Vec<u8>,
     heads: u64,
-    verdict: Arc<ConnShared>,
+    verdict: Arc<ConnState>,
 }
 
-impl<T> FramingGuard<T> {
-    pub fn new(inner: T, verdict: Arc<ConnShared>) -> Self {
+impl<T> SmugglingGuard<T> {
+    pub fn wrap(inner: T, verdict: Arc<ConnState>) -> FramingGuard<T> {
+        Wrapped::new(Self::new(inner, verdict))
+    }
+
+    fn new(inner: T, verdict: Arc<ConnState>) -> Self {
         Self {
             inner,
             scan: Scan::Head,
@@ -256,8 +149,7 @@ impl<T> FramingGuard<T> {
     /// Publishes where the scan stands, after a read.
     fn publish(&self) {
         let at_rest = self.scan == Scan::Head && self.head.is_empty();
-        self.verdict.at_rest.store(at_rest, Ordering::Relaxed);
-        self.verdict.heads.store(self.heads, Ordering::Relaxed);
+        self.verdict.publish_scan(at_rest, self.heads);
     }
 
     pub fn get_mut(&mut self) -> &mut T {
@@ -274,7 +166,7 @@ impl<T> FramingGuard<T> {
 
 /// Parses one complete request head, records a bad verdict as head number `*heads`,
 /// and returns the scan state for what follows it.
-fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnShared) -> Scan {
+fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnState) -> Scan {
     // Uninitialized slots: initializing 128 headers (4 KiB) cost more than the parse.
     let mut headers =
         [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -309,7 +201,7 @@ fn judge_head(head: &[u8], heads: &mut u64, verdict: &ConnShared) -> Scan {
         }
     }
     if lengths > 1 || (lengths > 0 && te) {
-        verdict.first_bad.fetch_min(index, Ordering::Relaxed);
+        verdict.flag_bad_request(index);
         // The handler refuses it and closes: nothing after it matters.
         return Scan::Off;
     }
@@ -373,55 +265,22 @@ fn step_chunked(state: Scan, byte: u8) -> Scan {
     }
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for FramingGuard<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.scan != Scan::Off
-            && let Poll::Ready(Ok(())) = poll
-        {
-            let new = &buf.filled()[before..];
-            if !new.is_empty() {
-                this.feed(new);
-                this.publish();
-            }
+impl<T: AsyncRead + AsyncWrite + Unpin> Hook for SmugglingGuard<T> {
+    type Io = T;
+
+    fn io(&mut self) -> Pin<&mut T> {
+        Pin::new(&mut self.inner)
+    }
+
+    fn io_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn after_read(&mut self, read: &[u8]) {
+        if self.scan != Scan::Off && !read.is_empty() {
+            self.feed(read);
+            self.publish();
         }
-        poll
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for FramingGuard<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
@@ -431,8 +290,8 @@ mod tests {
 
     /// Feeds `input` in pieces of `step` bytes; returns the verdicts for `n` requests.
     fn verdicts(input: &[u8], step: usize, n: usize) -> Vec<bool> {
-        let verdict = Arc::new(ConnShared::default());
-        let mut guard = FramingGuard::new((), Arc::clone(&verdict));
+        let verdict = Arc::new(ConnState::default());
+        let mut guard = SmugglingGuard::new((), Arc::clone(&verdict));
         for piece in input.chunks(step) {
             guard.feed(piece);
         }

@@ -1,7 +1,7 @@
 //! Active health checks: every `interval_ms`, a `GET <path>` to each backend of both
 //! pools, concurrently, each bounded by `timeout_ms`. A 2xx or 3xx passes; any other
 //! status, a timeout or a refused connection fails. `rise` passes in a row make a
-//! backend up, `fall` failures in a row make it down (see [`crate::upstream`] for how
+//! backend up, `fall` failures in a row make it down (see [`crate::upstream::health`] for how
 //! this combines with passive ejection). Each tick also refreshes
 //! `canarygate_backend_up`.
 
@@ -14,11 +14,14 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
+use crate::clock::now_ms;
+use crate::observe::events::{Level, Source};
 use crate::routing::PoolKind;
 use crate::state::AppState;
-use crate::upstream::{ActiveChange, Backend, now_ms};
+use crate::state::Snapshot;
+use crate::upstream::health::ActiveChange;
+use crate::upstream::pools::Backend;
 
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
@@ -44,7 +47,7 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
     }
 }
 
-async fn check_all(state: &AppState, client: &CheckClient, snapshot: &crate::state::Snapshot) {
+async fn check_all(state: &AppState, client: &CheckClient, snapshot: &Snapshot) {
     let health = &snapshot.config.health;
     let timeout = Duration::from_millis(health.timeout_ms);
     let checks = [PoolKind::Production, PoolKind::Canary]
@@ -67,36 +70,34 @@ async fn check_all(state: &AppState, client: &CheckClient, snapshot: &crate::sta
             .health
             .record_check(passed, health.rise, health.fall)
         {
-            Some(ActiveChange::BecameDown) => {
-                warn!(pool = kind.as_str(), backend = %backend.authority, "backend unhealthy");
-                state.events.push(
-                    "health",
-                    "warn",
-                    format!(
-                        "{} backend {} failed {} checks: down",
-                        kind.as_str(),
-                        backend.authority,
-                        health.fall
-                    ),
-                );
-            }
-            Some(ActiveChange::BecameUp) => {
-                info!(pool = kind.as_str(), backend = %backend.authority, "backend healthy");
-                state.events.push(
-                    "health",
-                    "info",
-                    format!(
-                        "{} backend {} passed {} checks: up",
-                        kind.as_str(),
-                        backend.authority,
-                        health.rise
-                    ),
-                );
-            }
+            Some(ActiveChange::BecameDown) => state.events.report(
+                Source::Health,
+                Level::Warn,
+                "backend unhealthy",
+                format_args!(
+                    "{} backend {} failed {} checks: down",
+                    kind.as_str(),
+                    backend.authority,
+                    health.fall
+                ),
+            ),
+            Some(ActiveChange::BecameUp) => state.events.report(
+                Source::Health,
+                Level::Info,
+                "backend healthy",
+                format_args!(
+                    "{} backend {} passed {} checks: up",
+                    kind.as_str(),
+                    backend.authority,
+                    health.rise
+                ),
+            ),
             None => {}
         }
     }
-    state.metrics.observe_backends(&snapshot.pools, now_ms());
+    state
+        .metrics
+        .observe_backends(snapshot.pools.backend_states(now_ms()));
 }
 
 async fn check_one(client: &CheckClient, backend: &Backend, path: &str, timeout: Duration) -> bool {

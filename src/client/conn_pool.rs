@@ -3,9 +3,9 @@
 //! hyper-util's general-purpose client showed in profiles (a mutex shared by all
 //! threads and a hash lookup per checkout, boxed connect futures per request), so the
 //! proxy keeps its own small pool per backend and worker thread: a stack of idle
-//! HTTP/1.1 connections ([`crate::client::Conn`]) behind a lock only that worker takes
+//! HTTP/1.1 connections ([`BackendConn`]) behind a lock only that worker takes
 //! (uncontended). A connection goes back when its response ended cleanly (see
-//! [`crate::client::PooledBody`]); a body dropped early takes its connection with it,
+//! [`crate::client::body::PooledBody`]); a body dropped early takes its connection with it,
 //! since its state is unknown. A connection the backend closed while it was idle is
 //! seen at checkout (the socket turned readable) and dropped.
 //!
@@ -15,16 +15,9 @@
 //! hundreds of sockets. Connections older than `idle_ms` are also closed when met.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
-use http::uri::Authority;
-use http::{Request, Response};
-use hyper::body::Body as _;
-use tracing::debug;
-
-use crate::client::{self, Conn, ExchangeError, Outgoing, PooledBody};
-use crate::upstream::{UpstreamBody, now_ms};
+use crate::client::conn::BackendConn;
+use crate::clock::now_ms;
 
 /// Idle connections kept per backend and worker thread; more are closed when returned.
 pub const MAX_IDLE: usize = 256;
@@ -54,17 +47,17 @@ pub fn set_worker_index(index: usize) {
     WORKER.with(|w| w.set(index));
 }
 
-/// Per-worker pools of one backend.
+/// The connection pools of one backend, one per worker thread.
 #[derive(Debug)]
-pub struct WorkerPools(Box<[Arc<ConnPool>]>);
+pub struct ConnPools(Box<[Arc<ConnPool>]>);
 
-impl Default for WorkerPools {
+impl Default for ConnPools {
     fn default() -> Self {
         Self((0..workers()).map(|_| Arc::default()).collect())
     }
 }
 
-impl WorkerPools {
+impl ConnPools {
     /// The pool of the calling worker thread.
     pub fn local(&self) -> &Arc<ConnPool> {
         let index = WORKER.with(std::cell::Cell::get);
@@ -82,7 +75,7 @@ impl WorkerPools {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: BackendConn,
     since_ms: u64,
 }
 
@@ -99,13 +92,6 @@ impl std::fmt::Debug for ConnPool {
             .field("idle", &self.idle_count())
             .finish()
     }
-}
-
-/// Connection settings read per exchange, so a reload applies to new connections.
-#[derive(Debug, Clone, Copy)]
-pub struct ConnectSettings {
-    pub connect_timeout: Duration,
-    pub idle_ms: u64,
 }
 
 impl ConnPool {
@@ -130,41 +116,8 @@ impl ConnPool {
         closed.len() // dropped outside the lock
     }
 
-    /// Sends `req`, with the fields in `set` (see [`Outgoing::new`]), to `authority` on
-    /// an idle connection, or a new one. A body-less
-    /// idempotent request that a reused connection answered with nothing (the backend
-    /// had closed it) is sent again on another one (RFC 9112 9.3.1).
-    pub async fn send(
-        self: &Arc<Self>,
-        authority: &Authority,
-        req: Request<UpstreamBody>,
-        set: &[(HeaderName, HeaderValue)],
-        settings: ConnectSettings,
-    ) -> Result<Response<PooledBody>, ExchangeError> {
-        let (parts, body) = req.into_parts();
-        let out = Outgoing::new(&parts, set, &body, authority);
-        let resendable = body.is_end_stream() && parts.method.is_idempotent();
-        let mut body = (!body.is_end_stream()).then_some(body);
-        loop {
-            let (conn, reused) = match self.checkout(settings.idle_ms) {
-                Some(conn) => (conn, true),
-                None => (
-                    Conn::connect(authority, settings.connect_timeout).await?,
-                    false,
-                ),
-            };
-            match client::exchange(conn, &out, body.take(), self).await {
-                Ok(response) => return Ok(response),
-                Err(failure) if reused && resendable && !failure.received => {
-                    debug!(%authority, error = %failure.error, "reused connection failed; sending again");
-                }
-                Err(failure) => return Err(failure.error),
-            }
-        }
-    }
-
     /// An idle connection ready for a request, dropping closed and expired ones.
-    fn checkout(&self, idle_ms: u64) -> Option<Conn> {
+    pub fn checkout(&self, idle_ms: u64) -> Option<BackendConn> {
         let now = now_ms();
         loop {
             let Idle { conn, since_ms } = self.stack().pop()?;
@@ -174,7 +127,7 @@ impl ConnPool {
         }
     }
 
-    pub(crate) fn put_back(&self, conn: Conn) {
+    pub(crate) fn put_back(&self, conn: BackendConn) {
         let mut stack = self.stack();
         if stack.len() < MAX_IDLE {
             stack.push(Idle {

@@ -1,5 +1,5 @@
 //! Returns the memory idle connections hold: purges idle upstream connections a
-//! burst left behind (see [`crate::pool`]) and lets the allocator give freed pages
+//! burst left behind (see [`crate::client::conn_pool`]) and lets the allocator give freed pages
 //! back to the OS.
 //!
 //! mimalloc returns freed pages to the OS only after a purge delay (1 s), and checks
@@ -37,7 +37,7 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
 
 fn purge_upstream(state: &AppState) {
     let snapshot = state.snapshot();
-    let now = crate::upstream::now_ms();
+    let now = crate::clock::now_ms();
     for kind in [PoolKind::Production, PoolKind::Canary] {
         for backend in snapshot.pools.get(kind).backends() {
             let closed = backend.conns.purge(now);

@@ -18,7 +18,7 @@ use prometheus::{IntCounter, IntGauge};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::metrics::{GaugeGuard, Metrics};
+use crate::observe::metrics::{GaugeGuard, Metrics};
 
 /// A client connection on its way to another worker, with the `max_connections`
 /// permit it was accepted under.

@@ -17,7 +17,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::flags::{FlagValue, Flags};
+use crate::flags::model::{FlagValue, Flags};
 use crate::routing::PoolKind;
 
 /// Request duration buckets, seconds: 0.5 ms to 10 s.
@@ -318,14 +318,15 @@ impl Metrics {
 
     /// Sets `canarygate_backend_up` for every configured backend (removed backends
     /// leave the scrape).
-    pub fn observe_backends(&self, pools: &crate::upstream::Pools, now_ms: u64) {
+    pub fn observe_backends<'a>(
+        &self,
+        backends: impl IntoIterator<Item = (PoolKind, &'a str, bool)>,
+    ) {
         self.backend_up.reset();
-        for kind in [PoolKind::Production, PoolKind::Canary] {
-            for backend in pools.get(kind).backends() {
-                self.backend_up
-                    .with_label_values(&[kind.as_str(), backend.authority.as_str()])
-                    .set(i64::from(backend.health.usable_at(now_ms)));
-            }
+        for (kind, backend, up) in backends {
+            self.backend_up
+                .with_label_values(&[kind.as_str(), backend])
+                .set(i64::from(up));
         }
     }
 
@@ -550,19 +551,20 @@ mod tests {
     #[test]
     fn flag_gauges_follow_the_snapshot() {
         let m = Metrics::new();
-        let (set, _) = crate::flags::build(
+        let (set, _) = crate::flags::model::build(
             [("a", "on"), ("b", "off"), ("t", "text"), ("canary", "off")],
-            &crate::flags::FlagSet::default(),
+            &crate::flags::model::FlagSet::default(),
         );
-        m.observe_flags(&Flags::new(set, 7, crate::flags::Source::Redis), 33);
+        m.observe_flags(&Flags::new(set, 7, crate::flags::model::Source::Redis), 33);
         let text = scrape(&m);
         assert!(text.contains("canarygate_flag_enabled{flag=\"a\"} 1"));
         assert!(text.contains("canarygate_flag_enabled{flag=\"b\"} 0"));
         assert!(!text.contains("flag=\"t\""));
         assert!(text.contains("canarygate_canary_percent 0"));
         assert!(text.contains("canarygate_flags_version 7"));
-        let (set, _) = crate::flags::build([("b", "on")], &crate::flags::FlagSet::default());
-        m.observe_flags(&Flags::new(set, 8, crate::flags::Source::Redis), 33);
+        let (set, _) =
+            crate::flags::model::build([("b", "on")], &crate::flags::model::FlagSet::default());
+        m.observe_flags(&Flags::new(set, 8, crate::flags::model::Source::Redis), 33);
         let text = scrape(&m);
         assert!(
             !text.contains("flag=\"a\""),

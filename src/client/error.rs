@@ -1,0 +1,25 @@
+//! Why an exchange with a backend failed: one enum for the whole client, which the
+//! proxy maps to a status in one place.
+
+use std::time::Duration;
+
+/// Why an exchange with a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("connect to {0} failed: {1}")]
+    Connect(String, #[source] std::io::Error),
+    #[error("connect to {0} timed out after {1:?}")]
+    ConnectTimeout(String, Duration),
+    #[error("backend closed the connection before sending anything")]
+    Closed,
+    #[error("backend closed the connection in the middle of a response")]
+    Incomplete,
+    #[error("backend connection failed")]
+    Io(#[source] std::io::Error),
+    #[error("backend response is not valid HTTP/1.1: {0}")]
+    Protocol(&'static str),
+    /// The client's request body failed (too large, malformed, cut short): not the
+    /// backend's doing.
+    #[error("client request body failed")]
+    ClientBody(#[source] Box<dyn std::error::Error + Send + Sync>),
+}

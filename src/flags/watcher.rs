@@ -1,0 +1,273 @@
+//! The flag watcher: follows the Redis hash into the snapshot.
+//!
+//! Operators write the hash with `redis-cli` (`HSET canarygate:flags new_checkout on`).
+//! The watcher follows it two ways at once: keyspace notifications for speed, and a
+//! full re-read every `poll_ms` because pub/sub is fire-and-forget and loses events
+//! while disconnected. When Redis is down the proxy serves on with what it has.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use redis::AsyncCommands as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{FlagsConfig, expand_env};
+use crate::flags::model::{Rejected, Source as FlagSource, build};
+use crate::observe::events::{Level, Source};
+use crate::state::AppState;
+
+/// Errors of one watcher session; any of them ends the session and reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagStoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("notification stream closed")]
+    Closed,
+}
+
+/// How long one Redis command may take before the session is considered broken.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reconnect backoff: doubles from the first value up to the cap.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Watches the flag hash until `cancel`. A config reload that changes the store
+/// settings (`redis_url`, `tls_ca_path`, `key`, `poll_ms`) restarts the watcher with
+/// them; without a `redis_url` it waits for one.
+pub async fn run(state: AppState, cancel: CancellationToken) {
+    let mut changes = state.flag_store_changes();
+    loop {
+        let config = state.snapshot().config.flags.clone();
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = follow_store(&state, &config) => {}
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return; // the state is gone: nothing left to watch for
+                }
+                state.events.report(
+                    Source::Flags,
+                    Level::Info,
+                    "flag store settings changed; watcher restarted",
+                    "",
+                );
+            }
+        }
+    }
+}
+
+/// Follows the store `config` names, forever; pending at once when there is none
+/// (or its settings cannot be used), so only a settings change or `cancel` ends it.
+async fn follow_store(state: &AppState, config: &FlagsConfig) {
+    let Some(url) = config.redis_url.as_deref() else {
+        debug!("no redis_url; flags come from [flags.static]");
+        return std::future::pending().await;
+    };
+    // rustls needs a process-wide crypto provider for rediss://; a second install
+    // (another proxy in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = match open_client(url, config) {
+        Ok(client) => client,
+        Err(error) => {
+            warn!(%error, "cannot use flags.redis_url; serving static flags");
+            return std::future::pending().await;
+        }
+    };
+    let mut watcher = Watcher {
+        state: state.clone(),
+        key: config.key.clone(),
+        poll: Duration::from_millis(config.poll_ms),
+        up: None,
+        config_refused_logged: false,
+        last_rejected: HashMap::new(),
+    };
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        if let Err(error) = watcher.session(&client).await {
+            if watcher.session_reached_redis() {
+                backoff = BACKOFF_FIRST;
+            }
+            watcher.set_up(false, Some(&error));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_CAP);
+    }
+}
+
+/// Builds the Redis client: the URL with `${VAR}` expanded, and a private CA if set.
+fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String> {
+    let url = expand_env(url)?;
+    match &config.tls_ca_path {
+        None => redis::Client::open(url.as_str()).map_err(|e| e.to_string()),
+        Some(path) => {
+            let root_cert = std::fs::read(path)
+                .map_err(|e| format!("cannot read flags.tls_ca_path {}: {e}", path.display()))?;
+            redis::Client::build_with_tls(
+                url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(|e| e.to_string())
+        }
+    }
+}
+
+struct Watcher {
+    state: AppState,
+    key: String,
+    poll: Duration,
+    /// Last known store state, to log once per change rather than once per retry.
+    up: Option<bool>,
+    config_refused_logged: bool,
+    /// The last refused value per field, so a bad value is logged and counted once,
+    /// not on every poll.
+    last_rejected: HashMap<String, String>,
+}
+
+impl Watcher {
+    fn session_reached_redis(&self) -> bool {
+        self.up == Some(true)
+    }
+
+    fn set_up(&mut self, up: bool, error: Option<&FlagStoreError>) {
+        self.state.set_flag_store_up(up);
+        if self.up == Some(up) {
+            return;
+        }
+        self.up = Some(up);
+        let events = &self.state.events;
+        match (up, error) {
+            (true, _) => events.report(
+                Source::Flags,
+                Level::Info,
+                "flag store connected",
+                &self.key,
+            ),
+            (false, error) => events.report(
+                Source::Flags,
+                Level::Warn,
+                "flag store unreachable; serving the last good flags",
+                error.map_or_else(String::new, ToString::to_string),
+            ),
+        }
+    }
+
+    /// One connection's life: subscribe, read, then re-read on every notification
+    /// and every poll tick. Returns on the first error.
+    async fn session(&mut self, client: &redis::Client) -> Result<(), FlagStoreError> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT));
+        let mut conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        self.enable_notifications(&mut conn).await;
+        let db = client.get_connection_info().redis_settings().db();
+        let mut pubsub = timed(client.get_async_pubsub()).await?;
+        timed(pubsub.subscribe(format!("__keyspace@{db}__:{}", self.key))).await?;
+        let mut messages = pubsub.into_on_message();
+
+        self.refresh(&mut conn).await?;
+        self.set_up(true, None);
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate; the read above covered it
+        loop {
+            tokio::select! {
+                message = messages.next() => match message {
+                    Some(_) => self.refresh(&mut conn).await?,
+                    None => return Err(FlagStoreError::Closed),
+                },
+                _ = tick.tick() => self.refresh(&mut conn).await?,
+            }
+        }
+    }
+
+    /// Turns on keyspace notifications for hashes ("Kh"), keeping the classes already
+    /// set. Managed Redis often refuses CONFIG: then polling alone carries changes.
+    async fn enable_notifications(&mut self, conn: &mut redis::aio::MultiplexedConnection) {
+        let result: Result<(), redis::RedisError> = async {
+            let (_, current): (String, String) = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("notify-keyspace-events")
+                .query_async(conn)
+                .await?;
+            let has_keyspace = current.contains('K');
+            let has_hash = current.contains('h') || current.contains('A');
+            if !(has_keyspace && has_hash) {
+                let mut wanted = current.clone();
+                if !has_keyspace {
+                    wanted.push('K');
+                }
+                if !has_hash {
+                    wanted.push('h');
+                }
+                redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("notify-keyspace-events")
+                    .arg(&wanted)
+                    .query_async::<()>(conn)
+                    .await?;
+                info!(from = %current, to = %wanted, "enabled keyspace notifications");
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result
+            && !self.config_refused_logged
+        {
+            self.config_refused_logged = true;
+            warn!(%error, poll_ms = u64::try_from(self.poll.as_millis()).unwrap_or(u64::MAX), "cannot enable keyspace notifications; relying on polling");
+        }
+    }
+
+    /// Reads the whole hash and swaps in a new snapshot if anything changed.
+    async fn refresh(
+        &mut self,
+        conn: &mut redis::aio::MultiplexedConnection,
+    ) -> Result<(), FlagStoreError> {
+        let raw: Vec<(String, String)> = timed(conn.hgetall(&self.key)).await?;
+        let current = self.state.snapshot().flags.clone();
+        let (set, rejected) = build(
+            raw.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &current.set,
+        );
+        self.report(&rejected);
+        self.state.publish_flags(&set, FlagSource::Redis);
+        Ok(())
+    }
+
+    fn report(&mut self, rejected: &[Rejected]) {
+        self.last_rejected
+            .retain(|field, _| rejected.iter().any(|r| &r.field == field));
+        for r in rejected {
+            if self.last_rejected.get(&r.field) == Some(&r.value) {
+                continue;
+            }
+            self.last_rejected.insert(r.field.clone(), r.value.clone());
+            self.state.metrics.count_flag_rejected(&r.field);
+            self.state.events.report(
+                Source::Flags,
+                Level::Warn,
+                "ignored invalid flag value; last good value kept",
+                format_args!("{}={:?}: {}", r.field, r.value, r.reason),
+            );
+        }
+    }
+}
+
+async fn timed<T, E>(fut: impl Future<Output = Result<T, E>>) -> Result<T, FlagStoreError>
+where
+    FlagStoreError: From<E>,
+{
+    match tokio::time::timeout(COMMAND_TIMEOUT, fut).await {
+        Ok(result) => result.map_err(FlagStoreError::from),
+        Err(_) => Err(FlagStoreError::Timeout(COMMAND_TIMEOUT)),
+    }
+}

@@ -1,0 +1,192 @@
+//! Forwarding to a pool: pick a usable backend, send on a pooled connection with a
+//! response-header deadline, record the outcome for passive health, and retry once
+//! on another backend when that is safe and the retry budget allows.
+
+use std::time::Duration;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::uri::Uri;
+use http::{Method, Request, Response};
+use hyper::body::{Body as _, Incoming};
+use tracing::debug;
+
+use crate::client::body::PooledBody;
+use crate::client::exchange::{ConnectSettings, send};
+use crate::client::request_body::UpstreamBody;
+use crate::clock::now_ms;
+use crate::observe::events::{Level, Source};
+use crate::proxy::error::ProxyError;
+use crate::proxy::headers::{ClientPeer, UpstreamHeaders, upstream_request};
+use crate::state::{AppState, Snapshot};
+use crate::upstream::health::Ejection;
+use crate::upstream::pools::{Backend, BackendPool};
+
+/// Sends the request to a usable backend of `pool`; on a connect error or a reset
+/// before any response, retries once on another backend when the request is
+/// idempotent, has no body, and the retry budget allows.
+pub async fn proxy_to_pool<'s>(
+    state: &AppState,
+    snapshot: &'s Snapshot,
+    pool: &'s BackendPool,
+    req: Request<Incoming>,
+    peer: &ClientPeer,
+    extra: &UpstreamHeaders<'_>,
+    now: u64,
+) -> (
+    Result<Response<PooledBody>, ProxyError>,
+    Option<&'s Backend>,
+) {
+    let Some((index, backend)) = pool.pick(now, None) else {
+        return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
+    };
+    pool.retry_budget.record_request(now);
+    let (request, set) = match upstream_request(req, peer, extra) {
+        Ok(request) => request,
+        Err(error) => return (Err(error), Some(backend)),
+    };
+    let retry = (pool.backends().len() > 1)
+        .then(|| RetryCopy::of(&request))
+        .flatten();
+    let timeouts = &snapshot.config.timeouts;
+    let deadline = timeouts.response_header();
+    let settings = ConnectSettings {
+        connect_timeout: timeouts.connect(),
+        idle_ms: timeouts.idle_ms,
+    };
+    let first = forward(backend, request, &set, deadline, settings).await;
+    record_outcome(state, pool, index, &first);
+    let Err(error) = &first else {
+        return (first, Some(backend));
+    };
+    if !error.class().retryable {
+        return (first, Some(backend));
+    }
+    let Some(retry) = retry else {
+        return (first, Some(backend));
+    };
+    let now = now_ms();
+    let Some((second_index, second_backend)) = pool.pick(now, Some(index)) else {
+        return (first, Some(backend));
+    };
+    if !pool.retry_budget.try_retry(now) {
+        debug!(
+            pool = pool.kind.as_str(),
+            "retry budget exhausted; not retrying"
+        );
+        return (first, Some(backend));
+    }
+    state.metrics.pool(pool.kind).retries.inc();
+    debug!(pool = pool.kind.as_str(), from = %backend.authority, to = %second_backend.authority, "retrying");
+    let second = forward(
+        second_backend,
+        retry.into_request(),
+        &set,
+        deadline,
+        settings,
+    )
+    .await;
+    record_outcome(state, pool, second_index, &second);
+    (second, Some(second_backend))
+}
+
+/// Passive health: a connect error or a 5xx counts against the backend; ejections are
+/// logged, counted and shown at once.
+fn record_outcome(
+    state: &AppState,
+    pool: &BackendPool,
+    index: usize,
+    result: &Result<Response<PooledBody>, ProxyError>,
+) {
+    let metrics = state.metrics.pool(pool.kind);
+    let failed = match result {
+        Ok(response) => response.status().is_server_error(),
+        Err(error) => {
+            if let Some(kind) = error.class().kind {
+                metrics.upstream_error(kind);
+            }
+            matches!(error, ProxyError::Connect(_))
+        }
+    };
+    match pool.record_outcome(index, failed, now_ms()) {
+        None => {}
+        Some(Ejection::Ejected(length)) => {
+            let backend = pool.backends()[index].authority.as_str();
+            metrics.ejections.inc();
+            state.metrics.backend_down(pool.kind, backend);
+            let length_ms = u64::try_from(length.as_millis()).unwrap_or(u64::MAX);
+            state.events.report(
+                Source::Health,
+                Level::Warn,
+                "backend ejected",
+                format_args!(
+                    "{} backend {backend} ejected for {length_ms} ms after consecutive failures",
+                    pool.kind.as_str()
+                ),
+            );
+        }
+        Some(Ejection::Capped) => {
+            debug!(
+                pool = pool.kind.as_str(),
+                "ejection skipped: max_ejected_percent reached"
+            );
+        }
+    }
+}
+
+/// What is needed to send a request again: only for idempotent methods (RFC 9110
+/// 9.2.2) with no body, so nothing of the body can have been consumed.
+struct RetryCopy {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+}
+
+impl RetryCopy {
+    fn of(request: &Request<UpstreamBody>) -> Option<Self> {
+        let idempotent = matches!(
+            *request.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::PUT
+                | Method::DELETE
+                | Method::TRACE
+        );
+        (idempotent && request.body().is_end_stream()).then(|| Self {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<UpstreamBody> {
+        let mut request = Request::new(UpstreamBody::Empty);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Sends the request to `backend` on a pooled connection and waits for the response
+/// headers, at most `deadline`.
+async fn forward(
+    backend: &Backend,
+    req: Request<UpstreamBody>,
+    set: &[(HeaderName, HeaderValue)],
+    deadline: Duration,
+    settings: ConnectSettings,
+) -> Result<Response<PooledBody>, ProxyError> {
+    let exchange = send(
+        backend.conns.local(),
+        &backend.authority,
+        req,
+        set,
+        settings,
+    );
+    match tokio::time::timeout(deadline, exchange).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) => Err(ProxyError::from_exchange(error)),
+        Err(_) => Err(ProxyError::Timeout(deadline)),
+    }
+}

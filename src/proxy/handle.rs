@@ -1,0 +1,295 @@
+//! The request path: route one client request to a backend and stream the answer back.
+//!
+//! `handle` loads the snapshot once, takes the routing decision from
+//! [`crate::routing::decide`], rewrites headers ([`crate::proxy::headers`]),
+//! forwards through the pooled client with a response-header deadline
+//! ([`crate::proxy::forward`]), and answers every failure from the one
+//! classification in [`crate::proxy::error`]. Bodies are never buffered: they stream
+//! both ways with backpressure, so a 64 MiB upload costs the proxy a few buffers,
+//! not 64 MiB.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use crate::client::body::PooledBody;
+use crate::clock::now_ms;
+use crate::config::Sticky;
+use crate::http1::strip_hop_by_hop;
+use crate::observe::events::{Level, Source};
+use crate::proxy::error::ProxyError;
+use crate::proxy::forward::proxy_to_pool;
+use crate::proxy::headers::{
+    ClientPeer, POOL_HEADER, REQUEST_ID, UpstreamHeaders, header_value_from_id, random_bucket,
+    random_hex_id, sticky_cookie, sticky_set_cookie, valid_request_id,
+};
+use crate::proxy::upgrade::{keep_upgrade_headers, tunnel, upgrade_requested};
+use crate::routing::{self, Canary, Decision, PoolKind, Reason};
+use crate::state::{AppState, Snapshot};
+
+/// Response body: the upstream's streamed body, or a short body the proxy wrote.
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+
+/// Proxies one request. Never fails: every error becomes a short response.
+pub async fn handle(
+    state: &AppState,
+    peer: &ClientPeer,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let start = Instant::now();
+    let snapshot = state.snapshot();
+    let config = &snapshot.config;
+    let now = now_ms();
+    let (decision, new_sticky_id) = decide(&snapshot, peer, req.headers(), now);
+    match (decision.pool, decision.reason) {
+        (PoolKind::Production, Reason::Failover) => {
+            state.metrics.failover_requests.inc();
+            note_canary_failover(state, true);
+        }
+        (PoolKind::Canary, _) => note_canary_failover(state, false),
+        (PoolKind::Production, _) => {}
+    }
+    let kind = decision.pool;
+    let request_id = match req.headers().get(REQUEST_ID) {
+        Some(id) if valid_request_id(id.as_bytes()) => id.clone(),
+        _ => header_value_from_id(&random_hex_id()),
+    };
+
+    let pool_metrics = state.metrics.pool(kind);
+    let _in_flight = pool_metrics.in_flight_guard();
+    let method = req.method().clone();
+    let http1 = req.version() < Version::HTTP_2;
+    // Path only, never the query: queries carry tokens and personal data.
+    let path_and_query = req.uri().path_and_query().cloned();
+    let ambiguous = peer.conn.next_request_is_bad();
+    let checked = check_framing(&req, ambiguous, config.limits.max_body_bytes)
+        .and_then(|()| upgrade_requested(&req, &config.routing.allowed_upgrades));
+    let upgrade = match &checked {
+        Ok(Some(upgrade)) => Some((upgrade.clone(), hyper::upgrade::on(&mut req))),
+        Ok(None) | Err(_) => None,
+    };
+    let extra = UpstreamHeaders {
+        request_id: &request_id,
+        flags_header: &config.flags.header.0,
+        flags: &snapshot.flags.header_value,
+        max_body_bytes: config.limits.max_body_bytes,
+        upgrade: upgrade.as_ref().map(|(upgrade, _)| upgrade),
+    };
+    let (result, backend) = match checked {
+        Err(error) => (Err(error), None),
+        Ok(_) => {
+            let pool = snapshot.pools.get(kind);
+            proxy_to_pool(state, &snapshot, pool, req, peer, &extra, now).await
+        }
+    };
+    let backend_addr = backend.map_or("-", |b| b.authority.as_str());
+
+    let mut response = match (result, upgrade) {
+        (Ok(mut response), Some((upgrade, client_side)))
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
+        {
+            match response.body_mut().take_upgraded() {
+                // The body holds the connection of a 101 to an upgrade request; without
+                // it there is nothing to hand over.
+                None => error_response(&ProxyError::BadGatewayUpgrade),
+                Some(upstream_side) => {
+                    if upgrade.extended_connect {
+                        // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1
+                        // handshake.
+                        *response.status_mut() = StatusCode::OK;
+                        strip_hop_by_hop(response.headers_mut());
+                        response.headers_mut().remove(header::SEC_WEBSOCKET_ACCEPT);
+                    } else {
+                        keep_upgrade_headers(response.headers_mut());
+                    }
+                    peer.conn.set_idle(config.timeouts.websocket_idle());
+                    let tunnel = tunnel(
+                        client_side,
+                        upstream_side,
+                        pool_metrics.upgraded.clone(),
+                        state.tunnel_cut.clone(),
+                    );
+                    state.tunnels.spawn(tunnel);
+                    response.map(Either::Left)
+                }
+            }
+        }
+        (Ok(response), _) if response.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            // A 101 nobody asked for: the connection cannot be handed over.
+            warn!(
+                pool = kind.as_str(),
+                backend = backend_addr,
+                "unrequested 101 from backend"
+            );
+            error_response(&ProxyError::BadGatewayUpgrade)
+        }
+        (Ok(mut response), _) => {
+            strip_hop_by_hop(response.headers_mut());
+            response.map(Either::Left)
+        }
+        (Err(error), _) => {
+            let class = error.class();
+            warn!(
+                request_id = request_id.to_str().unwrap_or(""),
+                pool = kind.as_str(),
+                backend = backend_addr,
+                status = class.status.as_u16(),
+                error = %error,
+                cause = error.cause(),
+                "proxy error"
+            );
+            let mut response = error_response(&error);
+            if http1 && class.closes_connection {
+                // The request's framing cannot be trusted: never reuse this connection.
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
+    };
+    let elapsed = start.elapsed();
+    pool_metrics.record(&method, response.status(), elapsed);
+    info!(
+        request_id = request_id.to_str().unwrap_or(""),
+        method = %method,
+        path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
+        pool = kind.as_str(),
+        reason = decision.reason.as_str(),
+        backend = backend_addr,
+        status = response.status().as_u16(),
+        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        "proxied"
+    );
+    let response_headers = response.headers_mut();
+    response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
+    response_headers.insert(REQUEST_ID, request_id);
+    if let Some(id) = new_sticky_id {
+        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
+    }
+    response
+}
+
+/// The routing decision for a request (see [`routing::decide`]), from the override
+/// header, the sticky key, the flags and the canary pool's health; and a new sticky
+/// id to set if one was made.
+fn decide(
+    snapshot: &Snapshot,
+    peer: &ClientPeer,
+    headers: &HeaderMap,
+    now_ms: u64,
+) -> (Decision, Option<[u8; 32]>) {
+    let routing = &snapshot.config.routing;
+    let forced = routing
+        .override_header
+        .0
+        .as_ref()
+        .and_then(|name| headers.get(name))
+        .and_then(|v| routing::parse_override(v.as_bytes()));
+    let mut new_sticky_id = None;
+    let bucket = match &routing.sticky {
+        Sticky::Cookie => match sticky_cookie(headers) {
+            Some(id) => routing::bucket(id),
+            None => {
+                let id = random_hex_id();
+                let bucket = routing::bucket(&id);
+                new_sticky_id = Some(id);
+                bucket
+            }
+        },
+        Sticky::Header(name) => headers
+            .get(name)
+            .map_or_else(random_bucket, |v| routing::bucket(v.as_bytes())),
+        Sticky::Ip => peer.ip_bucket,
+        Sticky::None => random_bucket(),
+    };
+    let flags = &snapshot.flags.set;
+    let canary = &snapshot.pools.canary;
+    let decision = routing::decide(
+        forced,
+        bucket,
+        flags.canary_percent.unwrap_or(routing.canary_percent),
+        Canary {
+            enabled: flags.canary_enabled,
+            configured: !canary.is_empty(),
+            usable: canary.has_usable(now_ms),
+        },
+    );
+    (decision, new_sticky_id)
+}
+
+/// Logs and records the start and the end of a canary failover, once each.
+fn note_canary_failover(state: &AppState, active: bool) {
+    // Read first: the usual case changes nothing and must not write a shared line.
+    if state.canary_failover.load(Ordering::Relaxed) == active
+        || state.canary_failover.swap(active, Ordering::Relaxed) == active
+    {
+        return;
+    }
+    if active {
+        state.events.report(
+            Source::Proxy,
+            Level::Warn,
+            "no usable canary backend; canary traffic fails over to production",
+            "",
+        );
+    } else {
+        state.events.report(
+            Source::Proxy,
+            Level::Info,
+            "canary backends usable again; failover over",
+            "",
+        );
+    }
+}
+
+/// Refuses requests whose framing a proxy must not pass on (request smuggling, RFC
+/// 9112 6.3): both Content-Length and Transfer-Encoding, more than one Content-Length
+/// (as seen on the wire by [`crate::server::guard`], since hyper normalizes both away),
+/// or an HTTP/1.1 request without Host. Also enforces `max_body_bytes` up front when
+/// the length is declared.
+fn check_framing(
+    req: &Request<Incoming>,
+    ambiguous: bool,
+    max_body_bytes: Option<u64>,
+) -> Result<(), ProxyError> {
+    if ambiguous {
+        return Err(ProxyError::BadRequest(
+            "ambiguous framing: Content-Length with Transfer-Encoding, or repeated",
+        ));
+    }
+    let h = req.headers();
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    let length = lengths.next();
+    if lengths.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Content-Length"));
+    }
+    if length.is_some() && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding",
+        ));
+    }
+    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    if let (Some(limit), Some(length)) = (max_body_bytes, length) {
+        let declared = length
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(ProxyError::PayloadTooLarge(limit));
+        }
+    }
+    Ok(())
+}
+
+fn error_response(error: &ProxyError) -> Response<ProxyBody> {
+    error.response().map(Either::Right)
+}

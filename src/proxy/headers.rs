@@ -1,0 +1,267 @@
+//! The request as the backend sees it: the client's fields minus the hop-by-hop ones,
+//! plus what the proxy sets (`Host` from `:authority`, `X-Forwarded-*`,
+//! `X-Request-Id`, the flags), and the ids and cookies behind them.
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Version};
+use hyper::body::Incoming;
+
+use crate::client::codec::SetFields;
+use crate::client::request_body::UpstreamBody;
+use crate::http1::strip_hop_by_hop;
+use crate::proxy::error::ProxyError;
+use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
+use crate::routing;
+use crate::server::conn_state::ConnState;
+
+/// Header on every proxied response naming the pool that served it.
+pub const POOL_HEADER: HeaderName = HeaderName::from_static("x-canarygate-pool");
+/// Request id, kept from the client or generated, sent upstream and returned.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// A year, the lifetime of the sticky cookie.
+const STICKY_COOKIE_MAX_AGE_S: u32 = 365 * 24 * 3600;
+
+/// What the proxy knows about the client connection a request came on. Built once
+/// per connection, so per-request work (the client IP's text, its sticky bucket) is
+/// not repeated for every request of a keep-alive connection.
+#[derive(Debug)]
+pub struct ClientPeer {
+    pub peer: SocketAddr,
+    /// `http` or `https`, for `X-Forwarded-Proto`.
+    pub scheme: &'static str,
+    /// The connection's shared state: the smuggling guard's verdicts, one per
+    /// request in order, and the idle timeout an upgraded tunnel changes.
+    pub conn: Arc<ConnState>,
+    /// The peer IP as an `X-Forwarded-For` value.
+    pub forwarded_for: HeaderValue,
+    /// The peer IP's sticky bucket (`sticky = "ip"`).
+    pub ip_bucket: u8,
+}
+
+impl ClientPeer {
+    pub fn new(peer: SocketAddr, scheme: &'static str, conn: Arc<ConnState>) -> Self {
+        let mut buf = [0u8; 64];
+        let ip_text = write_ip(&mut buf, peer.ip());
+        Self {
+            peer,
+            scheme,
+            conn,
+            forwarded_for: HeaderValue::from_bytes(ip_text)
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            ip_bucket: routing::bucket(ip_text),
+        }
+    }
+}
+
+/// Headers and limits the proxy applies to every upstream request.
+pub struct UpstreamHeaders<'a> {
+    pub request_id: &'a HeaderValue,
+    pub flags_header: &'a HeaderName,
+    pub flags: &'a HeaderValue,
+    pub max_body_bytes: Option<u64>,
+    /// A valid, allowed upgrade request, passed through.
+    pub upgrade: Option<&'a UpgradeRequest>,
+}
+
+/// Rewrites a client request into the request sent upstream: the client's header
+/// fields minus the hop-by-hop ones, and the fields the proxy sets (`Host` when the
+/// client sent `:authority`, `X-Forwarded-*`, `X-Request-Id`, the flags header, an
+/// allowed upgrade's `Connection` and `Upgrade`), which replace any the client sent.
+/// Those are returned apart and written straight into the request head: inserting
+/// them into the client's map made it grow and rehash on most requests.
+pub fn upstream_request(
+    req: Request<Incoming>,
+    peer: &ClientPeer,
+    extra: &UpstreamHeaders<'_>,
+) -> Result<(Request<UpstreamBody>, SetFields), ProxyError> {
+    let extended_connect = extra.upgrade.is_some_and(|u| u.extended_connect);
+    if req.method() == Method::CONNECT && !extended_connect {
+        return Err(ProxyError::MethodNotAllowed);
+    }
+    if req.uri().path_and_query().is_none() {
+        return Err(ProxyError::BadRequest("request target has no path"));
+    }
+    let (mut parts, body) = req.into_parts();
+    if extended_connect {
+        // RFC 8441 -> RFC 6455: the backend speaks HTTP/1.1, so it gets the classic
+        // handshake (GET + Sec-WebSocket-Key); the WebSocket frames then pass as is.
+        parts.method = Method::GET;
+        parts
+            .headers
+            .insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+        if !parts.headers.contains_key(header::SEC_WEBSOCKET_VERSION) {
+            parts.headers.insert(
+                header::SEC_WEBSOCKET_VERSION,
+                HeaderValue::from_static("13"),
+            );
+        }
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+
+    let h = &parts.headers;
+    let mut set = Vec::with_capacity(8);
+    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
+    match h.get(header::HOST) {
+        Some(host) => set.push((X_FORWARDED_HOST, host.clone())),
+        None => {
+            if let Some(host) = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                set.push((header::HOST, host.clone()));
+                set.push((X_FORWARDED_HOST, host));
+            }
+        }
+    }
+    if let Some(upgrade) = extra.upgrade {
+        // The one exception to hop-by-hop stripping: a valid upgrade keeps its headers.
+        set.push((header::CONNECTION, HeaderValue::from_static("upgrade")));
+        set.push((header::UPGRADE, upgrade.protocol.clone()));
+    }
+    set.push((
+        X_FORWARDED_FOR,
+        forwarded_for(h.get(X_FORWARDED_FOR), &peer.forwarded_for),
+    ));
+    set.push((X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme)));
+    set.push((REQUEST_ID, extra.request_id.clone()));
+    // Replaces every client-sent value: flags come only from the proxy.
+    set.push((extra.flags_header.clone(), extra.flags.clone()));
+    Ok((
+        Request::from_parts(parts, UpstreamBody::new(body, extra.max_body_bytes)),
+        set,
+    ))
+}
+
+/// `X-Forwarded-For` with the client IP appended, keeping what earlier proxies wrote.
+fn forwarded_for(prior: Option<&HeaderValue>, ip: &HeaderValue) -> HeaderValue {
+    match prior {
+        Some(prior) if !prior.is_empty() => {
+            let mut joined = Vec::with_capacity(prior.len() + 2 + ip.len());
+            joined.extend_from_slice(prior.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(ip.as_bytes());
+            // Both parts are valid header values, and so is ", ".
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| ip.clone())
+        }
+        _ => ip.clone(),
+    }
+}
+
+/// Writes an IP in its usual text form (`192.0.2.7`, `2001:db8::1`) into `buf`.
+fn write_ip(buf: &mut [u8; 64], ip: IpAddr) -> &[u8] {
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 64 bytes hold the longest IPv6 text (45), so the write cannot fail.
+    let _ = write!(cursor, "{ip}");
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    &buf[..len]
+}
+
+pub fn random_bucket() -> u8 {
+    fastrand::u8(0..100)
+}
+
+/// The sticky id from the client's cookies, if there is a valid one.
+pub fn sticky_cookie(headers: &HeaderMap) -> Option<&[u8]> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .find_map(|v| routing::find_cookie(v.as_bytes(), routing::STICKY_COOKIE))
+        .filter(|id| routing::valid_sticky_id(id))
+}
+
+/// 128 random bits as 32 lowercase hex characters: sticky ids and request ids.
+pub fn random_hex_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for byte in out.iter_mut().rev() {
+        *byte = HEX[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out
+}
+
+pub fn header_value_from_id(id: &[u8; 32]) -> HeaderValue {
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+pub fn sticky_set_cookie(id: &[u8; 32]) -> HeaderValue {
+    let mut value = Vec::with_capacity(128);
+    value.extend_from_slice(routing::STICKY_COOKIE.as_bytes());
+    value.push(b'=');
+    value.extend_from_slice(id);
+    let _ = write!(
+        value,
+        "; Path=/; Max-Age={STICKY_COOKIE_MAX_AGE_S}; HttpOnly; SameSite=Lax"
+    );
+    HeaderValue::from_bytes(&value).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// A client-sent request id is kept when it is 1 to 128 visible ASCII characters;
+/// otherwise the proxy generates one, so logs never carry arbitrary bytes.
+pub fn valid_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len()) && id.iter().all(|&b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_appends() {
+        let conn = |ip: &str| {
+            ClientPeer::new(
+                SocketAddr::new(ip.parse().unwrap(), 1),
+                "http",
+                Arc::default(),
+            )
+        };
+        let first = forwarded_for(None, &conn("10.0.0.1").forwarded_for);
+        assert_eq!(first, "10.0.0.1");
+        let second = forwarded_for(Some(&first), &conn("2001:db8::1").forwarded_for);
+        assert_eq!(second, "10.0.0.1, 2001:db8::1");
+        let empty = HeaderValue::from_static("");
+        assert_eq!(
+            forwarded_for(Some(&empty), &conn("10.0.0.2").forwarded_for),
+            "10.0.0.2"
+        );
+        assert_eq!(conn("127.0.0.1").ip_bucket, routing::bucket(b"127.0.0.1"));
+    }
+
+    #[test]
+    fn ids_are_hex_and_differ() {
+        let a = random_hex_id();
+        let b = random_hex_id();
+        assert_ne!(a, b);
+        assert!(a.iter().all(u8::is_ascii_hexdigit));
+        assert!(routing::valid_sticky_id(&a));
+    }
+
+    #[test]
+    fn set_cookie_has_the_documented_attributes() {
+        let v = sticky_set_cookie(b"0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            v,
+            "canarygate_id=0123456789abcdef0123456789abcdef; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax"
+        );
+    }
+
+    #[test]
+    fn request_id_validation() {
+        assert!(valid_request_id(b"abc-123"));
+        assert!(!valid_request_id(b""));
+        assert!(!valid_request_id(b"has space"));
+        assert!(!valid_request_id(&[b'a'; 129]));
+    }
+}

@@ -1,0 +1,280 @@
+//! The accept loop shared by the proxy, the admin listener and the demo backend.
+//!
+//! Each connection is served by hyper-util's auto builder (HTTP/1.1, and HTTP/2 with
+//! prior knowledge or by TLS ALPN, told apart by the connection preface) in a task
+//! tracked for the drain. On shutdown the listener is dropped at once (new connections
+//! are refused), every connection is asked to shut down gracefully (idle keep-alive
+//! ones close, requests in flight finish) and gets up to `drain_timeout` before the
+//! rest are cut. `max_connections` is a semaphore taken before `accept`, so excess
+//! clients wait in the kernel backlog instead of being accepted and dropped.
+//!
+//! Idle keep-alive connections are parked between requests (see
+//! [`crate::server::park`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Body;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::observe::metrics::GaugeGuard;
+use crate::server::balance::{Handoff, Worker};
+use crate::server::conn_state::ConnState;
+use crate::server::connection::{BoxError, ConnectionTask, Ends, HttpService};
+use crate::server::guard::SmugglingGuard;
+use crate::server::idle::idle_timeout;
+use crate::tls::TlsSource;
+
+/// Per-listener connection settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// A client must send a request's headers within this time (slowloris guard).
+    /// hyper also applies it to an idle HTTP/1.1 keep-alive connection waiting for its
+    /// next request. Also bounds a TLS handshake.
+    pub header_read_timeout: Duration,
+    /// A connection with no byte read or written for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long in-flight requests may run after shutdown begins.
+    pub drain_timeout: Duration,
+    /// Gauge of open connections, if this listener is counted.
+    pub connections: Option<prometheus::IntGauge>,
+    /// At most this many open connections; past it, new ones wait in the backlog.
+    pub max_connections: Option<usize>,
+    /// Request line plus headers (HTTP/1.1: 431 past it; HTTP/2: header list size).
+    pub max_header_bytes: Option<usize>,
+    /// Terminate TLS on this listener.
+    pub tls: Option<TlsSource>,
+    /// Gauge of parked idle keep-alive connections, if this listener is counted.
+    pub parked: Option<prometheus::IntGauge>,
+    /// This listener's worker thread, when client connections are balanced over
+    /// several (see [`crate::balance`]).
+    pub balance: Option<Worker>,
+}
+
+impl ServeOptions {
+    /// Plain settings with no limits, for the admin listener, the demo app and tests.
+    pub fn basic(
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+        drain_timeout: Duration,
+    ) -> Self {
+        Self {
+            header_read_timeout,
+            idle_timeout,
+            drain_timeout,
+            connections: None,
+            max_connections: None,
+            max_header_bytes: None,
+            tls: None,
+            parked: None,
+            balance: None,
+        }
+    }
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then drains.
+///
+/// `service_for` builds the service for one connection from the peer address and the
+/// connection's framing verdicts (see [`crate::framing`]).
+pub async fn serve<F, S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+    service_for: F,
+) where
+    F: Fn(SocketAddr, Arc<ConnState>) -> S,
+    S: HttpService<B> + Clone,
+    B: Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    {
+        let mut http1 = builder.http1();
+        http1
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout);
+        if let Some(max) = options.max_header_bytes {
+            // hyper's read buffer bounds the head; it answers 431 when it overflows.
+            http1.max_buf_size(max.max(8192));
+        }
+    }
+    {
+        let mut http2 = builder.http2();
+        // RFC 8441: WebSockets over HTTP/2 (extended CONNECT).
+        http2.timer(TokioTimer::new()).enable_connect_protocol();
+        if let Some(max) = options.max_header_bytes {
+            http2.max_header_list_size(u32::try_from(max).unwrap_or(u32::MAX));
+        }
+    }
+    let builder = Arc::new(builder);
+    let limit = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let tracker = TaskTracker::new();
+    // `drain` asks every connection to finish gracefully; `force_close` cuts them when
+    // the drain deadline passes.
+    let drain = CancellationToken::new();
+    let force_close = CancellationToken::new();
+
+    let mut inbox = options.balance.as_ref().and_then(Worker::take_inbox);
+    loop {
+        let permit = match &limit {
+            None => None,
+            Some(limit) => tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = Arc::clone(limit).acquire_owned() => permit.ok(),
+            },
+        };
+        let (stream, peer, permit) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            // Another worker's connection: its permit comes with it, ours goes back.
+            handoff = next_handoff(&mut inbox) => match TcpStream::from_std(handoff.stream) {
+                Ok(stream) => (stream, handoff.peer, handoff.permit),
+                Err(error) => {
+                    debug!(listener = name, %error, "handed-off connection unusable");
+                    continue;
+                }
+            },
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => match options.balance.as_ref().and_then(|w| w.target().map(|to| (w, to))) {
+                    None => (stream, peer, permit),
+                    Some((worker, to)) => match hand_off(worker, to, stream, peer, permit) {
+                        None => continue,
+                        Some(back) => back,
+                    },
+                },
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning on the error.
+                    warn!(listener = name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(listener = name, %error, "set_nodelay failed");
+        }
+        let framing = Arc::new(ConnState::default());
+        let io = idle_timeout(stream, options.idle_timeout, Arc::clone(&framing));
+        let service = service_for(peer, Arc::clone(&framing));
+        let counted = options.connections.clone().map(GaugeGuard::new);
+        let serving = options.balance.as_ref().map(Worker::serving);
+        let builder = Arc::clone(&builder);
+        let parked = options.parked.clone();
+        let ends = Ends {
+            drain: drain.clone(),
+            force_close: force_close.clone(),
+        };
+        let tls = options
+            .tls
+            .as_ref()
+            .map(|t| TlsAcceptor::from(t.load_full()));
+        let handshake_timeout = options.header_read_timeout;
+        tracker.spawn(async move {
+            let _held = (permit, counted, serving);
+            let scan_shared = Arc::clone(&framing);
+            let conn = ConnectionTask {
+                name,
+                peer,
+                builder: &builder,
+                state: &framing,
+                ends: &ends,
+            };
+            match tls {
+                None => {
+                    let io = SmugglingGuard::wrap(io, scan_shared);
+                    conn.serve_tcp(io, service, parked).await;
+                }
+                // Boxed: the handshake future is large, and inline it would size every
+                // connection's task, plain ones included, for its whole life.
+                Some(acceptor) => {
+                    Box::pin(async {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                            Ok(Ok(tls_stream)) => {
+                                let io = SmugglingGuard::wrap(tls_stream, scan_shared);
+                                conn.serve_once(io, service, None).await;
+                            }
+                            Ok(Err(error)) => {
+                                debug!(listener = name, %peer, %error, "TLS handshake failed");
+                            }
+                            Err(_) => debug!(listener = name, %peer, "TLS handshake timed out"),
+                        }
+                    })
+                    .await;
+                }
+            }
+        });
+    }
+
+    drop(listener);
+    info!(listener = name, "stopped accepting; draining");
+    drain.cancel();
+    tracker.close();
+    match tokio::time::timeout(options.drain_timeout, tracker.wait()).await {
+        Ok(()) => info!(listener = name, "drained"),
+        Err(_) => {
+            warn!(
+                listener = name,
+                timeout_ms = u64::try_from(options.drain_timeout.as_millis()).unwrap_or(u64::MAX),
+                "drain timeout; closing remaining connections"
+            );
+            force_close.cancel();
+        }
+    }
+}
+
+/// The next connection another worker hands this one; never, without an inbox (or
+/// once every sender is gone).
+async fn next_handoff(
+    inbox: &mut Option<tokio::sync::mpsc::UnboundedReceiver<Handoff>>,
+) -> Handoff {
+    if let Some(rx) = inbox
+        && let Some(handoff) = rx.recv().await
+    {
+        return handoff;
+    }
+    *inbox = None;
+    std::future::pending().await
+}
+
+/// Hands an accepted connection to worker `to`. Gives it back to serve here when that
+/// worker stopped taking connections (shutdown), or `None` once it is sent (or lost:
+/// a socket that cannot leave this runtime is closed).
+fn hand_off(
+    worker: &Worker,
+    to: usize,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Option<(
+    TcpStream,
+    SocketAddr,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+)> {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            debug!(%peer, %error, "cannot hand off connection");
+            return None;
+        }
+    };
+    let handoff = Handoff {
+        stream,
+        peer,
+        permit,
+    };
+    let back = worker.hand_off(to, handoff).err()?;
+    match TcpStream::from_std(back.stream) {
+        Ok(stream) => Some((stream, back.peer, back.permit)),
+        Err(error) => {
+            debug!(%peer, %error, "cannot take back connection");
+            None
+        }
+    }
+}
