@@ -33,10 +33,7 @@ fn value(m: &HashMap<String, f64>, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_match_the_traffic_exactly() {
     within(60, async {
-        let (prod, canary) = (
-            TestBackend::start("production").await,
-            TestBackend::start("canary").await,
-        );
+        let (prod, canary) = two_pools().await;
         let proxy = Proxy::start(&config_toml(
             &[prod.addr],
             &[canary.addr],
@@ -183,7 +180,7 @@ async fn upstream_errors_and_in_flight_are_counted() {
         let url = proxy.url("/sleep?ms=250");
         let in_flight =
             tokio::spawn(async move { get(&client(), &url, &[("x-canary", "always")]).await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        proxy.wait_in_flight(1).await;
         let (_, m) = scrape(&c, proxy.admin_addr).await;
         assert_eq!(
             value(&m, r#"canarygate_in_flight_requests{pool="canary"}"#),
@@ -444,7 +441,7 @@ async fn readyz_turns_503_while_draining() {
         );
         let url = format!("http://{}/sleep?ms=1500", proxy.addr);
         let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.wait_in_flight(1.0).await;
         proxy.signal("TERM");
         proxy.wait_log("stopped accepting", Duration::from_secs(5));
         let ready = get(&client(), &format!("http://{admin}/readyz"), &[]).await;
@@ -527,10 +524,7 @@ async fn status_page_renders_in_headless_chromium_without_console_errors() {
     within(90, async {
         require("chromium", "chromium");
         let redis = RedisServer::start();
-        let (prod, canary) = (
-            TestBackend::start("production").await,
-            TestBackend::start("canary").await,
-        );
+        let (prod, canary) = two_pools().await;
         let proxy = Proxy::start(&config_toml(
             &[prod.addr],
             &[canary.addr],

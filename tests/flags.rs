@@ -159,10 +159,7 @@ async fn assert_all(c: &TestClient, proxy: &Proxy, n: usize, headers: &[(&str, &
 async fn reserved_fields_steer_traffic_and_bad_values_change_nothing() {
     within(60, async {
         let redis = RedisServer::start();
-        let (prod, canary) = (
-            TestBackend::start("production").await,
-            TestBackend::start("canary").await,
-        );
+        let (prod, canary) = two_pools().await;
         let proxy = Proxy::start(&config_toml(
             &[prod.addr],
             &[canary.addr],
@@ -384,10 +381,7 @@ async fn redis_refusing_config_still_propagates_by_polling() {
 async fn two_proxies_on_one_redis_agree() {
     within(60, async {
         let redis = RedisServer::start();
-        let (prod, canary) = (
-            TestBackend::start("production").await,
-            TestBackend::start("canary").await,
-        );
+        let (prod, canary) = two_pools().await;
         let toml = config_toml(
             &[prod.addr],
             &[canary.addr],
@@ -503,6 +497,75 @@ async fn an_outage_logs_one_warning_not_one_per_retry() {
             .filter(|l| l.contains("flag store unreachable"))
             .count();
         assert_eq!(warnings, 1, "{lines:#?}");
+    })
+    .await;
+}
+
+/// Writes a config with `extra` flag settings and applies it as SIGHUP does.
+fn reload_with(proxy: &Proxy, dir: &TempDir, backend: std::net::SocketAddr, extra: &str) {
+    let path = dir.write("canarygate.toml", &config_toml(&[backend], &[], extra));
+    canarygate::reload(&proxy.state, &path).expect("the reloaded config is valid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_the_flag_store_settings_and_static_flags() {
+    within(60, async {
+        let backend = TestBackend::start("production").await;
+        let dir = TempDir::new("flag-reload");
+        let c = client();
+        let proxy = Proxy::start(&config_toml(
+            &[backend.addr],
+            &[],
+            "[flags.static]\ntheme = \"red\"",
+        ))
+        .await;
+        assert_eq!(flags_seen(&c, &proxy).await, "theme=red");
+
+        // Without Redis, new static values apply at once.
+        reload_with(
+            &proxy,
+            &dir,
+            backend.addr,
+            "[flags.static]\ntheme = \"green\"",
+        );
+        assert_eq!(flags_seen(&c, &proxy).await, "theme=green");
+
+        // A store named by a reload is followed from then on (notifications only:
+        // the poll period is far beyond the test).
+        let redis = RedisServer::start();
+        let mut r = redis.conn().await;
+        let _: () = r.hset("first:flags", "new_checkout", "on").await.unwrap();
+        let store =
+            |key: &str| flags_config(&redis.url(), &format!("key = \"{key}\"\npoll_ms = 600000"));
+        reload_with(&proxy, &dir, backend.addr, &store("first:flags"));
+        wait_header(&c, &proxy, "new_checkout=on", Duration::from_secs(5)).await;
+
+        // Another key at the next reload: the watcher restarts on it, and follows
+        // its flips, not the old key's.
+        let _: () = r.hset("second:flags", "dark_mode", "on").await.unwrap();
+        reload_with(&proxy, &dir, backend.addr, &store("second:flags"));
+        wait_header(&c, &proxy, "dark_mode=on", Duration::from_secs(5)).await;
+        let _: () = r.hset("first:flags", "stale", "on").await.unwrap();
+        let _: () = r.hset("second:flags", "fresh", "on").await.unwrap();
+        wait_header(&c, &proxy, "dark_mode=on;fresh=on", Duration::from_secs(5)).await;
+
+        // Redis taken out of the config: the static flags are back.
+        reload_with(
+            &proxy,
+            &dir,
+            backend.addr,
+            "[flags.static]\ntheme = \"blue\"",
+        );
+        assert_eq!(flags_seen(&c, &proxy).await, "theme=blue");
+        let flags = get_json(&c, &format!("http://{}/flags", proxy.admin_addr)).await;
+        assert_eq!(flags["source"], "static");
+        // And the old watcher is gone: a flip in Redis changes nothing any more.
+        let version = proxy.state.snapshot().flags.version;
+        let _: () = r.hset("second:flags", "late", "on").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(proxy.state.snapshot().flags.version, version);
+        assert_eq!(flags_seen(&c, &proxy).await, "theme=blue");
+        proxy.stop().await;
     })
     .await;
 }

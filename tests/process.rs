@@ -108,7 +108,7 @@ async fn sigterm_lets_a_slow_request_finish_then_exits_0() {
         );
         let url = format!("http://{}/sleep?ms=1500", proxy.addr);
         let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.wait_in_flight(1.0).await;
         proxy.signal("TERM");
         proxy.wait_log("stopped accepting", Duration::from_secs(5));
         // New connections are refused while the old request drains (every worker's
@@ -149,7 +149,7 @@ async fn drain_timeout_cuts_requests_that_run_too_long() {
                 )
                 .await
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        proxy.wait_in_flight(1.0).await;
         let started = std::time::Instant::now();
         proxy.signal("TERM");
         let status = tokio::task::spawn_blocking(move || proxy.wait_exit(Duration::from_secs(5)))
@@ -342,4 +342,42 @@ fn get_static() -> Request<http_body_util::Empty<bytes::Bytes>> {
         .header("host", "test")
         .body(http_body_util::Empty::new())
         .unwrap()
+}
+
+#[test]
+fn logs_to_a_pipe_carry_no_colour_codes() {
+    // As a new user would: `canarygate demo > demo.log` (here: the text log of
+    // `canarygate backend` read through a pipe) must be plain text.
+    let mut child = std::process::Command::new(binary())
+        .args(["backend", "--listen", "127.0.0.1:0", "--name", "plain"])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn canarygate backend");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let line = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("a log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("backend listening"), "{line:?}");
+    assert!(line.contains(" INFO "), "{line:?}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "colour codes in a piped log: {line:?}"
+    );
 }

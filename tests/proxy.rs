@@ -10,13 +10,6 @@ use std::time::{Duration, Instant};
 use canarygate::config;
 use support::*;
 
-async fn two_pools() -> (TestBackend, TestBackend) {
-    (
-        TestBackend::start("production").await,
-        TestBackend::start("canary").await,
-    )
-}
-
 fn share_of_canary(pools: &[String]) -> f64 {
     pools.iter().filter(|p| *p == "canary").count() as f64 / pools.len() as f64
 }
@@ -468,7 +461,7 @@ async fn in_process_shutdown_lets_a_slow_request_finish() {
         let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
         let url = proxy.url("/sleep?ms=800");
         let slow = tokio::spawn(async move { get(&client(), &url, &[]).await });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        proxy.wait_in_flight(1).await;
         let addr = proxy.addr;
         proxy.stop().await;
         let got = slow.await.unwrap();

@@ -468,10 +468,7 @@ async fn run_refuses_an_unreadable_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
     within(60, async {
-        let (prod, canary) = (
-            TestBackend::start("production").await,
-            TestBackend::start("canary").await,
-        );
+        let (prod, canary) = two_pools().await;
         let pools = config_toml(&[prod.addr], &[canary.addr], "");
         let toml = |percent: u32| {
             format!("{pools}[routing]\nsticky = \"none\"\ncanary_percent = {percent}\n")
@@ -507,7 +504,8 @@ async fn sighup_applies_a_good_config_and_refuses_a_broken_one() {
                 failures
             })
         };
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        // Reload while all four loops have a slow request in flight.
+        proxy.wait_in_flight(4.0).await;
         std::fs::write(&proxy.config_path, server_toml("", &toml(100))).unwrap();
         proxy.signal("HUP");
         proxy.wait_log("config reloaded", Duration::from_secs(5));
@@ -568,9 +566,11 @@ async fn sigterm_turns_readyz_503_for_the_drain_delay_while_still_serving() {
             ProxyProcess::spawn(&config_toml(&[prod.addr], &[], ""), "drain_delay_ms = 800");
         let c = client();
         proxy.signal("TERM");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let ready = get(&c, &format!("http://{}/readyz", proxy.admin_addr), &[]).await;
-        assert_eq!(ready.status, 503);
+        let readyz = format!("http://{}/readyz", proxy.admin_addr);
+        eventually(Duration::from_secs(5), "/readyz says 503", || async {
+            get(&c, &readyz, &[]).await.status == 503
+        })
+        .await;
         // Still serving during the delay.
         assert_eq!(
             get(&c, &format!("http://{}/", proxy.addr), &[])

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use canarygate::config;
+use canarygate::routing::PoolKind;
 use canarygate::server::{self, ServeOptions};
 use canarygate::state::AppState;
 use http::{HeaderMap, Request, Response, StatusCode};
@@ -247,6 +248,14 @@ impl Body for PatternBody {
     }
 }
 
+/// A production and a canary test backend, the two-pool setup most tests start from.
+pub async fn two_pools() -> (TestBackend, TestBackend) {
+    (
+        TestBackend::start("production").await,
+        TestBackend::start("canary").await,
+    )
+}
+
 /// The demo app (`canarygate::demo`) in-process on an ephemeral port: pages, and a
 /// WebSocket echo on `/ws`. Runs until the test's runtime ends.
 pub async fn demo_app(name: &str, version: &str) -> SocketAddr {
@@ -337,6 +346,17 @@ impl Proxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits until `n` requests are in flight (both pools), as the gauge counts them.
+    pub async fn wait_in_flight(&self, n: i64) {
+        let metrics = &self.state.metrics;
+        eventually(Duration::from_secs(5), "requests in flight", || async {
+            metrics.pool(PoolKind::Production).in_flight.get()
+                + metrics.pool(PoolKind::Canary).in_flight.get()
+                == n
+        })
+        .await;
     }
 
     /// Stops accepting and waits for the drain to finish.
@@ -493,6 +513,23 @@ impl ProxyProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits until `n` requests are in flight (both pools), read from `/metrics`.
+    pub async fn wait_in_flight(&self, n: f64) {
+        let (c, admin) = (client(), self.admin_addr);
+        eventually(Duration::from_secs(5), "requests in flight", || {
+            let c = c.clone();
+            async move {
+                let m = scrape_metrics(&c, admin).await;
+                let pool = |p| {
+                    m.get(&format!("canarygate_in_flight_requests{{pool=\"{p}\"}}"))
+                        .copied()
+                };
+                pool("production").unwrap_or(0.0) + pool("canary").unwrap_or(0.0) == n
+            }
+        })
+        .await;
     }
 
     pub fn signal(&self, sig: &str) {
