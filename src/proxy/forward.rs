@@ -54,7 +54,7 @@ pub async fn proxy_to_pool<'s>(
         idle_ms: timeouts.idle_ms,
     };
     let first = forward(backend, request, &set, deadline, settings).await;
-    record_outcome(state, pool, index, &first);
+    report_outcome(state, pool, index, &first);
     let Err(error) = &first else {
         return (first, Some(backend));
     };
@@ -85,13 +85,13 @@ pub async fn proxy_to_pool<'s>(
         settings,
     )
     .await;
-    record_outcome(state, pool, second_index, &second);
+    report_outcome(state, pool, second_index, &second);
     (second, Some(second_backend))
 }
 
 /// Passive health: a connect error or a 5xx counts against the backend; ejections are
 /// logged, counted and shown at once.
-fn record_outcome(
+fn report_outcome(
     state: &AppState,
     pool: &BackendPool,
     index: usize,

@@ -46,7 +46,7 @@ pub async fn handle(
     let snapshot = state.snapshot();
     let config = &snapshot.config;
     let now = now_ms();
-    let (decision, new_sticky_id) = decide(&snapshot, peer, req.headers(), now);
+    let (decision, new_sticky_id) = route(&snapshot, peer, req.headers(), now);
     match (decision.pool, decision.reason) {
         (PoolKind::Production, Reason::Failover) => {
             state.metrics.failover_requests.inc();
@@ -179,7 +179,7 @@ pub async fn handle(
 /// The routing decision for a request (see [`routing::decide`]), from the override
 /// header, the sticky key, the flags and the canary pool's health; and a new sticky
 /// id to set if one was made.
-fn decide(
+fn route(
     snapshot: &Snapshot,
     peer: &ClientPeer,
     headers: &HeaderMap,

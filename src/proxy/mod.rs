@@ -1,6 +1,6 @@
 //! The request path, from a client request to the backend's answer.
 //!
-//! - [`handle`]: one request: decide, check, forward, answer, record.
+//! - [`mod@handle`]: one request: decide, check, forward, answer, record.
 //! - [`error`]: why a request got no upstream answer, classified in one place.
 //! - [`headers`]: the request as the backend sees it; ids and cookies.
 //! - [`forward`]: sending to a pool, passive health, the one retry.

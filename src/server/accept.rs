@@ -55,7 +55,7 @@ pub struct ServeOptions {
     /// Gauge of parked idle keep-alive connections, if this listener is counted.
     pub parked: Option<prometheus::IntGauge>,
     /// This listener's worker thread, when client connections are balanced over
-    /// several (see [`crate::balance`]).
+    /// several (see [`crate::server::balance`]).
     pub balance: Option<Worker>,
 }
 
@@ -83,7 +83,7 @@ impl ServeOptions {
 /// Serves `listener` until `shutdown` is cancelled, then drains.
 ///
 /// `service_for` builds the service for one connection from the peer address and the
-/// connection's framing verdicts (see [`crate::framing`]).
+/// connection's framing verdicts (see [`crate::server::guard`]).
 pub async fn serve<F, S, B>(
     name: &'static str,
     listener: TcpListener,
