@@ -6,6 +6,7 @@
 //! while disconnected. When Redis is down the proxy serves on with what it has.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt as _;
@@ -79,6 +80,7 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
     };
     let mut watcher = Watcher {
         state: state.clone(),
+        settings: config.clone(),
         key: config.key.clone(),
         poll: Duration::from_millis(config.poll_ms),
         up: None,
@@ -120,6 +122,8 @@ fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String>
 
 struct Watcher {
     state: AppState,
+    /// The settings this watcher was started with.
+    settings: FlagsConfig,
     key: String,
     poll: Duration,
     /// Last known store state, to log once per change rather than once per retry.
@@ -233,7 +237,14 @@ impl Watcher {
         conn: &mut redis::aio::MultiplexedConnection,
     ) -> Result<(), FlagStoreError> {
         let raw: Vec<(String, String)> = timed(conn.hgetall(&self.key)).await?;
-        let current = self.state.snapshot().flags.clone();
+        let snapshot = self.state.snapshot();
+        if snapshot.config.flags.store_differs(&self.settings) {
+            // A reload moved the flags elsewhere while this read was under way: the
+            // restarted watcher (or the static flags) speaks for them now.
+            return Ok(());
+        }
+        let current = Arc::clone(&snapshot.flags);
+        drop(snapshot);
         let (set, rejected) = build(
             raw.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &current.set,
