@@ -211,16 +211,19 @@ fn route(
     };
     let flags = &snapshot.flags.set;
     let canary = &snapshot.pools.canary;
-    let decision = routing::decide(
-        forced,
-        bucket,
-        flags.canary_percent.unwrap_or(routing.canary_percent),
-        Canary {
-            enabled: flags.canary_enabled,
-            configured: !canary.is_empty(),
-            usable: canary.has_usable(now_ms),
-        },
-    );
+    let percent = flags.canary_percent.unwrap_or(routing.canary_percent);
+    let mut state = Canary {
+        enabled: flags.canary_enabled,
+        configured: !canary.is_empty(),
+        usable: true,
+    };
+    let mut decision = routing::decide(forced, bucket, percent, state);
+    // The canary backends' health is read only for a request bound for canary (the
+    // production-bound majority skips the scan); decided again, that is failover.
+    if decision.pool == PoolKind::Canary && !canary.has_usable(now_ms) {
+        state.usable = false;
+        decision = routing::decide(forced, bucket, percent, state);
+    }
     (decision, new_sticky_id)
 }
 
