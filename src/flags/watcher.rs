@@ -81,8 +81,6 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
     let mut watcher = Watcher {
         state: state.clone(),
         settings: config.clone(),
-        key: config.key.clone(),
-        poll: Duration::from_millis(config.poll_ms),
         up: None,
         config_refused_logged: false,
         last_rejected: HashMap::new(),
@@ -124,8 +122,6 @@ struct Watcher {
     state: AppState,
     /// The settings this watcher was started with.
     settings: FlagsConfig,
-    key: String,
-    poll: Duration,
     /// Last known store state, to log once per change rather than once per retry.
     up: Option<bool>,
     config_refused_logged: bool,
@@ -151,7 +147,7 @@ impl Watcher {
                 Source::Flags,
                 Level::Info,
                 "flag store connected",
-                &self.key,
+                &self.settings.key,
             ),
             (false, error) => events.report(
                 Source::Flags,
@@ -174,12 +170,12 @@ impl Watcher {
         self.enable_notifications(&mut conn).await;
         let db = client.get_connection_info().redis_settings().db();
         let mut pubsub = timed(client.get_async_pubsub()).await?;
-        timed(pubsub.subscribe(format!("__keyspace@{db}__:{}", self.key))).await?;
+        timed(pubsub.subscribe(format!("__keyspace@{db}__:{}", self.settings.key))).await?;
         let mut messages = pubsub.into_on_message();
 
         self.refresh(&mut conn).await?;
         self.set_up(true, None);
-        let mut tick = tokio::time::interval(self.poll);
+        let mut tick = tokio::time::interval(Duration::from_millis(self.settings.poll_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate; the read above covered it
         loop {
@@ -227,7 +223,7 @@ impl Watcher {
             && !self.config_refused_logged
         {
             self.config_refused_logged = true;
-            warn!(%error, poll_ms = u64::try_from(self.poll.as_millis()).unwrap_or(u64::MAX), "cannot enable keyspace notifications; relying on polling");
+            warn!(%error, poll_ms = self.settings.poll_ms, "cannot enable keyspace notifications; relying on polling");
         }
     }
 
@@ -236,7 +232,7 @@ impl Watcher {
         &mut self,
         conn: &mut redis::aio::MultiplexedConnection,
     ) -> Result<(), FlagStoreError> {
-        let raw: Vec<(String, String)> = timed(conn.hgetall(&self.key)).await?;
+        let raw: Vec<(String, String)> = timed(conn.hgetall(&self.settings.key)).await?;
         let snapshot = self.state.snapshot();
         if snapshot.config.flags.store_differs(&self.settings) {
             // A reload moved the flags elsewhere while this read was under way: the
