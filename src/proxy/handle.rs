@@ -26,8 +26,8 @@ use crate::observe::events::{Level, Source};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::proxy_to_pool;
 use crate::proxy::headers::{
-    ClientPeer, POOL_HEADER, REQUEST_ID, UpstreamHeaders, header_value_from_id, random_bucket,
-    random_hex_id, sticky_cookie, sticky_set_cookie, valid_request_id,
+    ClientPeer, POOL_HEADER, REQUEST_ID, UpstreamHeaders, check_host, header_value_from_id,
+    random_bucket, random_hex_id, sticky_cookie, sticky_set_cookie, valid_request_id,
 };
 use crate::proxy::upgrade::{keep_upgrade_headers, tunnel, upgrade_requested};
 use crate::routing::{self, Canary, Decision, PoolKind, Reason};
@@ -108,6 +108,7 @@ pub async fn handle(
                     } else {
                         keep_upgrade_headers(response.headers_mut());
                     }
+                    peer.conn.set_switched();
                     peer.conn.set_idle(config.timeouts.websocket_idle());
                     let tunnel = tunnel(
                         client_side,
@@ -255,7 +256,7 @@ fn note_canary_failover(state: &AppState, active: bool) {
 /// Refuses requests whose framing a proxy must not pass on (request smuggling, RFC
 /// 9112 6.3): both Content-Length and Transfer-Encoding, more than one Content-Length
 /// (as seen on the wire by [`crate::server::guard`], since hyper normalizes both away),
-/// or an HTTP/1.1 request without Host. Also enforces `max_body_bytes` up front when
+/// and a missing, repeated or invalid Host ([`check_host`]). Also enforces `max_body_bytes` up front when
 /// the length is declared.
 fn check_framing(
     req: &Request<Incoming>,
@@ -278,9 +279,7 @@ fn check_framing(
             "both Content-Length and Transfer-Encoding",
         ));
     }
-    if req.version() == Version::HTTP_11 && !h.contains_key(header::HOST) {
-        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
-    }
+    check_host(req)?;
     if let (Some(limit), Some(length)) = (max_body_bytes, length) {
         let declared = length
             .to_str()

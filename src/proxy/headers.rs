@@ -109,19 +109,17 @@ pub fn upstream_request(
 
     let h = &parts.headers;
     let mut set = Vec::with_capacity(8);
-    // HTTP/2 clients send :authority instead of Host; HTTP/1.1 ones a Host header.
-    match h.get(header::HOST) {
-        Some(host) => set.push((X_FORWARDED_HOST, host.clone())),
-        None => {
-            if let Some(host) = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            {
-                set.push((header::HOST, host.clone()));
-                set.push((X_FORWARDED_HOST, host));
-            }
-        }
+    // Exactly one Host goes upstream: the target's authority when the request has one
+    // (HTTP/2 :authority; an HTTP/1.1 absolute-form target, whose Host the recipient
+    // MUST ignore, RFC 9112 3.2.2), else the client's one Host (checked before).
+    let host = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| h.get(header::HOST).cloned());
+    if let Some(host) = host {
+        set.push((header::HOST, host.clone()));
+        set.push((X_FORWARDED_HOST, host));
     }
     if let Some(upgrade) = extra.upgrade {
         // The one exception to hop-by-hop stripping: a valid upgrade keeps its headers.
@@ -140,6 +138,120 @@ pub fn upstream_request(
         Request::from_parts(parts, UpstreamBody::new(body, extra.max_body_bytes)),
         set,
     ))
+}
+
+/// Checks the request's Host field and target authority (RFC 9112 3.2, RFC 9113
+/// 8.3.1): at most one Host field, each of them a valid `uri-host [ ":" port ]`
+/// (RFC 9110 7.2; userinfo is not allowed), and an HTTP/2 request's Host, if any,
+/// naming the same authority as its `:authority`.
+pub fn check_host(req: &Request<Incoming>) -> Result<(), ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host field"));
+    }
+    // An empty Host is what RFC 9112 3.2 asks of a client whose target has no
+    // authority; it is valid and routes nowhere special.
+    if host.is_some_and(|h| !h.is_empty() && !valid_authority(h.as_bytes())) {
+        return Err(ProxyError::BadRequest("invalid Host"));
+    }
+    if req.version() == Version::HTTP_11 && host.is_none() {
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without Host"));
+    }
+    let Some(authority) = req.uri().authority() else {
+        return Ok(());
+    };
+    if !valid_authority(authority.as_str().as_bytes()) {
+        return Err(ProxyError::BadRequest("invalid request target authority"));
+    }
+    if req.version() == Version::HTTP_2
+        && host.is_some_and(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        })
+    {
+        return Err(ProxyError::BadRequest("Host differs from :authority"));
+    }
+    Ok(())
+}
+
+/// Whether `value` is `uri-host [ ":" port ]` (RFC 3986 3.2.2 and 3.2.3): an IP
+/// literal in brackets, or an IPv4 address or registered name (unreserved,
+/// percent-encoded and sub-delims characters), then an optional port of at most
+/// 65535.
+pub fn valid_authority(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..close];
+        if !valid_ip_literal(literal) {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..=close], Some(port)),
+            _ => return false,
+        }
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], Some(&value[colon + 1..])),
+            None => (value, None),
+        }
+    };
+    let host_ok = host.first() == Some(&b'[') || (!host.is_empty() && valid_reg_name(host));
+    let port_ok = port.is_none_or(|p| {
+        p.len() <= 5
+            && p.iter().all(u8::is_ascii_digit)
+            && std::str::from_utf8(p)
+                .ok()
+                .is_none_or(|p| p.is_empty() || p.parse::<u16>().is_ok())
+    });
+    host_ok && port_ok
+}
+
+/// `reg-name` (RFC 3986 3.2.2), which also covers IPv4 addresses.
+fn valid_reg_name(host: &[u8]) -> bool {
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                if !host
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+                {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The inside of `[...]`: an IPv6 address or an `IPvFuture` (RFC 3986 3.2.2).
+fn valid_ip_literal(literal: &[u8]) -> bool {
+    if let [b'v' | b'V', rest @ ..] = literal {
+        let Some(dot) = rest.iter().position(|&b| b == b'.') else {
+            return false;
+        };
+        let (version, tail) = (&rest[..dot], &rest[dot + 1..]);
+        return !version.is_empty()
+            && version.iter().all(u8::is_ascii_hexdigit)
+            && !tail.is_empty()
+            && tail
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:".contains(&b));
+    }
+    std::str::from_utf8(literal)
+        .ok()
+        .and_then(|s| s.parse::<std::net::Ipv6Addr>().ok())
+        .is_some()
 }
 
 /// `X-Forwarded-For` with the client IP appended, keeping what earlier proxies wrote.
@@ -217,6 +329,45 @@ pub fn valid_request_id(id: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authorities_follow_rfc_3986() {
+        for good in [
+            "example.com",
+            "example.com:8080",
+            "EXAMPLE.com:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[2001:db8::7]:443",
+            "[v1.fe80::a+en1]",
+            "xn--bcher-kva.example",
+            "a%20b.example",
+            "sub_delims!$&'()*+,;=",
+            "h:65535",
+        ] {
+            assert!(valid_authority(good.as_bytes()), "{good}");
+        }
+        for bad in [
+            "",
+            "bad host",
+            "user@example.com",
+            "example.com:80:80",
+            "example.com:http",
+            "example.com:65536",
+            "example.com:000080",
+            "[::1",
+            "[::1]x",
+            "[not-ipv6]",
+            "[v1.]",
+            "a%2",
+            "a%zz",
+            ":80",
+            "a/b",
+            "a\tb",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+    }
 
     #[test]
     fn forwarded_for_appends() {

@@ -32,6 +32,8 @@ pub struct ConnState {
     open_exchanges: AtomicU64,
     /// The accept loop is parking the connection: hyper's shutdown must not close it.
     parking: AtomicBool,
+    /// A 101 answered an upgrade request: the connection is a tunnel from now on.
+    switched: AtomicBool,
 }
 
 impl Default for ConnState {
@@ -46,6 +48,7 @@ impl Default for ConnState {
             calls: AtomicU64::new(0),
             open_exchanges: AtomicU64::new(0),
             parking: AtomicBool::new(false),
+            switched: AtomicBool::new(false),
         }
     }
 }
@@ -85,6 +88,16 @@ impl ConnState {
 
     pub fn parking(&self) -> bool {
         self.parking.load(Ordering::Relaxed)
+    }
+
+    /// The handler answered an upgrade request with 101: what the client sends next
+    /// is the tunnel's, not HTTP/1.1 (the smuggling guard stops reading it).
+    pub fn set_switched(&self) {
+        self.switched.store(true, Ordering::Relaxed);
+    }
+
+    pub fn switched(&self) -> bool {
+        self.switched.load(Ordering::Relaxed)
     }
 
     /// Changes the connection's idle timeout from now on.

@@ -1,0 +1,125 @@
+//! Hardening (issue 14): request hygiene the proxy owes its backends (Host, request
+//! smuggling), a hostile backend, and faults a long-running proxy must survive.
+//! Real sockets, real processes.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+
+use http::Request;
+use http_body_util::BodyExt as _;
+use support::*;
+
+/// The status codes of the responses in `raw`, in order.
+fn statuses(raw: &str) -> Vec<u16> {
+    raw.split("HTTP/1.1 ")
+        .skip(1)
+        .filter_map(|r| r.get(..3)?.parse().ok())
+        .collect()
+}
+
+/// The values of `name` in a `/headers` answer (one `name: value` line each).
+fn header_lines<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_validated_and_exactly_one_is_forwarded() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let addr = proxy.addr;
+        let refused = [
+            "GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: bad host\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a.example\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example:80:80\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.example:99999\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            "GET http://a.example/ HTTP/1.1\r\n\r\n",
+        ];
+        for raw in refused {
+            let answer =
+                tokio::task::spawn_blocking(move || raw_exchange(addr, raw.as_bytes()))
+                    .await
+                    .unwrap();
+            assert_eq!(statuses(&answer), [400], "{raw:?}: {answer}");
+            assert!(answer.contains("connection: close"), "{answer}");
+        }
+        assert_eq!(prod.requests.load(Ordering::Relaxed), 0);
+
+        // A valid Host goes through once; an absolute-form target's authority
+        // replaces the Host the client sent (RFC 9112 3.2.2).
+        let cases = [
+            ("GET /headers HTTP/1.1\r\nHost: A.example:8080\r\nConnection: close\r\n\r\n", "A.example:8080"),
+            ("GET /headers HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\n\r\n", "[::1]:80"),
+            ("GET http://target.example/headers HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n", "target.example"),
+        ];
+        for (raw, host) in cases {
+            let answer =
+                tokio::task::spawn_blocking(move || raw_exchange(addr, raw.as_bytes()))
+                    .await
+                    .unwrap();
+            assert_eq!(statuses(&answer), [200], "{answer}");
+            assert_eq!(header_lines(&answer, "host"), [host], "{answer}");
+            assert_eq!(header_lines(&answer, "x-forwarded-host"), [host], "{answer}");
+        }
+
+        // HTTP/2: :authority and a Host field must agree (RFC 9113 8.3.1).
+        let h2 = h2_client();
+        let with_host = |host: &str| {
+            Request::get(proxy.url("/headers"))
+                .header("host", host)
+                .body(http_body_util::Empty::new().map_err(|e| match e {}).boxed())
+                .unwrap()
+        };
+        let authority = addr.to_string();
+        let agree = send(&h2, with_host(&authority)).await;
+        assert_eq!(agree.status, 200);
+        assert_eq!(header_lines(agree.text(), "host"), [authority.as_str()]);
+        let differ = send(&h2, with_host("elsewhere.example")).await;
+        assert_eq!(differ.status, 400);
+        let plain = get(&h2, &proxy.url("/headers"), &[]).await;
+        assert_eq!(header_lines(plain.text(), "host"), [authority.as_str()]);
+        assert_eq!(prod.requests.load(Ordering::Relaxed), 5);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framing_the_guard_once_gave_up_on_is_followed_to_the_end() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let addr = proxy.addr;
+        let cl_te = "POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n";
+        let zeros = "0".repeat(40);
+        let cases = [
+            // Bare LF line endings: two heads, not one.
+            ("bare LF".to_owned(), format!("GET /first HTTP/1.1\nHost: x\n\n{cl_te}")),
+            // Chunk sizes with many leading zeros, as hyper accepts them.
+            (
+                "leading zeros".to_owned(),
+                format!("POST /first HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n{zeros}3\r\nabc\r\n{zeros}0\r\n\r\n{cl_te}"),
+            ),
+            // An upgrade request the backend answers with 200: still HTTP/1.1.
+            (
+                "upgrade refused by the backend".to_owned(),
+                format!("GET /first HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n{cl_te}"),
+            ),
+        ];
+        for (name, raw) in cases {
+            let before = prod.requests.load(Ordering::Relaxed);
+            let answer = tokio::task::spawn_blocking(move || raw_exchange(addr, raw.as_bytes()))
+                .await
+                .unwrap();
+            assert_eq!(statuses(&answer), [200, 400], "{name}: {answer}");
+            assert_eq!(prod.requests.load(Ordering::Relaxed), before + 1, "{name}");
+        }
+    })
+    .await;
+}
