@@ -311,6 +311,9 @@ pub struct TimeoutsConfig {
     pub idle_ms: u64,
     /// An upgraded tunnel (WebSocket) with no byte either way for this long is closed.
     pub websocket_idle_ms: u64,
+    /// A backend that sends no byte of a response body for this long has the
+    /// response cut (nginx's `proxy_read_timeout`, 60 s).
+    pub upstream_body_idle_ms: u64,
 }
 
 impl Default for TimeoutsConfig {
@@ -321,6 +324,7 @@ impl Default for TimeoutsConfig {
             client_header_read_ms: 10_000,
             idle_ms: 60_000,
             websocket_idle_ms: 600_000,
+            upstream_body_idle_ms: 60_000,
         }
     }
 }
@@ -340,6 +344,9 @@ impl TimeoutsConfig {
     }
     pub fn websocket_idle(&self) -> Duration {
         Duration::from_millis(self.websocket_idle_ms)
+    }
+    pub fn upstream_body_idle(&self) -> Duration {
+        Duration::from_millis(self.upstream_body_idle_ms)
     }
 }
 
@@ -553,6 +560,7 @@ impl Config {
             ("timeouts.client_header_read_ms", t.client_header_read_ms),
             ("timeouts.idle_ms", t.idle_ms),
             ("timeouts.websocket_idle_ms", t.websocket_idle_ms),
+            ("timeouts.upstream_body_idle_ms", t.upstream_body_idle_ms),
         ] {
             if value == 0 {
                 return fail(key, "must be greater than 0".to_owned());

@@ -1,6 +1,6 @@
 //! Hardening (issue 14): request hygiene the proxy owes its backends (Host, request
-//! smuggling), a hostile backend, and faults a long-running proxy must survive.
-//! Real sockets, real processes.
+//! smuggling), requests clients abandon, and faults a long-running proxy must
+//! survive. Real sockets, real processes. (A hostile backend is in `upstream.rs`.)
 
 mod support;
 
@@ -120,6 +120,88 @@ async fn framing_the_guard_once_gave_up_on_is_followed_to_the_end() {
             assert_eq!(statuses(&answer), [200, 400], "{name}: {answer}");
             assert_eq!(prod.requests.load(Ordering::Relaxed), before + 1, "{name}");
         }
+    })
+    .await;
+}
+
+/// One series of the proxy's scrape, as written (labels in name order).
+async fn series(proxy: &Proxy, series: &str) -> f64 {
+    let scrape = scrape_metrics(&client(), proxy.admin_addr).await;
+    scrape.get(series).copied().unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_client_resets_after_forwarding_are_counted() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[prod.addr], &[], "")).await;
+        let addr = proxy.addr;
+        let resets = |stage: &'static str| {
+            let proxy = &proxy;
+            async move {
+                series(
+                    proxy,
+                    &format!(
+                        r#"canarygate_client_resets_total{{pool="production",stage="{stage}"}}"#
+                    ),
+                )
+                .await
+            }
+        };
+        assert_eq!(resets("before_response").await, 0.0);
+
+        // HTTP/1.1: the client hangs up while the backend works on its request.
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write as _;
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /sleep?ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        })
+        .await
+        .unwrap();
+        eventually(
+            std::time::Duration::from_secs(5),
+            "HTTP/1.1 reset counted",
+            || async { resets("before_response").await == 1.0 },
+        )
+        .await;
+
+        // HTTP/2: RST_STREAM (the client drops its response future).
+        let h2 = h2_client();
+        let url = proxy.url("/sleep?ms=1500");
+        let pending = get(&h2, &url, &[]);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(300), pending)
+                .await
+                .is_err()
+        );
+        eventually(
+            std::time::Duration::from_secs(5),
+            "HTTP/2 reset counted",
+            || async { resets("before_response").await == 2.0 },
+        )
+        .await;
+
+        // During the body: the client reads a little of 64 MiB and hangs up.
+        tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET /download?bytes=67108864 HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let mut some = [0u8; 65536];
+            let _ = s.read(&mut some).unwrap();
+        })
+        .await
+        .unwrap();
+        eventually(
+            std::time::Duration::from_secs(10),
+            "reset during the body counted",
+            || async { resets("during_response").await == 1.0 },
+        )
+        .await;
+        // The requests reached the backend: that is why they are counted.
+        assert_eq!(prod.requests.load(Ordering::Relaxed), 3);
     })
     .await;
 }

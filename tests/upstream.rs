@@ -1,4 +1,4 @@
-//! The proxy's HTTP/1.1 client (src/client.rs) against hand-written backends on real
+//! The proxy's HTTP/1.1 client (src/client/) against hand-written backends on real
 //! sockets: every way a backend may frame a response, sent in small pieces, and the
 //! ways a keep-alive connection to a backend ends. What the client sees, and how many
 //! connections the backend saw, show whether a connection was reused safely.
@@ -15,22 +15,41 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// What a scripted backend does with one request: write these pieces (a short pause
-/// between them, so the proxy reads partial messages), then close or keep going.
+/// What a scripted backend does with one request: write these pieces, each after its
+/// pause, then close or keep going.
 struct Reply {
-    pieces: Vec<Vec<u8>>,
+    pieces: Vec<(Duration, Vec<u8>)>,
     close: bool,
 }
 
+/// `wire` in pieces of `piece` bytes, 2 ms apart, so the proxy reads partial messages.
 fn reply(wire: &[u8], piece: usize, close: bool) -> Reply {
     Reply {
-        pieces: wire.chunks(piece).map(<[u8]>::to_vec).collect(),
+        pieces: wire
+            .chunks(piece)
+            .enumerate()
+            .map(|(i, p)| {
+                (
+                    Duration::from_millis(if i == 0 { 0 } else { 2 }),
+                    p.to_vec(),
+                )
+            })
+            .collect(),
         close,
     }
 }
 
+impl Reply {
+    /// Then `bytes`, `after_ms` later.
+    fn then(mut self, after_ms: u64, bytes: &[u8]) -> Self {
+        self.pieces
+            .push((Duration::from_millis(after_ms), bytes.to_vec()));
+        self
+    }
+}
+
 /// (request head, index of the request on its connection) -> what to send back.
-type Script = fn(&str, usize) -> Reply;
+type Script = Arc<dyn Fn(&str, usize) -> Reply + Send + Sync>;
 
 /// A backend answering from a script. Health checks are answered apart and not
 /// counted, so `conns` counts the connections the proxied requests used.
@@ -42,7 +61,8 @@ struct RawBackend {
 }
 
 impl RawBackend {
-    async fn start(script: Script) -> Self {
+    async fn start(script: impl Fn(&str, usize) -> Reply + Send + Sync + 'static) -> Self {
+        let script: Script = Arc::new(script);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns = Arc::new(AtomicUsize::new(0));
@@ -53,7 +73,12 @@ impl RawBackend {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                tokio::spawn(serve(stream, script, Arc::clone(&c), Arc::clone(&h)));
+                tokio::spawn(serve(
+                    stream,
+                    Arc::clone(&script),
+                    Arc::clone(&c),
+                    Arc::clone(&h),
+                ));
             }
         });
         Self {
@@ -118,11 +143,11 @@ async fn serve(
         heads.lock().unwrap().push(head.clone());
         let Reply { pieces, close } = script(&head, index);
         index += 1;
-        for piece in pieces {
+        for (pause, piece) in pieces {
+            tokio::time::sleep(pause).await;
             if stream.write_all(&piece).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
         if close {
             return;
@@ -279,10 +304,11 @@ async fn responses_that_cannot_be_framed_are_502_and_their_connection_is_dropped
         assert_eq!((fine.status.as_u16(), fine.text()), (200, "ok"));
         // One connection per broken response (none was reused), one for the last.
         assert_eq!(backend.conns(), 5);
+        // The three refused heads, and the chunking broken mid-body.
         let metrics = scrape_metrics(&c, proxy.admin_addr).await;
         assert_eq!(
             metrics[r#"canarygate_upstream_errors_total{kind="protocol",pool="production"}"#],
-            3.0
+            4.0
         );
     })
     .await;
@@ -451,6 +477,279 @@ async fn expect_100_continue_lets_the_body_through_once_asked_for() {
         let text = String::from_utf8_lossy(&response);
         assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains(&format!("5 {sha}")), "{text}");
+    })
+    .await;
+}
+
+/// Three requests in a row, `pause_ms` apart, on one keep-alive client connection to a
+/// proxy whose only backend answers every request with `reply()`: status and body
+/// (or the error) of each, the framing headers of each, and the connections the
+/// backend saw.
+async fn three_through(
+    method: &'static str,
+    reply: impl Fn() -> Reply + Send + Sync + 'static,
+    pause_ms: u64,
+) -> (Vec<Result<(u16, String), String>>, Vec<Vec<String>>, usize) {
+    let backend = RawBackend::start(move |_, _| reply()).await;
+    let proxy = proxy_for(&backend).await;
+    let c = client();
+    let (mut got, mut lengths) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(proxy.url("/"))
+            .body(empty())
+            .unwrap();
+        match try_send(&c, req).await {
+            Ok(g) => {
+                lengths.push(
+                    g.headers
+                        .get_all("content-length")
+                        .iter()
+                        .map(|v| v.to_str().unwrap().to_owned())
+                        .collect(),
+                );
+                got.push(Ok((g.status.as_u16(), g.text().to_owned())));
+            }
+            Err(e) => got.push(Err(e)),
+        }
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+    (got, lengths, backend.conns())
+}
+
+/// The same answer to every request.
+type Answer = fn() -> Reply;
+
+const SPOOF: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nspoof!";
+const BAD_GATEWAY: &str = "502 bad gateway: backend failed\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_backend_never_desyncs_the_pool_or_misframes_a_response() {
+    within(90, async {
+        let ok = |body: &str| vec![Ok((200, body.to_owned())); 3];
+        // Control: a clean HTTP/1.1 response is reused (one connection), so a count
+        // of three below means the pool refused to reuse.
+        let (got, _, conns) = three_through(
+            "GET",
+            || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+            0,
+        )
+        .await;
+        assert_eq!((got, conns), (ok("hello"), 1));
+
+        // A response RFC 9112 6.1 says to close after, and stray bytes that arrive
+        // just after the next request went out on the connection: only not reusing
+        // it keeps them from answering another client's request.
+        let (got, _, conns) = three_through(
+            "GET",
+            || {
+                reply(
+                    b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+                    4096,
+                    false,
+                )
+                .then(20, SPOOF)
+            },
+            0,
+        )
+        .await;
+        assert_eq!((got, conns), (ok("hello"), 3), "HTTP/1.0 chunked keep-alive");
+
+        // (name, the backend's answer, what each of the three requests gets, the
+        // connections it takes); requests 60 ms apart, so bytes that came while a
+        // connection sat idle are seen at checkout.
+        type Case = (&'static str, Answer, Vec<Result<(u16, String), String>>, usize);
+        let cases: Vec<Case> = vec![
+            (
+                "Content-Length beside chunked",
+                || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 4096, false),
+                ok("hello"),
+                3,
+            ),
+            (
+                "bytes after the body, same write",
+                || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nspoof!", 4096, false),
+                ok("hello"),
+                3,
+            ),
+            (
+                "bytes after the body, later",
+                || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 4096, false).then(5, SPOOF),
+                ok("hello"),
+                3,
+            ),
+            (
+                "204 with a body",
+                || reply(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+                vec![Ok((204, String::new())); 3],
+                3,
+            ),
+            (
+                "304 with a chunked body",
+                || reply(b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 4096, false),
+                vec![Ok((304, String::new())); 3],
+                3,
+            ),
+            (
+                "interim responses first",
+                || reply(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+                ok("hello"),
+                1,
+            ),
+            (
+                "Content-Length list",
+                || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello", 4096, false),
+                ok("hello"),
+                1,
+            ),
+            (
+                "gzip then chunked",
+                || reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 4096, false),
+                vec![Ok((502, BAD_GATEWAY.to_owned())); 3],
+                3,
+            ),
+            (
+                "chunked then gzip",
+                || reply(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nhello", 4096, false),
+                vec![Ok((502, BAD_GATEWAY.to_owned())); 3],
+                3,
+            ),
+            (
+                "obs-fold",
+                || reply(b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+                vec![Ok((502, BAD_GATEWAY.to_owned())); 3],
+                3,
+            ),
+            (
+                "NUL in a value",
+                || reply(b"HTTP/1.1 200 OK\r\nX-A: a\0b\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+                vec![Ok((502, BAD_GATEWAY.to_owned())); 3],
+                3,
+            ),
+            (
+                "101 header fields",
+                || {
+                    let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+                    reply(format!("HTTP/1.1 200 OK\r\n{many}Content-Length: 2\r\n\r\nok").as_bytes(), 4096, false)
+                },
+                vec![Ok((502, BAD_GATEWAY.to_owned())); 3],
+                3,
+            ),
+        ];
+        for (name, answer, want, want_conns) in cases {
+            let (got, lengths, conns) = three_through("GET", answer, 60).await;
+            assert_eq!(got, want, "{name}");
+            assert_eq!(conns, want_conns, "{name}: backend connections");
+            // Exactly what is sent: never the backend's wrong length or a list.
+            for (l, g) in lengths.iter().zip(&got) {
+                if matches!(g, Ok((200, _))) {
+                    assert!(l.is_empty() || l == &["5"], "{name}: content-length {l:?}");
+                }
+            }
+        }
+
+        // HEAD answered with a body anyway: the body is not read as the next response.
+        let (got, _, conns) = three_through(
+            "HEAD",
+            || reply(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 4096, false),
+            60,
+        )
+        .await;
+        assert_eq!((got, conns), (vec![Ok((200, String::new())); 3], 3));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_gets_the_proxys_http_version_not_the_backends() {
+    within(30, async {
+        let backend = RawBackend::start(|_, _| {
+            reply(
+                b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                4096,
+                true,
+            )
+        })
+        .await;
+        let proxy = proxy_for(&backend).await;
+        let addr = proxy.addr;
+        let answer = tokio::task::spawn_blocking(move || {
+            raw_exchange(
+                addr,
+                b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            )
+        })
+        .await
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("hello"), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stalls_mid_body_has_the_response_cut_not_completed() {
+    within(60, async {
+        let extra = "[timeouts]\nupstream_body_idle_ms = 400\n[health]\ninterval_ms = 600000\n";
+        // Trickling: a byte every 150 ms, under the 400 ms limit: delivered whole.
+        let backend = RawBackend::start(|_, _| {
+            (0..8).fold(
+                reply(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhe",
+                    4096,
+                    false,
+                ),
+                |r, _| r.then(150, b"l"),
+            )
+        })
+        .await;
+        let proxy = Proxy::start(&config_toml(&[backend.addr], &[], extra)).await;
+        let got = get(&client(), &proxy.url("/"), &[]).await;
+        assert_eq!(got.text(), "hellllllll");
+        drop(proxy);
+
+        // Stalled: a little of the body, then nothing for longer than the limit.
+        let stalls: [(&str, Answer); 2] = [
+            ("content-length", || {
+                reply(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhe",
+                    4096,
+                    false,
+                )
+                .then(1500, b"llo!!!!!")
+            }),
+            ("chunked", || {
+                reply(
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhe\r\n",
+                    4096,
+                    false,
+                )
+                .then(1500, b"3\r\nllo\r\n0\r\n\r\n")
+            }),
+        ];
+        for (name, script) in stalls {
+            let backend = RawBackend::start(move |_, _| script()).await;
+            let proxy = Proxy::start(&config_toml(&[backend.addr], &[], extra)).await;
+            let c = client();
+            let started = std::time::Instant::now();
+            let cut = try_get(&c, &proxy.url("/")).await;
+            let took = started.elapsed();
+            assert!(cut.is_err(), "{name}: a cut body must not look complete");
+            assert!(
+                took >= Duration::from_millis(350) && took < Duration::from_millis(1400),
+                "{name}: cut after {took:?}"
+            );
+            let metrics = scrape_metrics(&c, proxy.admin_addr).await;
+            assert_eq!(
+                metrics[r#"canarygate_upstream_errors_total{kind="timeout",pool="production"}"#],
+                1.0,
+                "{name}"
+            );
+            // The stalled connection is not reused: the next request opens another.
+            let _ = try_get(&c, &proxy.url("/")).await;
+            assert_eq!(backend.conns(), 2, "{name}");
+        }
     })
     .await;
 }

@@ -1,14 +1,17 @@
 //! A backend's response body, read from its connection as the client takes it, and
 //! the connection of a 101 handed over to a tunnel.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::client::chunked::{Chunk, ChunkedDecoder};
 use crate::client::codec::Framing;
@@ -32,17 +35,26 @@ pub struct PooledBody {
     upload: Upload,
     reusable: bool,
     home: Arc<ConnPool>,
+    /// The longest wait for the next byte of the body (`upstream_body_idle_ms`).
+    idle: Duration,
+    /// Armed the first time the body waits on the backend; re-armed after progress.
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Bytes came since the timer was last armed.
+    progressed: bool,
 }
 
 impl PooledBody {
     /// The body of a response framed by `framing` on `conn`; `reusable` says whether
-    /// the connection may go back to `home` once the body ended cleanly.
+    /// the connection may go back to `home` once the body ended cleanly. A backend
+    /// that sends no byte of it for `idle` fails it (the client's response is cut,
+    /// never passed off as complete, and the connection is closed).
     pub fn new(
         conn: BackendConn,
         framing: Framing,
         upload: Upload,
         reusable: bool,
         home: Arc<ConnPool>,
+        idle: Duration,
     ) -> Self {
         let mut body = Self {
             conn: Some(conn),
@@ -51,6 +63,9 @@ impl PooledBody {
             upload,
             reusable,
             home,
+            idle,
+            idle_timer: None,
+            progressed: false,
         };
         if framing == Framing::Empty {
             body.finish();
@@ -79,6 +94,25 @@ impl PooledBody {
             && conn.buf.is_empty()
         {
             self.home.put_back(conn);
+        }
+    }
+
+    /// The backend has nothing to read yet: pending, unless it has been quiet for
+    /// `idle` since the last byte (or since the body was first waited on).
+    fn wait_for_backend(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExchangeError>>> {
+        let idle = self.idle;
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if std::mem::take(&mut self.progressed) {
+            timer.as_mut().reset(Instant::now() + idle);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => self.fail(ExchangeError::BodyIdle(idle)),
+            Poll::Pending => Poll::Pending,
         }
     }
 
@@ -145,7 +179,12 @@ impl Body for PooledBody {
                     BODY_READ
                 }
             };
-            match ready!(conn.poll_fill(cx, want)) {
+            let filled = match conn.poll_fill(cx, want) {
+                Poll::Ready(filled) => filled,
+                Poll::Pending => return this.wait_for_backend(cx),
+            };
+            this.progressed = true;
+            match filled {
                 Ok(0) if this.framing == Framing::Close => {
                     this.conn = None;
                     return Poll::Ready(None);

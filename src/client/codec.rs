@@ -196,34 +196,64 @@ pub fn framing(
         return Ok((framing, false));
     }
     let keep_alive = keeps_alive(version, headers);
-    if out.head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    let has_length = headers.contains_key(header::CONTENT_LENGTH);
+    let has_coding = headers.contains_key(header::TRANSFER_ENCODING);
+    if out.head_request || status.is_informational() {
         return Ok((Framing::Empty, keep_alive));
     }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let last = te
-            .as_bytes()
-            .rsplit(|&b| b == b',')
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // No body, whatever the fields say; a backend that announced one may send
+        // it anyway, so its connection is not trusted after.
+        let announced = has_coding
+            || (has_length
+                && status == StatusCode::NO_CONTENT
+                && content_length(headers)? != Some(0));
+        return Ok((Framing::Empty, keep_alive && !announced));
+    }
+    if has_coding {
+        // Only `chunked` alone is understood: another coding passed on undecoded
+        // would reach the client as content (nginx answers 502 the same way).
+        let values = headers.get_all(header::TRANSFER_ENCODING);
+        let mut codings = list_items(&values);
+        let chunked_only = codings
             .next()
-            .unwrap_or_default();
-        if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-            // With a Content-Length too, chunked wins, but the connection is not
-            // trusted after (RFC 9112 6.3, item 3).
-            let both = headers.contains_key(header::CONTENT_LENGTH);
-            return Ok((Framing::Chunked, keep_alive && !both));
+            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+            && codings.next().is_none();
+        if !chunked_only {
+            return Err(ExchangeError::Protocol("unsupported transfer coding"));
         }
-        return Ok((Framing::Close, false));
+        // Chunked wins over a Content-Length, but the connection is not trusted
+        // after (RFC 9112 6.3, item 3); nor after Transfer-Encoding in an HTTP/1.0
+        // response (RFC 9112 6.1: faulty framing, close after the message).
+        let clean = version == Version::HTTP_11 && !has_length;
+        return Ok((Framing::Chunked, keep_alive && clean));
     }
     match content_length(headers)? {
         Some(n) => Ok((Framing::Length(n), keep_alive)),
         None => Ok((Framing::Close, false)),
+    }
+}
+
+/// Makes a response's framing fields say what the proxy will send: no
+/// Content-Length beside chunked (RFC 9112 6.3: a proxy MUST remove it), and one
+/// Content-Length value for a list of equal ones (RFC 9110 8.6). Transfer-Encoding
+/// goes with the other hop-by-hop fields.
+pub fn normalize_framing_fields(framing: Framing, headers: &mut HeaderMap) {
+    match framing {
+        Framing::Chunked | Framing::Close => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        Framing::Length(n) => {
+            let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+            let single = values
+                .next()
+                .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
+                && values.next().is_none();
+            if !single {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            }
+        }
+        Framing::Empty | Framing::Upgrade => {}
     }
 }
 
@@ -308,8 +338,51 @@ mod tests {
             (Framing::Empty, true)
         );
         assert_eq!(
-            f(&get, 200, v11, &[("transfer-encoding", "gzip, chunked")]).unwrap(),
+            f(&get, 200, v11, &[("transfer-encoding", "Chunked")]).unwrap(),
             (Framing::Chunked, true)
+        );
+        // Codings the proxy does not apply are refused, not passed on as content.
+        for coding in [
+            "gzip, chunked",
+            "chunked, gzip",
+            "gzip",
+            "chunked, chunked",
+            "",
+        ] {
+            assert!(
+                matches!(
+                    f(&get, 200, v11, &[("transfer-encoding", coding)]),
+                    Err(ExchangeError::Protocol(_))
+                ),
+                "{coding:?}"
+            );
+        }
+        // HTTP/1.0 with chunked: read, then never reused, keep-alive or not.
+        assert_eq!(
+            f(
+                &get,
+                200,
+                Version::HTTP_10,
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("connection", "keep-alive")
+                ]
+            )
+            .unwrap(),
+            (Framing::Chunked, false)
+        );
+        // 204 and 304 have no body; one announced anyway spends the connection.
+        assert_eq!(
+            f(&get, 204, v11, &[("content-length", "0")]).unwrap(),
+            (Framing::Empty, true)
+        );
+        assert_eq!(
+            f(&get, 204, v11, &[("content-length", "5")]).unwrap(),
+            (Framing::Empty, false)
+        );
+        assert_eq!(
+            f(&get, 304, v11, &[("transfer-encoding", "chunked")]).unwrap(),
+            (Framing::Empty, false)
         );
         assert_eq!(
             f(
@@ -320,10 +393,6 @@ mod tests {
             )
             .unwrap(),
             (Framing::Chunked, false)
-        );
-        assert_eq!(
-            f(&get, 200, v11, &[("transfer-encoding", "gzip")]).unwrap(),
-            (Framing::Close, false)
         );
         assert_eq!(f(&get, 200, v11, &[]).unwrap(), (Framing::Close, false));
         assert_eq!(
@@ -374,6 +443,28 @@ mod tests {
             .is_err()
         );
         let _ = ok;
+    }
+
+    #[test]
+    fn framing_fields_say_what_is_sent() {
+        let mut h = headers(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
+        normalize_framing_fields(Framing::Chunked, &mut h);
+        assert!(!h.contains_key(header::CONTENT_LENGTH));
+        let mut h = headers(&[("content-length", "5, 5")]);
+        normalize_framing_fields(Framing::Length(5), &mut h);
+        assert_eq!(
+            h.get_all(header::CONTENT_LENGTH).iter().collect::<Vec<_>>(),
+            ["5"]
+        );
+        let mut h = headers(&[("content-length", "5"), ("content-length", "5")]);
+        normalize_framing_fields(Framing::Length(5), &mut h);
+        assert_eq!(
+            h.get_all(header::CONTENT_LENGTH).iter().collect::<Vec<_>>(),
+            ["5"]
+        );
+        let mut h = headers(&[("content-length", "7")]);
+        normalize_framing_fields(Framing::Length(7), &mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "7");
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub enum ExchangeError {
     Incomplete,
     #[error("backend connection failed")]
     Io(#[source] std::io::Error),
+    #[error("backend sent no byte of the response body for {0:?}")]
+    BodyIdle(Duration),
     #[error("backend response is not valid HTTP/1.1: {0}")]
     Protocol(&'static str),
     /// The client's request body failed (too large, malformed, cut short): not the

@@ -13,7 +13,7 @@ use hyper::body::Body as _;
 use tracing::debug;
 
 use crate::client::body::PooledBody;
-use crate::client::codec::{Outgoing, framing};
+use crate::client::codec::{Outgoing, framing, normalize_framing_fields};
 use crate::client::conn::BackendConn;
 use crate::client::conn_pool::ConnPool;
 use crate::client::error::ExchangeError;
@@ -36,6 +36,7 @@ pub async fn exchange(
     out: &Outgoing,
     body: Option<UpstreamBody>,
     home: &Arc<ConnPool>,
+    body_idle: Duration,
 ) -> Result<Response<PooledBody>, Failure> {
     let mut upload = Upload::new(out.head.clone(), body, out.chunked);
     let mut write_error = None;
@@ -69,6 +70,8 @@ pub async fn exchange(
             error,
             received: true,
         })?;
+    let mut headers = head.headers;
+    normalize_framing_fields(framing, &mut headers);
     let reusable = keep && write_error.is_none();
     let mut response = Response::new(PooledBody::new(
         conn,
@@ -76,10 +79,12 @@ pub async fn exchange(
         upload,
         reusable,
         Arc::clone(home),
+        body_idle,
     ));
+    // The response keeps the default version: an intermediary sends its own
+    // (RFC 9110 6.2), never the backend's HTTP/1.0.
     *response.status_mut() = head.status;
-    *response.version_mut() = head.version;
-    *response.headers_mut() = head.headers;
+    *response.headers_mut() = headers;
     Ok(response)
 }
 
@@ -88,6 +93,8 @@ pub async fn exchange(
 pub struct ConnectSettings {
     pub connect_timeout: Duration,
     pub idle_ms: u64,
+    /// The longest wait for the next byte of a response body.
+    pub body_idle: Duration,
 }
 
 /// Sends `req`, with the fields in `set` (see [`Outgoing::new`]), to `authority` on
@@ -113,7 +120,7 @@ pub async fn send(
                 false,
             ),
         };
-        match exchange(conn, &out, body.take(), pool).await {
+        match exchange(conn, &out, body.take(), pool, settings.body_idle).await {
             Ok(response) => return Ok(response),
             Err(failure) if reused && resendable && !failure.received => {
                 debug!(%authority, error = %failure.error, "reused connection failed; sending again");

@@ -67,6 +67,27 @@ impl UpstreamErrorKind {
     }
 }
 
+/// When a client gave up on a request it had sent: the `stage` label of
+/// `canarygate_client_resets_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetStage {
+    /// Before the response headers went out (the backend may still be working).
+    BeforeResponse,
+    /// While the response body was streaming.
+    DuringResponse,
+}
+
+impl ResetStage {
+    pub const ALL: [Self; 2] = [Self::BeforeResponse, Self::DuringResponse];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::BeforeResponse => "before_response",
+            Self::DuringResponse => "during_response",
+        }
+    }
+}
+
 /// The metric families and the per-pool handles.
 pub struct Metrics {
     registry: Registry,
@@ -98,6 +119,7 @@ pub struct PoolMetrics {
     pub duration: Histogram,
     pub in_flight: IntGauge,
     upstream_errors: [IntCounter; 4],
+    client_resets: [IntCounter; 2],
     pub ejections: IntCounter,
     pub retries: IntCounter,
     /// Open upgraded tunnels (WebSockets).
@@ -146,6 +168,15 @@ impl Metrics {
                 "Failed exchanges with backends, by pool and kind.",
             ),
             &["pool", "kind"],
+        ));
+        let client_resets = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_client_resets_total",
+                "Requests the client reset or abandoned after they were forwarded (HTTP/2 \
+                 RST_STREAM, an HTTP/1.1 disconnect), by pool and stage: before_response \
+                 or during_response.",
+            ),
+            &["pool", "stage"],
         ));
         let in_flight = must(IntGaugeVec::new(
             Opts::new(
@@ -253,6 +284,7 @@ impl Metrics {
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream_errors.clone()));
+        reg(Box::new(client_resets.clone()));
         reg(Box::new(in_flight.clone()));
         reg(Box::new(client_connections.clone()));
         reg(Box::new(parked_connections.clone()));
@@ -287,6 +319,8 @@ impl Metrics {
                 in_flight: in_flight.with_label_values(&[pool]),
                 upstream_errors: UpstreamErrorKind::ALL
                     .map(|k| upstream_errors.with_label_values(&[pool, k.as_str()])),
+                client_resets: ResetStage::ALL
+                    .map(|s| client_resets.with_label_values(&[pool, s.as_str()])),
                 ejections: ejections.with_label_values(&[pool]),
                 retries: retries.with_label_values(&[pool]),
                 upgraded: upgraded.with_label_values(&[pool]),
@@ -443,6 +477,14 @@ impl PoolMetrics {
             .position(|k| *k == kind)
             .unwrap_or(0);
         self.upstream_errors[i].inc();
+    }
+
+    pub fn client_reset(&self, stage: ResetStage) {
+        let i = ResetStage::ALL
+            .iter()
+            .position(|s| *s == stage)
+            .unwrap_or(0);
+        self.client_resets[i].inc();
     }
 
     pub fn errors_5xx(&self) -> u64 {

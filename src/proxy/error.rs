@@ -35,6 +35,8 @@ pub enum ProxyError {
     Connect(#[source] ExchangeError),
     #[error("backend sent no response headers within {0:?}")]
     Timeout(Duration),
+    #[error("backend sent no byte of the response body for {0:?}")]
+    BodyIdle(Duration),
     #[error("backend closed or broke the connection")]
     Reset(#[source] ExchangeError),
     #[error("backend sent an invalid response")]
@@ -123,7 +125,7 @@ impl ProxyError {
                 false,
                 "502 bad gateway: backend failed\n",
             ),
-            Self::Timeout(_) => class(
+            Self::Timeout(_) | Self::BodyIdle(_) => class(
                 StatusCode::GATEWAY_TIMEOUT,
                 Some(K::Timeout),
                 false,
@@ -154,6 +156,7 @@ impl ProxyError {
                 Self::Reset(e)
             }
             e @ ExchangeError::Protocol(_) => Self::BadResponse(e),
+            ExchangeError::BodyIdle(after) => Self::BodyIdle(after),
         }
     }
 
@@ -233,6 +236,14 @@ mod tests {
             ),
             (
                 ProxyError::Timeout(Duration::from_secs(1)),
+                504,
+                Some(K::Timeout),
+                false,
+                false,
+                false,
+            ),
+            (
+                ProxyError::BodyIdle(Duration::from_secs(1)),
                 504,
                 Some(K::Timeout),
                 false,

@@ -52,6 +52,7 @@ pub async fn proxy_to_pool<'s>(
     let settings = ConnectSettings {
         connect_timeout: timeouts.connect(),
         idle_ms: timeouts.idle_ms,
+        body_idle: timeouts.upstream_body_idle(),
     };
     let first = forward(backend, request, &set, deadline, settings).await;
     report_outcome(state, pool, index, &first);

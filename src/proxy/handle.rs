@@ -18,11 +18,11 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{info, warn};
 
-use crate::client::body::PooledBody;
 use crate::clock::now_ms;
 use crate::config::Sticky;
 use crate::http1::strip_hop_by_hop;
 use crate::observe::events::{Level, Source};
+use crate::proxy::abandon::{RequestNote, TrackedBody, Unanswered};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::proxy_to_pool;
 use crate::proxy::headers::{
@@ -34,7 +34,7 @@ use crate::routing::{self, Canary, Decision, PoolKind, Reason};
 use crate::state::{AppState, Snapshot};
 
 /// Response body: the upstream's streamed body, or a short body the proxy wrote.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+pub type ProxyBody = Either<TrackedBody, Full<Bytes>>;
 
 /// Proxies one request. Never fails: every error becomes a short response.
 pub async fn handle(
@@ -63,6 +63,7 @@ pub async fn handle(
 
     let pool_metrics = state.metrics.pool(kind);
     let _in_flight = pool_metrics.in_flight_guard();
+    let unanswered = Unanswered::new(&state.metrics, kind, &request_id, start);
     let method = req.method().clone();
     let http1 = req.version() < Version::HTTP_2;
     // Path only, never the query: queries carry tokens and personal data.
@@ -89,6 +90,16 @@ pub async fn handle(
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
+    let tracked = |body| {
+        let note = RequestNote {
+            metrics: std::sync::Arc::clone(&state.metrics),
+            pool: kind,
+            request_id: request_id.clone(),
+            backend: backend.map(|b| b.authority.clone()),
+            start,
+        };
+        Either::Left(TrackedBody::new(body, note))
+    };
 
     let mut response = match (result, upgrade) {
         (Ok(mut response), Some((upgrade, client_side)))
@@ -117,7 +128,7 @@ pub async fn handle(
                         state.tunnel_cut.clone(),
                     );
                     state.tunnels.spawn(tunnel);
-                    response.map(Either::Left)
+                    response.map(tracked)
                 }
             }
         }
@@ -132,7 +143,7 @@ pub async fn handle(
         }
         (Ok(mut response), _) => {
             strip_hop_by_hop(response.headers_mut());
-            response.map(Either::Left)
+            response.map(tracked)
         }
         (Err(error), _) => {
             let class = error.class();
@@ -155,6 +166,7 @@ pub async fn handle(
             response
         }
     };
+    unanswered.answered();
     let elapsed = start.elapsed();
     pool_metrics.record(&method, response.status(), elapsed);
     info!(

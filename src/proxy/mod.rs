@@ -5,7 +5,10 @@
 //! - [`headers`]: the request as the backend sees it; ids and cookies.
 //! - [`forward`]: sending to a pool, passive health, the one retry.
 //! - [`upgrade`]: WebSocket upgrades and their tunnels.
+//! - [`abandon`]: requests the client reset, and bodies the backend cut, after
+//!   forwarding: counted and logged.
 
+pub mod abandon;
 pub mod error;
 pub mod forward;
 pub mod handle;

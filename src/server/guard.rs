@@ -487,6 +487,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Hook for SmugglingGuard<T> {
 
 #[cfg(test)]
 mod tests {
+    use std::fmt::Write as _;
+
     use proptest::prelude::*;
 
     use super::*;
@@ -609,7 +611,7 @@ mod tests {
     /// A chunked body of `body`, with hyper-accepted variations: leading zeros,
     /// upper-case hex, whitespace and extensions after sizes, trailer fields.
     fn chunked_body(
-        body: Vec<u8>,
+        body: &[u8],
         pieces: usize,
         zeros: usize,
         upper: bool,
@@ -683,17 +685,16 @@ mod tests {
                 )| {
                     body.extend_from_slice(&head_body);
                     let mut head = eol.repeat(blank_lines);
-                    head.push_str(&format!("{method} /r{n} {version}{eol}Host: x{eol}"));
+                    let _ = write!(head, "{method} /r{n} {version}{eol}Host: x{eol}");
                     if upgrade {
-                        head.push_str(&format!("Connection: upgrade{eol}Upgrade: websocket{eol}"));
+                        let _ = write!(head, "Connection: upgrade{eol}Upgrade: websocket{eol}");
                     }
                     let http10 = version == "HTTP/1.0";
                     if http10 {
-                        head.push_str(&format!("Connection: keep-alive{eol}"));
+                        let _ = write!(head, "Connection: keep-alive{eol}");
                     }
                     let len = body.len();
-                    let chunked =
-                        || chunked_body(body.clone(), pieces, zeros, upper, ext, trailers);
+                    let chunked = || chunked_body(&body, pieces, zeros, upper, ext, trailers);
                     let (fields, payload, clean): (String, Vec<u8>, bool) = match framing {
                         0 | 1 => (String::new(), Vec::new(), true),
                         2 | 3 => (format!("Content-Length: {len}{eol}"), body.clone(), true),

@@ -1,0 +1,176 @@
+//! A request's end when someone gives up on it after it was forwarded: the client
+//! (an HTTP/2 RST_STREAM, an HTTP/1.1 disconnect) before or during the response, or
+//! the backend in the middle of a body. The backend did the work either way, so each
+//! is counted and logged: a paced rapid-reset attack, or a backend that stalls
+//! mid-body, must show on the dashboard and in the log, not only as a shorter
+//! request count.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::uri::Authority;
+use hyper::body::{Body, Frame, SizeHint};
+use tracing::{info, warn};
+
+use crate::client::body::PooledBody;
+use crate::observe::metrics::{Metrics, ResetStage};
+use crate::proxy::error::ProxyError;
+use crate::routing::PoolKind;
+
+/// Which request a note is about.
+#[derive(Clone)]
+pub struct RequestNote {
+    pub metrics: Arc<Metrics>,
+    pub pool: PoolKind,
+    pub request_id: HeaderValue,
+    pub backend: Option<Authority>,
+    pub start: Instant,
+}
+
+impl RequestNote {
+    fn client_reset(&self, stage: ResetStage) {
+        self.metrics.pool(self.pool).client_reset(stage);
+        info!(
+            request_id = self.request_id.to_str().unwrap_or(""),
+            pool = self.pool.as_str(),
+            backend = self.backend.as_ref().map_or("-", Authority::as_str),
+            stage = stage.as_str(),
+            duration_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "client reset"
+        );
+    }
+}
+
+/// Counts a request whose handler was dropped before it answered: the client reset
+/// it while the backend had it. Disarmed once the response is ready.
+pub struct Unanswered<'a> {
+    metrics: &'a Arc<Metrics>,
+    pool: PoolKind,
+    request_id: &'a HeaderValue,
+    start: Instant,
+    armed: bool,
+}
+
+impl<'a> Unanswered<'a> {
+    pub fn new(
+        metrics: &'a Arc<Metrics>,
+        pool: PoolKind,
+        request_id: &'a HeaderValue,
+        start: Instant,
+    ) -> Self {
+        Self {
+            metrics,
+            pool,
+            request_id,
+            start,
+            armed: true,
+        }
+    }
+
+    pub fn answered(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Only on the rare drop path: the clones are not paid by answered requests.
+            RequestNote {
+                metrics: Arc::clone(self.metrics),
+                pool: self.pool,
+                request_id: self.request_id.clone(),
+                backend: None,
+                start: self.start,
+            }
+            .client_reset(ResetStage::BeforeResponse);
+        }
+    }
+}
+
+/// A backend's response body on its way to the client: a failure (the backend
+/// stalled past `upstream_body_idle_ms`, cut the body short, broke its framing) is
+/// counted as an upstream error and logged; a body the client stopped taking before
+/// its end is counted as a client reset.
+pub struct TrackedBody {
+    inner: PooledBody,
+    note: RequestNote,
+    /// The body ended or failed: dropping it is no reset.
+    over: bool,
+}
+
+impl std::fmt::Debug for TrackedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrackedBody")
+            .field("inner", &self.inner)
+            .field("over", &self.over)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrackedBody {
+    pub fn new(inner: PooledBody, note: RequestNote) -> Self {
+        Self {
+            inner,
+            note,
+            over: false,
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = ProxyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ProxyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(error))) => {
+                this.over = true;
+                let error = ProxyError::from_exchange(error);
+                let note = &this.note;
+                if let Some(kind) = error.class().kind {
+                    note.metrics.pool(note.pool).upstream_error(kind);
+                }
+                warn!(
+                    request_id = note.request_id.to_str().unwrap_or(""),
+                    pool = note.pool.as_str(),
+                    backend = note.backend.as_ref().map_or("-", Authority::as_str),
+                    error = %error,
+                    cause = error.cause(),
+                    "response body cut"
+                );
+                Poll::Ready(Some(Err(error)))
+            }
+            Poll::Ready(None) => {
+                this.over = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if !self.over && !self.inner.is_end_stream() {
+            self.note.client_reset(ResetStage::DuringResponse);
+        }
+    }
+}
