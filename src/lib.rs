@@ -360,6 +360,7 @@ async fn proxy_server(
     let options = ServeOptions {
         connections: Some(state.metrics.client_connections.clone()),
         parked: Some(state.metrics.parked_connections.clone()),
+        accept_errors: Some(state.metrics.accept_errors.clone()),
         ..options
     };
     // One Arc each, so a request costs one reference count, not one per field.
@@ -390,6 +391,7 @@ pub fn serve_options(config: &Config) -> ServeOptions {
         tls: None,
         parked: None,
         balance: None,
+        accept_errors: None,
     }
 }
 

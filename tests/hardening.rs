@@ -205,3 +205,165 @@ async fn requests_the_client_resets_after_forwarding_are_counted() {
     })
     .await;
 }
+
+/// The process's user + system CPU time, in clock ticks (1/100 s), from /proc.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at state (3rd).
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_the_proxy_backs_off_serves_what_it_has_and_recovers() {
+    within(90, async {
+        let prod = BackendProcess::spawn("production");
+        let mut proxy = ProxyProcess::spawn_with_workers(&config_toml(&[prod.addr], &[], ""), 1);
+        let pid = proxy.pid();
+        let addr = proxy.addr;
+
+        // A client with a keep-alive connection, and a pooled backend connection
+        // behind it, from before the shortage.
+        let (keep, answers) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 65536];
+            let n = s.read(&mut buf).unwrap();
+            (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .await
+        .unwrap();
+        assert!(answers.starts_with("HTTP/1.1 200"), "{answers}");
+
+        // Leave room for a few more descriptors only, then connect many clients.
+        let limit = open_fds(pid) + 6;
+        let status = std::process::Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:{limit}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let crowd: Vec<std::net::TcpStream> =
+            (0..30).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        proxy.wait_log("accept failing", std::time::Duration::from_secs(10));
+        assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy exited");
+
+        // Backing off, not spinning: under 0.3 s of CPU over 1.5 s.
+        let before = cpu_ticks(pid);
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let spent = cpu_ticks(pid) - before;
+        assert!(spent < 30, "{spent} ticks of CPU while out of descriptors");
+
+        // The connection it had is still served, on the pooled backend connection.
+        let (keep, again) = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = keep;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            let mut buf = [0u8; 65536];
+            let n = s.read(&mut buf).unwrap();
+            (s, String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .await
+        .unwrap();
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+
+        // Descriptors come back: new clients are served again.
+        drop(crowd);
+        drop(keep);
+        let lines = proxy.log_until("accept recovered", std::time::Duration::from_secs(10));
+        let warnings = lines.iter().filter(|l| l.contains("accept failing")).count();
+        assert_eq!(warnings, 0, "one warning per episode (the first was read above)");
+        let c = client();
+        eventually(std::time::Duration::from_secs(10), "new clients served", || {
+            let (c, url) = (c.clone(), format!("http://{addr}/"));
+            async move { try_get(&c, &url).await.is_ok_and(|g| g.status == 200) }
+        })
+        .await;
+        let metrics = scrape_metrics(&c, proxy.admin_addr).await;
+        assert!(metrics[r#"canarygate_accept_errors_total{kind="emfile"}"#] >= 1.0);
+    })
+    .await;
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_holds_little_memory_and_is_cut_by_the_idle_timeout() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = ProxyProcess::spawn(
+            &config_toml(&[prod.addr], &[], "[timeouts]\nidle_ms = 1500\n"),
+            "",
+        );
+        let (pid, addr) = (proxy.pid(), proxy.addr);
+        let c = client();
+        assert_eq!(get(&c, &format!("http://{addr}/"), &[]).await.status, 200);
+        let rss_before = rss_bytes(pid);
+
+        // Eight clients ask for 256 MiB each and read nothing.
+        let stalled: Vec<std::net::TcpStream> = (0..8)
+            .map(|_| {
+                use std::io::Write as _;
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(b"GET /download?bytes=268435456 HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                s
+            })
+            .collect();
+        tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+        // Backpressure: the proxy holds socket buffers' worth, not the bodies.
+        let grown = rss_bytes(pid).saturating_sub(rss_before);
+        assert!(grown < 32 << 20, "RSS grew {} MiB", grown >> 20);
+        // Others are served meanwhile.
+        let started = std::time::Instant::now();
+        assert_eq!(get(&c, &format!("http://{addr}/"), &[]).await.status, 200);
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+
+        // Nothing moves on the stalled connections: the idle timeout closes them
+        // (reading what was buffered ends in EOF or a reset, well short of 256 MiB).
+        let got = tokio::task::spawn_blocking(move || {
+            use std::io::Read as _;
+            std::thread::sleep(std::time::Duration::from_millis(2500));
+            stalled
+                .into_iter()
+                .map(|mut s| {
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                    let mut total = 0u64;
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break total,
+                            Ok(n) => total += n as u64,
+                        }
+                    }
+                })
+                .collect::<Vec<u64>>()
+        })
+        .await
+        .unwrap();
+        for total in got {
+            assert!(total < 64 << 20, "read {total} bytes after the cut");
+        }
+        // Closed, and counted as responses the client did not take.
+        let scrape = scrape_metrics(&c, proxy.admin_addr).await;
+        assert_eq!(scrape["canarygate_client_connections"], 0.0);
+        assert_eq!(
+            scrape[r#"canarygate_client_resets_total{pool="production",stage="during_response"}"#],
+            8.0
+        );
+    })
+    .await;
+}

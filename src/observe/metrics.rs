@@ -67,6 +67,41 @@ impl UpstreamErrorKind {
     }
 }
 
+/// Why `accept` failed, the `kind` label of `canarygate_accept_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptErrorKind {
+    /// EMFILE: the process is at its open-file limit (`ulimit -n`).
+    Emfile,
+    /// ENFILE: the whole system is at its open-file limit.
+    Enfile,
+    /// ENOBUFS or ENOMEM: the kernel could not allocate the socket.
+    Nomem,
+    Other,
+}
+
+impl AcceptErrorKind {
+    pub const ALL: [Self; 4] = [Self::Emfile, Self::Enfile, Self::Nomem, Self::Other];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Emfile => "emfile",
+            Self::Enfile => "enfile",
+            Self::Nomem => "nomem",
+            Self::Other => "other",
+        }
+    }
+
+    pub fn of(error: &std::io::Error) -> Self {
+        // Linux errno values (asm-generic/errno-base.h, errno.h).
+        match error.raw_os_error() {
+            Some(24) => Self::Emfile,
+            Some(23) => Self::Enfile,
+            Some(12 | 105) => Self::Nomem,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// When a client gave up on a request it had sent: the `stage` label of
 /// `canarygate_client_resets_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +139,8 @@ pub struct Metrics {
     pub worker_connections: IntGaugeVec,
     /// Client connections a worker handed to a less loaded one.
     pub connections_handed_off: IntCounter,
+    /// Failed accepts on the proxy listeners, by `kind`.
+    pub accept_errors: IntCounterVec,
     backend_up: IntGaugeVec,
     pub failover_requests: IntCounter,
     config_reloads: IntCounterVec,
@@ -204,6 +241,14 @@ impl Metrics {
             "canarygate_connections_handed_off_total",
             "Client connections accepted by a worker and handed to a less loaded one.",
         ));
+        let accept_errors = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_accept_errors_total",
+                "Failed accepts on the proxy listeners, by kind: emfile (process fd \
+                 limit), enfile (system fd limit), nomem, other.",
+            ),
+            &["kind"],
+        ));
         let canary_percent = must(IntGauge::new(
             "canarygate_canary_percent",
             "Effective canary share in percent, after flags and the kill switch.",
@@ -290,6 +335,7 @@ impl Metrics {
         reg(Box::new(parked_connections.clone()));
         reg(Box::new(worker_connections.clone()));
         reg(Box::new(connections_handed_off.clone()));
+        reg(Box::new(accept_errors.clone()));
         reg(Box::new(canary_percent.clone()));
         reg(Box::new(flags_version.clone()));
         reg(Box::new(flag_store_up.clone()));
@@ -327,6 +373,9 @@ impl Metrics {
                 errors_5xx: AtomicU64::new(0),
             }
         };
+        for kind in AcceptErrorKind::ALL {
+            accept_errors.with_label_values(&[kind.as_str()]);
+        }
         for result in ["success", "failure"] {
             config_reloads.with_label_values(&[result]);
         }
@@ -344,6 +393,7 @@ impl Metrics {
             parked_connections,
             worker_connections,
             connections_handed_off,
+            accept_errors,
             backend_up,
             failover_requests,
             config_reloads,

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::observe::metrics::GaugeGuard;
+use crate::observe::metrics::{AcceptErrorKind, GaugeGuard};
 use crate::server::balance::{Handoff, Worker};
 use crate::server::conn_state::ConnState;
 use crate::server::connection::{BoxError, ConnectionTask, Ends, HttpService};
@@ -57,6 +57,8 @@ pub struct ServeOptions {
     /// This listener's worker thread, when client connections are balanced over
     /// several (see [`crate::server::balance`]).
     pub balance: Option<Worker>,
+    /// Counter of failed accepts by `kind` ([`AcceptErrorKind`]), if counted.
+    pub accept_errors: Option<prometheus::IntCounterVec>,
 }
 
 impl ServeOptions {
@@ -76,6 +78,65 @@ impl ServeOptions {
             tls: None,
             parked: None,
             balance: None,
+            accept_errors: None,
+        }
+    }
+}
+
+/// Failed accepts on one listener, as episodes: the first failure of an episode is
+/// logged at warn and the rest only counted, with a backoff that doubles from 10 ms
+/// to 1 s (the pending connection waits in the kernel backlog meanwhile, and the
+/// connections already open are served as usual); the first accept that works again
+/// ends the episode with one info line.
+struct AcceptErrors {
+    listener: &'static str,
+    counter: Option<prometheus::IntCounterVec>,
+    /// Failures in the current episode, and when it began.
+    episode: Option<(std::time::Instant, u64)>,
+    backoff: Duration,
+}
+
+impl AcceptErrors {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+    fn new(listener: &'static str, counter: Option<prometheus::IntCounterVec>) -> Self {
+        Self {
+            listener,
+            counter,
+            episode: None,
+            backoff: Self::FIRST_BACKOFF,
+        }
+    }
+
+    /// Records a failure; returns how long to wait before accepting again.
+    fn failed(&mut self, error: &std::io::Error) -> Duration {
+        let kind = AcceptErrorKind::of(error);
+        if let Some(counter) = &self.counter {
+            counter.with_label_values(&[kind.as_str()]).inc();
+        }
+        match &mut self.episode {
+            Some((_, failures)) => *failures += 1,
+            None => {
+                warn!(listener = self.listener, kind = kind.as_str(), %error, "accept failing; backing off (connections already open are still served)");
+                self.episode = Some((std::time::Instant::now(), 1));
+            }
+        }
+        let wait = self.backoff;
+        self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+        wait
+    }
+
+    /// An accept worked: ends an episode, if one was running.
+    fn succeeded(&mut self) {
+        if let Some((since, failures)) = self.episode.take() {
+            info!(
+                listener = self.listener,
+                failures,
+                duration_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "accept recovered"
+            );
+            self.backoff = Self::FIRST_BACKOFF;
         }
     }
 }
@@ -123,6 +184,7 @@ pub async fn serve<F, S, B>(
     let force_close = CancellationToken::new();
 
     let mut inbox = options.balance.as_ref().and_then(Worker::take_inbox);
+    let mut accept_errors = AcceptErrors::new(name, options.accept_errors.clone());
     loop {
         let permit = match &limit {
             None => None,
@@ -141,7 +203,7 @@ pub async fn serve<F, S, B>(
                     continue;
                 }
             },
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept() => match accepted.inspect(|_| accept_errors.succeeded()) {
                 Ok((stream, peer)) => match options.balance.as_ref().and_then(|w| w.target().map(|to| (w, to))) {
                     None => (stream, peer, permit),
                     Some((worker, to)) => match hand_off(worker, to, stream, peer, permit) {
@@ -150,10 +212,13 @@ pub async fn serve<F, S, B>(
                     },
                 },
                 Err(error) => {
-                    // Usually EMFILE: back off briefly instead of spinning on the error.
-                    warn!(listener = name, %error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+                    // Usually EMFILE: the listener stays readable, so accepting again
+                    // at once would spin on the same error.
+                    let wait = accept_errors.failed(&error);
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(wait) => continue,
+                    }
                 }
             },
         };
