@@ -137,6 +137,16 @@ where
 /// A fixed 100-byte page: the load benchmark's target, the same for every proxy.
 pub const STATIC_PAGE: &str = "<!doctype html><html><head><title>hi</title></head><body><p>hello from a demo app</p></body></html>\n";
 
+/// A fixed 1 MiB body on `/static-1m`: the target for benchmarks of large responses.
+fn large_page() -> Bytes {
+    static PAGE: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PAGE.get_or_init(|| {
+        let line = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde\n";
+        Bytes::from(line.repeat((1 << 20) / line.len()))
+    })
+    .clone()
+}
+
 fn respond(identity: &AppIdentity, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET | &Method::HEAD, "/health") => {
@@ -147,6 +157,9 @@ fn respond(identity: &AppIdentity, req: &Request<Incoming>) -> Response<Full<Byt
             "text/html; charset=utf-8",
             Bytes::from_static(STATIC_PAGE.as_bytes()),
         ),
+        (&Method::GET | &Method::HEAD, "/static-1m") => {
+            (StatusCode::OK, "text/plain", large_page())
+        }
         (&Method::GET | &Method::HEAD, path) => (
             StatusCode::OK,
             "text/html; charset=utf-8",

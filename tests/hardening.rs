@@ -210,12 +210,19 @@ async fn requests_the_client_resets_after_forwarding_are_counted() {
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the command name (which may hold spaces) start at state (3rd).
-    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,7 +238,8 @@ async fn out_of_file_descriptors_the_proxy_backs_off_serves_what_it_has_and_reco
         let (keep, answers) = tokio::task::spawn_blocking(move || {
             use std::io::{Read as _, Write as _};
             let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                .unwrap();
             s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
             let mut buf = [0u8; 65536];
             let n = s.read(&mut buf).unwrap();
@@ -244,14 +252,22 @@ async fn out_of_file_descriptors_the_proxy_backs_off_serves_what_it_has_and_reco
         // Leave room for a few more descriptors only, then connect many clients.
         let limit = open_fds(pid) + 6;
         let status = std::process::Command::new("prlimit")
-            .args(["--pid", &pid.to_string(), &format!("--nofile={limit}:{limit}")])
+            .args([
+                "--pid",
+                &pid.to_string(),
+                &format!("--nofile={limit}:{limit}"),
+            ])
             .status()
             .unwrap();
         assert!(status.success());
-        let crowd: Vec<std::net::TcpStream> =
-            (0..30).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+        let crowd: Vec<std::net::TcpStream> = (0..30)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
         proxy.wait_log("accept failing", std::time::Duration::from_secs(10));
-        assert!(proxy.child.try_wait().unwrap().is_none(), "the proxy exited");
+        assert!(
+            proxy.child.try_wait().unwrap().is_none(),
+            "the proxy exited"
+        );
 
         // Backing off, not spinning: under 0.3 s of CPU over 1.5 s.
         let before = cpu_ticks(pid);
@@ -276,13 +292,23 @@ async fn out_of_file_descriptors_the_proxy_backs_off_serves_what_it_has_and_reco
         drop(crowd);
         drop(keep);
         let lines = proxy.log_until("accept recovered", std::time::Duration::from_secs(10));
-        let warnings = lines.iter().filter(|l| l.contains("accept failing")).count();
-        assert_eq!(warnings, 0, "one warning per episode (the first was read above)");
+        let warnings = lines
+            .iter()
+            .filter(|l| l.contains("accept failing"))
+            .count();
+        assert_eq!(
+            warnings, 0,
+            "one warning per episode (the first was read above)"
+        );
         let c = client();
-        eventually(std::time::Duration::from_secs(10), "new clients served", || {
-            let (c, url) = (c.clone(), format!("http://{addr}/"));
-            async move { try_get(&c, &url).await.is_ok_and(|g| g.status == 200) }
-        })
+        eventually(
+            std::time::Duration::from_secs(10),
+            "new clients served",
+            || {
+                let (c, url) = (c.clone(), format!("http://{addr}/"));
+                async move { try_get(&c, &url).await.is_ok_and(|g| g.status == 200) }
+            },
+        )
         .await;
         let metrics = scrape_metrics(&c, proxy.admin_addr).await;
         assert!(metrics[r#"canarygate_accept_errors_total{kind="emfile"}"#] >= 1.0);
@@ -340,7 +366,8 @@ async fn a_client_that_never_reads_holds_little_memory_and_is_cut_by_the_idle_ti
             stalled
                 .into_iter()
                 .map(|mut s| {
-                    s.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+                        .unwrap();
                     let mut total = 0u64;
                     let mut buf = vec![0u8; 1 << 16];
                     loop {
@@ -364,6 +391,153 @@ async fn a_client_that_never_reads_holds_little_memory_and_is_cut_by_the_idle_ti
             scrape[r#"canarygate_client_resets_total{pool="production",stage="during_response"}"#],
             8.0
         );
+    })
+    .await;
+}
+
+/// A client socket that stops reading when told to (and writes on): an HTTP/2 client
+/// that opened its windows and then never reads.
+struct StopsReading {
+    inner: tokio::net::TcpStream,
+    reading: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl tokio::io::AsyncRead for StopsReading {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.reading.load(Ordering::Relaxed) {
+            std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for StopsReading {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Opens an HTTP/2 connection with the largest windows, asks for 64 MiB on as many
+/// streams as the proxy allows (at most `max_streams`), then stops reading. Returns
+/// the streams opened and what keeps the connection open.
+async fn never_reading_h2_client(
+    addr: std::net::SocketAddr,
+    max_streams: usize,
+) -> (usize, impl Drop) {
+    let reading = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let io = StopsReading {
+        inner: tokio::net::TcpStream::connect(addr).await.unwrap(),
+        reading: std::sync::Arc::clone(&reading),
+    };
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(i32::MAX as u32)
+        .initial_connection_window_size(i32::MAX as u32)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let mut responses = Vec::new();
+    for _ in 0..max_streams {
+        let req = http::Request::get(format!("http://{addr}/download?bytes=67108864"))
+            .body(())
+            .unwrap();
+        let Ok((response, _)) = send.send_request(req, true) else {
+            break;
+        };
+        responses.push(response);
+        match tokio::time::timeout(std::time::Duration::from_millis(300), send.clone().ready())
+            .await
+        {
+            Ok(Ok(ready)) => send = ready,
+            // The proxy's stream limit.
+            _ => break,
+        }
+    }
+    // Let the streams start, then read nothing more.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    reading.store(false, Ordering::Relaxed);
+    let opened = responses.len();
+    /// The connection's task, and the streams (kept open while this lives).
+    struct Held(
+        tokio::task::JoinHandle<()>,
+        #[allow(dead_code)] Vec<h2::client::ResponseFuture>,
+    );
+    impl Drop for Held {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    (opened, Held(conn, responses))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_that_never_reads_pins_bounded_memory() {
+    within(90, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = ProxyProcess::spawn(&config_toml(&[prod.addr], &[], ""), "");
+        let (pid, addr) = (proxy.pid(), proxy.addr);
+        let rss_before = rss_bytes(pid);
+        let mut held = Vec::new();
+        let mut streams = 0;
+        for _ in 0..4 {
+            let (opened, keep) = never_reading_h2_client(addr, 300).await;
+            streams += opened;
+            held.push(keep);
+        }
+        // Wait for the buffers to fill: RSS stops growing.
+        let mut last = rss_bytes(pid);
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+            let now = rss_bytes(pid);
+            if now <= last + (1 << 20) {
+                break;
+            }
+            last = now;
+        }
+        let per_connection = (rss_bytes(pid).saturating_sub(rss_before)) / 4;
+        eprintln!(
+            "{streams} streams on 4 connections; RSS per never-reading connection: {:.1} MiB",
+            per_connection as f64 / f64::from(1 << 20)
+        );
+        // README: about 8 MiB per connection (100 streams); hyper's defaults held 50.
+        assert!(
+            per_connection < 12 << 20,
+            "{} MiB per connection",
+            per_connection >> 20
+        );
+        // Others are served meanwhile.
+        assert_eq!(
+            get(&client(), &format!("http://{addr}/"), &[]).await.status,
+            200
+        );
+        drop(held);
     })
     .await;
 }
