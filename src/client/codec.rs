@@ -180,11 +180,15 @@ pub enum Framing {
 }
 
 /// The framing of a response and whether its connection can be reused after it.
+/// The framing fields are made to say what the proxy will send: no Content-Length
+/// beside chunked (RFC 9112 6.3: a proxy MUST remove it), and one Content-Length
+/// value for a list of equal ones (RFC 9110 8.6). Transfer-Encoding goes later, with
+/// the other hop-by-hop fields.
 pub fn framing(
     out: &Outgoing,
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    headers: &mut HeaderMap,
 ) -> Result<(Framing, bool), ExchangeError> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         // An unrequested 101 is answered 502 by the proxy; the connection is spent.
@@ -196,70 +200,53 @@ pub fn framing(
         return Ok((framing, false));
     }
     let keep_alive = keeps_alive(version, headers);
-    let has_length = headers.contains_key(header::CONTENT_LENGTH);
-    let has_coding = headers.contains_key(header::TRANSFER_ENCODING);
     if out.head_request || status.is_informational() {
         return Ok((Framing::Empty, keep_alive));
     }
+    let has_coding = headers.contains_key(header::TRANSFER_ENCODING);
     if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         // No body, whatever the fields say; a backend that announced one may send
         // it anyway, so its connection is not trusted after.
         let announced = has_coding
-            || (has_length
-                && status == StatusCode::NO_CONTENT
-                && content_length(headers)? != Some(0));
+            || (status == StatusCode::NO_CONTENT
+                && !matches!(content_length(headers)?, (None | Some(0), _)));
         return Ok((Framing::Empty, keep_alive && !announced));
     }
     if has_coding {
         // Only `chunked` alone is understood: another coding passed on undecoded
         // would reach the client as content (nginx answers 502 the same way).
-        let values = headers.get_all(header::TRANSFER_ENCODING);
-        let mut codings = list_items(&values);
-        let chunked_only = codings
-            .next()
-            .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
-            && codings.next().is_none();
+        let chunked_only = {
+            let values = headers.get_all(header::TRANSFER_ENCODING);
+            let mut codings = list_items(&values);
+            codings
+                .next()
+                .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+                && codings.next().is_none()
+        };
         if !chunked_only {
             return Err(ExchangeError::Protocol("unsupported transfer coding"));
         }
         // Chunked wins over a Content-Length, but the connection is not trusted
         // after (RFC 9112 6.3, item 3); nor after Transfer-Encoding in an HTTP/1.0
         // response (RFC 9112 6.1: faulty framing, close after the message).
-        let clean = version == Version::HTTP_11 && !has_length;
+        let had_length = headers.remove(header::CONTENT_LENGTH).is_some();
+        let clean = version == Version::HTTP_11 && !had_length;
         return Ok((Framing::Chunked, keep_alive && clean));
     }
     match content_length(headers)? {
-        Some(n) => Ok((Framing::Length(n), keep_alive)),
-        None => Ok((Framing::Close, false)),
-    }
-}
-
-/// Makes a response's framing fields say what the proxy will send: no
-/// Content-Length beside chunked (RFC 9112 6.3: a proxy MUST remove it), and one
-/// Content-Length value for a list of equal ones (RFC 9110 8.6). Transfer-Encoding
-/// goes with the other hop-by-hop fields.
-pub fn normalize_framing_fields(framing: Framing, headers: &mut HeaderMap) {
-    match framing {
-        Framing::Chunked | Framing::Close => {
-            headers.remove(header::CONTENT_LENGTH);
+        (Some(n), true) => Ok((Framing::Length(n), keep_alive)),
+        (Some(n), false) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+            Ok((Framing::Length(n), keep_alive))
         }
-        Framing::Length(n) => {
-            let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
-            let single = values
-                .next()
-                .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_digit))
-                && values.next().is_none();
-            if !single {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
-            }
-        }
-        Framing::Empty | Framing::Upgrade => {}
+        (None, _) => Ok((Framing::Close, false)),
     }
 }
 
 /// The one Content-Length of a response: repeated values must agree (RFC 9110 8.6).
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
-    let mut length = None;
+/// Also whether it was written as one plain value (else it is sent as one).
+fn content_length(headers: &HeaderMap) -> Result<(Option<u64>, bool), ExchangeError> {
+    let (mut length, mut items) = (None, 0);
     for item in list_items(&headers.get_all(header::CONTENT_LENGTH)) {
         if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
             return Err(ExchangeError::Protocol("invalid Content-Length"));
@@ -269,8 +256,9 @@ fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
             return Err(ExchangeError::Protocol("conflicting Content-Length values"));
         }
         length = Some(n);
+        items += 1;
     }
-    Ok(length)
+    Ok((length, items <= 1))
 }
 
 /// HTTP/1.1 keeps the connection unless told `close`; HTTP/1.0 only when told
@@ -318,7 +306,7 @@ mod tests {
         let v11 = Version::HTTP_11;
         let get = out(false, false);
         let f = |o: &Outgoing, s: u16, v: Version, h: &[(&str, &str)]| {
-            framing(o, StatusCode::from_u16(s).unwrap(), v, &headers(h))
+            framing(o, StatusCode::from_u16(s).unwrap(), v, &mut headers(h))
         };
         assert_eq!(
             f(&get, 200, v11, &[("content-length", "12")]).unwrap(),
@@ -447,24 +435,22 @@ mod tests {
 
     #[test]
     fn framing_fields_say_what_is_sent() {
-        let mut h = headers(&[("content-length", "3"), ("transfer-encoding", "chunked")]);
-        normalize_framing_fields(Framing::Chunked, &mut h);
-        assert!(!h.contains_key(header::CONTENT_LENGTH));
-        let mut h = headers(&[("content-length", "5, 5")]);
-        normalize_framing_fields(Framing::Length(5), &mut h);
+        let get = out(false, false);
+        let sent = |fields: &[(&str, &str)]| {
+            let mut h = headers(fields);
+            framing(&get, StatusCode::OK, Version::HTTP_11, &mut h).unwrap();
+            h.get_all(header::CONTENT_LENGTH)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert!(sent(&[("content-length", "3"), ("transfer-encoding", "chunked")]).is_empty());
+        assert_eq!(sent(&[("content-length", "5, 5")]), ["5"]);
         assert_eq!(
-            h.get_all(header::CONTENT_LENGTH).iter().collect::<Vec<_>>(),
+            sent(&[("content-length", "5"), ("content-length", "5")]),
             ["5"]
         );
-        let mut h = headers(&[("content-length", "5"), ("content-length", "5")]);
-        normalize_framing_fields(Framing::Length(5), &mut h);
-        assert_eq!(
-            h.get_all(header::CONTENT_LENGTH).iter().collect::<Vec<_>>(),
-            ["5"]
-        );
-        let mut h = headers(&[("content-length", "7")]);
-        normalize_framing_fields(Framing::Length(7), &mut h);
-        assert_eq!(h[header::CONTENT_LENGTH], "7");
+        assert_eq!(sent(&[("content-length", "7")]), ["7"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use hyper::body::Body as _;
 use tracing::debug;
 
 use crate::client::body::PooledBody;
-use crate::client::codec::{Outgoing, framing, normalize_framing_fields};
+use crate::client::codec::{Outgoing, framing};
 use crate::client::conn::BackendConn;
 use crate::client::conn_pool::ConnPool;
 use crate::client::error::ExchangeError;
@@ -65,13 +65,12 @@ pub async fn exchange(
     })
     .await
     .map_err(|error| Failure { error, received })?;
+    let mut headers = head.headers;
     let (framing, keep) =
-        framing(out, head.status, head.version, &head.headers).map_err(|error| Failure {
+        framing(out, head.status, head.version, &mut headers).map_err(|error| Failure {
             error,
             received: true,
         })?;
-    let mut headers = head.headers;
-    normalize_framing_fields(framing, &mut headers);
     let reusable = keep && write_error.is_none();
     let mut response = Response::new(PooledBody::new(
         conn,

@@ -12,7 +12,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::HeaderValue;
-use http::uri::Authority;
 use hyper::body::{Body, Frame, SizeHint};
 use tracing::{info, warn};
 
@@ -21,25 +20,23 @@ use crate::observe::metrics::{Metrics, ResetStage};
 use crate::proxy::error::ProxyError;
 use crate::routing::PoolKind;
 
-/// Which request a note is about.
-#[derive(Clone)]
+/// Which request a note is about; its `proxied` log line, found by `request_id`,
+/// has the rest (backend, status, time). Small, since every response body carries
+/// one.
 pub struct RequestNote {
     pub metrics: Arc<Metrics>,
     pub pool: PoolKind,
     pub request_id: HeaderValue,
-    pub backend: Option<Authority>,
-    pub start: Instant,
 }
 
 impl RequestNote {
-    fn client_reset(&self, stage: ResetStage) {
+    fn client_reset(&self, stage: ResetStage, elapsed: Option<std::time::Duration>) {
         self.metrics.pool(self.pool).client_reset(stage);
         info!(
             request_id = self.request_id.to_str().unwrap_or(""),
             pool = self.pool.as_str(),
-            backend = self.backend.as_ref().map_or("-", Authority::as_str),
             stage = stage.as_str(),
-            duration_us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
+            duration_us = elapsed.map(|e| u64::try_from(e.as_micros()).unwrap_or(u64::MAX)),
             "client reset"
         );
     }
@@ -84,10 +81,8 @@ impl Drop for Unanswered<'_> {
                 metrics: Arc::clone(self.metrics),
                 pool: self.pool,
                 request_id: self.request_id.clone(),
-                backend: None,
-                start: self.start,
             }
-            .client_reset(ResetStage::BeforeResponse);
+            .client_reset(ResetStage::BeforeResponse, Some(self.start.elapsed()));
         }
     }
 }
@@ -142,7 +137,6 @@ impl Body for TrackedBody {
                 warn!(
                     request_id = note.request_id.to_str().unwrap_or(""),
                     pool = note.pool.as_str(),
-                    backend = note.backend.as_ref().map_or("-", Authority::as_str),
                     error = %error,
                     cause = error.cause(),
                     "response body cut"
@@ -170,7 +164,7 @@ impl Body for TrackedBody {
 impl Drop for TrackedBody {
     fn drop(&mut self) {
         if !self.over && !self.inner.is_end_stream() {
-            self.note.client_reset(ResetStage::DuringResponse);
+            self.note.client_reset(ResetStage::DuringResponse, None);
         }
     }
 }

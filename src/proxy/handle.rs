@@ -95,8 +95,6 @@ pub async fn handle(
             metrics: std::sync::Arc::clone(&state.metrics),
             pool: kind,
             request_id: request_id.clone(),
-            backend: backend.map(|b| b.authority.clone()),
-            start,
         };
         Either::Left(TrackedBody::new(body, note))
     };

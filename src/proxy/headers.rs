@@ -202,13 +202,27 @@ pub fn valid_authority(value: &[u8]) -> bool {
     let host_ok = host.first() == Some(&b'[') || (!host.is_empty() && valid_reg_name(host));
     let port_ok = port.is_none_or(|p| {
         p.len() <= 5
-            && p.iter().all(u8::is_ascii_digit)
-            && std::str::from_utf8(p)
-                .ok()
-                .is_none_or(|p| p.is_empty() || p.parse::<u16>().is_ok())
+            && p.iter()
+                .try_fold(0u32, |n, &b| {
+                    b.is_ascii_digit().then(|| n * 10 + u32::from(b - b'0'))
+                })
+                .is_some_and(|n| n <= u32::from(u16::MAX))
     });
     host_ok && port_ok
 }
+
+/// The bytes a `reg-name` may hold as they are (RFC 3986 3.2.2): unreserved and
+/// sub-delims; `%` starts a percent-encoded byte.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let allowed = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < allowed.len() {
+        table[allowed[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// `reg-name` (RFC 3986 3.2.2), which also covers IPv4 addresses.
 fn valid_reg_name(host: &[u8]) -> bool {
@@ -223,13 +237,10 @@ fn valid_reg_name(host: &[u8]) -> bool {
                     return false;
                 }
                 i += 3;
-                continue;
             }
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            b if REG_NAME[usize::from(b)] => i += 1,
             _ => return false,
         }
-        i += 1;
     }
     true
 }

@@ -784,9 +784,8 @@ mod tests {
                 hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     // The handler's order: one verdict per request, as it arrives.
                     let refused = conn.next_request_is_bad();
-                    seen.lock()
-                        .unwrap()
-                        .push((req.uri().path().to_owned(), refused));
+                    // The target as sent (a mutated byte may make it authority-form).
+                    seen.lock().unwrap().push((req.uri().to_string(), refused));
                     async move {
                         let mut response = http::Response::new(String::new());
                         if refused {
