@@ -10,7 +10,7 @@
 use std::fmt;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -18,6 +18,8 @@ use http::HeaderName;
 use http::uri::Authority;
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
+
+use crate::ops::alerts::AlertsConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +81,56 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub resources: ResourcesConfig,
+}
+
+/// `[resources]`: the host resource watch (see `ops::resources`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResourcesConfig {
+    pub interval_ms: u64,
+    pub cpu_percent: u8,
+    pub memory_percent: u8,
+    /// Above a threshold this long makes a spike.
+    pub sustain_ms: u64,
+    /// Paths whose filesystem usage is exported (and judged against `disk_percent`).
+    pub disk_paths: Vec<PathBuf>,
+    pub disk_percent: u8,
+}
+
+impl Default for ResourcesConfig {
+    fn default() -> Self {
+        Self {
+            interval_ms: 5_000,
+            cpu_percent: 90,
+            memory_percent: 90,
+            sustain_ms: 30_000,
+            disk_paths: vec![PathBuf::from("/")],
+            disk_percent: 90,
+        }
+    }
+}
+
+impl ResourcesConfig {
+    /// The rules serde cannot check: the dotted key and why.
+    pub fn violation(&self) -> Option<(&'static str, String)> {
+        if self.interval_ms == 0 {
+            return Some(("resources.interval_ms", "must be greater than 0".to_owned()));
+        }
+        for (key, value) in [
+            ("resources.cpu_percent", self.cpu_percent),
+            ("resources.memory_percent", self.memory_percent),
+            ("resources.disk_percent", self.disk_percent),
+        ] {
+            if value == 0 || value > 100 {
+                return Some((key, format!("{value} is out of range; it must be 1..=100")));
+            }
+        }
+        None
+    }
 }
 
 /// `[server]`: where the proxy and the admin listener bind, and how long a drain may take.
@@ -553,6 +605,13 @@ impl Config {
         }
         self.validate_flags()?;
         self.validate_health_and_limits()?;
+        self.alerts.validate().map_err(|v| Violation {
+            key: v.key,
+            message: v.message,
+        })?;
+        if let Some((key, message)) = self.resources.violation() {
+            return fail(key, message);
+        }
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),

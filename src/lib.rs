@@ -80,6 +80,8 @@ pub enum StartError {
     Tls(#[from] tls::TlsError),
     #[error("[server.tls] is configured but no TLS listener was bound")]
     TlsListenerMissing,
+    #[error("[alerts]: {0}")]
+    Alerts(#[from] ops::alerts::channels::SendError),
 }
 
 /// Runs the proxy and the admin listener until `shutdown` is cancelled, then drains
@@ -145,7 +147,29 @@ pub async fn serve_all(
 
     // Background tasks stop after every server has drained.
     let tasks = CancellationToken::new();
-    let background = [
+    let instance = format!(
+        "{}:{}",
+        ops::alerts::alert::hostname(),
+        listeners.proxy.local_addr().map_or(0, |a| a.port())
+    );
+    let (alerts, channels) = ops::alerts::Dispatcher::new(
+        &config.alerts,
+        &instance,
+        state.metrics.alerts.clone(),
+        Arc::clone(&state.events),
+    )?;
+    let mut background: Vec<_> = channels
+        .into_iter()
+        .map(|channel| {
+            let span = info_span!("alerts", channel = channel.channel());
+            tokio::spawn(channel.run(tasks.clone()).instrument(span))
+        })
+        .collect();
+    background.push(tokio::spawn(
+        ops::resources::run(state.clone(), alerts, tasks.clone())
+            .instrument(info_span!("resources")),
+    ));
+    background.extend([
         tokio::spawn(
             flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),
         ),
@@ -163,7 +187,7 @@ pub async fn serve_all(
         tokio::spawn(
             ops::memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory")),
         ),
-    ];
+    ]);
 
     // The admin listener outlives the proxy's drain, so /readyz can say 503 meanwhile.
     let admin_shutdown = CancellationToken::new();

@@ -68,6 +68,12 @@ enum Command {
         #[arg(long)]
         redis_url: Option<String>,
     },
+    /// Send one info alert through every configured alert channel (ignoring their
+    /// min_severity); print `ok` or the error per channel; exit 0 only if all worked.
+    AlertTest {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Serve the demo web app alone (for tests, benchmarks and deployments).
     Backend {
         #[arg(long)]
@@ -121,6 +127,10 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
+        Command::AlertTest { config } => match config::load(config) {
+            Ok(cfg) => alert_test(&cfg),
+            Err(e) => config_failure(&e),
+        },
         Command::Backend {
             listen,
             name,
@@ -135,6 +145,51 @@ fn main() -> ExitCode {
                 },
             ))
         })),
+    }
+}
+
+/// `alert-test`: one info alert per channel, each outcome printed.
+fn alert_test(config: &Config) -> ExitCode {
+    let instance = format!(
+        "{}:{}",
+        canarygate::ops::alerts::alert::hostname(),
+        config.server.listen.port()
+    );
+    let results = runtime().and_then(|rt| {
+        rt.block_on(canarygate::ops::alerts::dispatch::send_test(
+            &config.alerts,
+            &instance,
+        ))
+        .context("cannot build the alert channels")
+    });
+    match results {
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+        Ok(results) if results.is_empty() => {
+            eprintln!(
+                "no alert channels configured ([alerts.twilio], [alerts.email], [alerts.alertmanager], [alerts.webhook])"
+            );
+            ExitCode::FAILURE
+        }
+        Ok(results) => {
+            let mut all_ok = true;
+            for (channel, result) in results {
+                match result {
+                    Ok(()) => println!("{channel}: ok"),
+                    Err(error) => {
+                        all_ok = false;
+                        println!("{channel}: error: {error}");
+                    }
+                }
+            }
+            if all_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 

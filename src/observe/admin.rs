@@ -264,7 +264,30 @@ fn status_page(state: &AppState) -> String {
     if flags.set.values.is_empty() {
         html.push_str("<tr><td colspan=\"2\" class=\"muted\">(no flags)</td></tr>");
     }
-    html.push_str("</table></section><section><h2>Recent events</h2><table><tr><th>time</th><th>source</th><th>event</th></tr>");
+    let (cpu, memory) = state.metrics.host();
+    let _ = write!(
+        html,
+        "</table></section><section><h2>Host</h2><p>CPU {:.0}% &middot; memory {:.0}%",
+        cpu * 100.0,
+        memory * 100.0
+    );
+    for (path, ratio) in state.metrics.host_disks() {
+        let _ = write!(
+            html,
+            " &middot; disk {} {:.0}%",
+            escape_html(&path),
+            ratio * 100.0
+        );
+    }
+    html.push_str("</p><h3>Alerts firing</h3><ul>");
+    let firing = state.events.firing();
+    for line in &firing {
+        let _ = write!(html, "<li class=\"warn\">{}</li>", escape_html(line));
+    }
+    if firing.is_empty() {
+        html.push_str("<li class=\"muted\">(none)</li>");
+    }
+    html.push_str("</ul></section><section><h2>Recent events</h2><table><tr><th>time</th><th>source</th><th>event</th></tr>");
     let events = state.events.recent(RECENT_EVENTS);
     for e in &events {
         let _ = write!(

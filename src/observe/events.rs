@@ -19,6 +19,7 @@ pub enum Source {
     Flags,
     Health,
     Config,
+    Alerts,
 }
 
 impl Source {
@@ -28,6 +29,7 @@ impl Source {
             Self::Flags => "flags",
             Self::Health => "health",
             Self::Config => "config",
+            Self::Alerts => "alerts",
         }
     }
 }
@@ -68,9 +70,33 @@ fn rfc3339<S: serde::Serializer>(at: &SystemTime, s: S) -> Result<S::Ok, S::Erro
 #[derive(Debug, Default)]
 pub struct Events {
     ring: Mutex<VecDeque<Event>>,
+    /// The alerts firing now, by kind: one line each, for the status page.
+    firing: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Events {
+    /// Marks alert `kind` as firing with a line to show, or (`None`) as resolved.
+    pub fn set_firing(&self, kind: &str, line: Option<String>) {
+        let mut firing = self
+            .firing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match line {
+            Some(line) => firing.insert(kind.to_owned(), line),
+            None => firing.remove(kind),
+        };
+    }
+
+    /// The alerts firing now, one line each, by kind.
+    pub fn firing(&self) -> Vec<String> {
+        self.firing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Reports an event: one log line at `level` whose message is the fixed `what`,
     /// with `source` and `detail` as fields, and one entry in the ring
     /// (`what: detail`, or `what` alone when `detail` is empty).

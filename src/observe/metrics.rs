@@ -13,8 +13,8 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use prometheus::core::Collector as _;
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::flags::model::{FlagValue, Flags};
@@ -141,6 +141,11 @@ pub struct Metrics {
     pub connections_handed_off: IntCounter,
     /// Failed accepts on the proxy listeners, by `kind`.
     pub accept_errors: IntCounterVec,
+    /// Alerts by channel and result (sent, failed, dropped, suppressed).
+    pub alerts: IntCounterVec,
+    host_cpu: Gauge,
+    host_memory: Gauge,
+    host_disk: GaugeVec,
     backend_up: IntGaugeVec,
     pub failover_requests: IntCounter,
     config_reloads: IntCounterVec,
@@ -249,6 +254,29 @@ impl Metrics {
             ),
             &["kind"],
         ));
+        let alerts = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_alerts_total",
+                "Alerts by channel and result: sent, failed (after retries), dropped (queue \
+                 full), suppressed (SMS cap).",
+            ),
+            &["channel", "result"],
+        ));
+        let host_cpu = must(Gauge::new(
+            "canarygate_host_cpu_ratio",
+            "Host CPU busy, 0..1 over all cores, from the resource watch.",
+        ));
+        let host_memory = must(Gauge::new(
+            "canarygate_host_memory_ratio",
+            "Host memory in use (total minus available), 0..1, from the resource watch.",
+        ));
+        let host_disk = must(GaugeVec::new(
+            Opts::new(
+                "canarygate_host_disk_used_ratio",
+                "Used share of the filesystem holding each configured path, 0..1.",
+            ),
+            &["path"],
+        ));
         let canary_percent = must(IntGauge::new(
             "canarygate_canary_percent",
             "Effective canary share in percent, after flags and the kill switch.",
@@ -336,6 +364,10 @@ impl Metrics {
         reg(Box::new(worker_connections.clone()));
         reg(Box::new(connections_handed_off.clone()));
         reg(Box::new(accept_errors.clone()));
+        reg(Box::new(alerts.clone()));
+        reg(Box::new(host_cpu.clone()));
+        reg(Box::new(host_memory.clone()));
+        reg(Box::new(host_disk.clone()));
         reg(Box::new(canary_percent.clone()));
         reg(Box::new(flags_version.clone()));
         reg(Box::new(flag_store_up.clone()));
@@ -394,6 +426,10 @@ impl Metrics {
             worker_connections,
             connections_handed_off,
             accept_errors,
+            alerts,
+            host_cpu,
+            host_memory,
+            host_disk,
             backend_up,
             failover_requests,
             config_reloads,
@@ -419,6 +455,41 @@ impl Metrics {
         self.backend_up
             .with_label_values(&[kind.as_str(), backend])
             .set(0);
+    }
+
+    /// Publishes a resource-watch sample; paths no longer sampled leave the scrape.
+    pub fn observe_host(
+        &self,
+        cpu_ratio: f64,
+        memory_ratio: f64,
+        disks: impl IntoIterator<Item = (String, f64)>,
+    ) {
+        self.host_cpu.set(cpu_ratio);
+        self.host_memory.set(memory_ratio);
+        self.host_disk.reset();
+        for (path, ratio) in disks {
+            self.host_disk
+                .with_label_values(&[path.as_str()])
+                .set(ratio);
+        }
+    }
+
+    /// The last host sample: CPU and memory ratios.
+    pub fn host(&self) -> (f64, f64) {
+        (self.host_cpu.get(), self.host_memory.get())
+    }
+
+    /// The last host sample's disks: path and used ratio.
+    pub fn host_disks(&self) -> Vec<(String, f64)> {
+        self.host_disk
+            .collect()
+            .iter()
+            .flat_map(prometheus::proto::MetricFamily::get_metric)
+            .filter_map(|m| {
+                let path = m.get_label().iter().find(|l| l.name() == "path")?;
+                Some((path.value().to_owned(), m.get_gauge().get_value()))
+            })
+            .collect()
     }
 
     pub fn count_reload(&self, success: bool) {

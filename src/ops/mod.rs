@@ -1,7 +1,12 @@
 //! The operations half: tasks that look after the host and the proxy itself.
 //!
+//! - [`alerts`]: the one way to tell a human (Twilio SMS, email, Alertmanager,
+//!   webhook), with noise control.
+//! - [`resources`]: the host resource watch (CPU, memory, disks) and its alerts.
 //! - [`memory`]: returns the memory idle connections hold.
 //!
-//! Alerts, resources, canary analysis, the doctor and maintenance will live here.
+//! Canary analysis, the doctor and maintenance will live here.
 
+pub mod alerts;
 pub mod memory;
+pub mod resources;

@@ -1,0 +1,187 @@
+//! The one alert value every channel renders.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+/// How urgent an alert is; channels send those at or above their `min_severity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
+
+/// Whether the condition holds (firing) or has ended (resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertState {
+    Firing,
+    Resolved,
+}
+
+impl AlertState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Firing => "firing",
+            Self::Resolved => "resolved",
+        }
+    }
+}
+
+/// One alert. `id` is short so an operator can quote it (`ACK k7f3q2`); the same
+/// firing episode keeps its id through repeats and its resolved message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Alert {
+    pub id: String,
+    pub severity: Severity,
+    /// A stable key: `cpu_spike`, `memory_spike`, `canary_rollback`, `doctor_kill`...
+    pub kind: String,
+    /// One line.
+    pub summary: String,
+    pub details: String,
+    pub host: String,
+    pub instance: String,
+    /// RFC 3339, UTC, when this message was made.
+    pub time: String,
+    pub state: AlertState,
+}
+
+impl Alert {
+    /// A firing alert made now on this host, with a new id.
+    pub fn firing(
+        severity: Severity,
+        kind: &str,
+        summary: impl Into<String>,
+        details: impl Into<String>,
+        instance: &str,
+    ) -> Self {
+        Self {
+            id: new_id(),
+            severity,
+            kind: kind.to_owned(),
+            summary: summary.into(),
+            details: details.into(),
+            host: hostname(),
+            instance: instance.to_owned(),
+            time: now_rfc3339(),
+            state: AlertState::Firing,
+        }
+    }
+
+    /// `[canarygate] CRITICAL cpu_spike on host: summary` (resolved: `RESOLVED`).
+    pub fn subject(&self) -> String {
+        let level = match self.state {
+            AlertState::Firing => self.severity.as_str().to_ascii_uppercase(),
+            AlertState::Resolved => "RESOLVED".to_owned(),
+        };
+        format!(
+            "[canarygate] {level} {} on {}: {}",
+            self.kind, self.host, self.summary
+        )
+    }
+
+    /// Plain text with every field, for email bodies and webhook `text`.
+    pub fn text(&self) -> String {
+        let mut text = self.subject();
+        let _ = write!(
+            text,
+            "\n\nid: {}\nstate: {}\nseverity: {}\nkind: {}\nhost: {}\ninstance: {}\ntime: {}\n",
+            self.id,
+            self.state.as_str(),
+            self.severity.as_str(),
+            self.kind,
+            self.host,
+            self.instance,
+            self.time
+        );
+        if !self.details.is_empty() {
+            let _ = write!(text, "\n{}\n", self.details);
+        }
+        text
+    }
+
+    /// At most `max` characters of [`Alert::text`]-like content for an SMS: the
+    /// subject, the id to quote, then as much of the details as fits.
+    pub fn short_text(&self, prefix: &str, max: usize) -> String {
+        let mut text = format!("{prefix}{} (id {})", self.subject(), self.id);
+        if !self.details.is_empty() {
+            let _ = write!(text, "\n{}", self.details);
+        }
+        if text.chars().count() > max {
+            text = text.chars().take(max.saturating_sub(3)).collect();
+            text.push_str("...");
+        }
+        text
+    }
+}
+
+/// Six characters from an alphabet without look-alikes (no 0/o, 1/l/i).
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"23456789abcdefghjkmnpqrstuvwxyz";
+    (0..6)
+        .map(|_| char::from(ALPHABET[fastrand::usize(..ALPHABET.len())]))
+        .collect()
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// This machine's host name (Linux), or `unknown`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renderings_carry_every_field_and_sms_fits() {
+        let mut alert = Alert::firing(
+            Severity::Critical,
+            "cpu_spike",
+            "host CPU 97% for 30 s",
+            "top: 4242 burner 190%",
+            "edge-1:8080",
+        );
+        assert_eq!(alert.id.len(), 6);
+        assert_ne!(alert.id, Alert::firing(Severity::Info, "x", "", "", "").id);
+        assert!(
+            alert
+                .subject()
+                .starts_with("[canarygate] CRITICAL cpu_spike on ")
+        );
+        let text = alert.text();
+        for field in [&alert.id, "firing", "critical", "edge-1:8080", "top: 4242"] {
+            assert!(text.contains(field), "{field} in {text}");
+        }
+        alert.details = "x".repeat(5000);
+        let sms = alert.short_text("(3 suppressed) ", 1600);
+        assert_eq!(sms.chars().count(), 1600);
+        assert!(sms.starts_with("(3 suppressed) [canarygate] CRITICAL"));
+        alert.state = AlertState::Resolved;
+        assert!(
+            alert
+                .subject()
+                .starts_with("[canarygate] RESOLVED cpu_spike")
+        );
+    }
+}

@@ -1,0 +1,190 @@
+//! `[alerts]`: noise control and the channels. Secrets are never in the file: a
+//! channel names the environment variable that holds its token or password, and a
+//! variable that is not set is a config error (`check` and start-up exit 64 naming
+//! the key), never a surprise at 3 a.m.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::ops::alerts::Severity;
+
+/// `[alerts]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// A kind that keeps firing is sent again at most this often.
+    pub repeat_ms: u64,
+    /// SMS sent per rolling hour, over all recipients; more are suppressed and
+    /// counted, and the next one sent says how many.
+    pub sms_max_per_hour: u32,
+    /// One send attempt's deadline.
+    pub timeout_ms: u64,
+    /// First retry delay; doubled per retry (3 tries in all).
+    pub retry_base_ms: u64,
+    pub twilio: Option<TwilioConfig>,
+    pub email: Option<EmailConfig>,
+    pub alertmanager: Option<AlertmanagerConfig>,
+    pub webhook: Option<WebhookConfig>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            repeat_ms: 30 * 60 * 1000,
+            sms_max_per_hour: 10,
+            timeout_ms: 10_000,
+            retry_base_ms: 1_000,
+            twilio: None,
+            email: None,
+            alertmanager: None,
+            webhook: None,
+        }
+    }
+}
+
+/// `[alerts.twilio]`: SMS through Twilio's Messages API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioConfig {
+    pub account_sid: String,
+    /// The NAME of the environment variable holding the auth token.
+    pub auth_token_env: String,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default = "twilio_api_base")]
+    pub api_base: String,
+    #[serde(default = "critical")]
+    pub min_severity: Severity,
+}
+
+/// `[alerts.email]`: SMTP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `smtp://host:port`, `smtp://host:port?tls=required` (STARTTLS) or
+    /// `smtps://host:port`.
+    pub smtp_url: String,
+    pub user: Option<String>,
+    /// The NAME of the environment variable holding the password.
+    pub password_env: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+    #[serde(default = "warning")]
+    pub min_severity: Severity,
+}
+
+/// `[alerts.alertmanager]`: an Alertmanager's v2 API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertmanagerConfig {
+    /// Base URL, e.g. `http://alertmanager:9093`.
+    pub url: String,
+    #[serde(default = "warning")]
+    pub min_severity: Severity,
+}
+
+/// `[alerts.webhook]`: JSON to any URL (Slack- and Mattermost-compatible `text`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub url: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "warning")]
+    pub min_severity: Severity,
+}
+
+fn twilio_api_base() -> String {
+    "https://api.twilio.com".to_owned()
+}
+
+fn critical() -> Severity {
+    Severity::Critical
+}
+
+fn warning() -> Severity {
+    Severity::Warning
+}
+
+/// What is wrong with `[alerts]`: the dotted key and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertsViolation {
+    pub key: String,
+    pub message: String,
+}
+
+impl AlertsConfig {
+    /// Checks what serde cannot: URLs, non-empty recipient lists, and that every
+    /// named environment variable is set (read here, so `check` catches it).
+    pub fn validate(&self) -> Result<(), AlertsViolation> {
+        let fail = |key: &str, message: String| {
+            Err(AlertsViolation {
+                key: format!("alerts.{key}"),
+                message,
+            })
+        };
+        for (key, value) in [
+            ("repeat_ms", self.repeat_ms),
+            ("timeout_ms", self.timeout_ms),
+        ] {
+            if value == 0 {
+                return fail(key, "must be greater than 0".to_owned());
+            }
+        }
+        if let Some(t) = &self.twilio {
+            env_set(&t.auth_token_env).or_else(|m| fail("twilio.auth_token_env", m))?;
+            http_url(&t.api_base).or_else(|m| fail("twilio.api_base", m))?;
+            if t.to.is_empty() {
+                return fail("twilio.to", "needs at least one number".to_owned());
+            }
+        }
+        if let Some(e) = &self.email {
+            if !(e.smtp_url.starts_with("smtp://") || e.smtp_url.starts_with("smtps://")) {
+                return fail(
+                    "email.smtp_url",
+                    format!("{:?} must start with smtp:// or smtps://", e.smtp_url),
+                );
+            }
+            if let Err(error) =
+                lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(&e.smtp_url)
+            {
+                return fail("email.smtp_url", format!("{:?}: {error}", e.smtp_url));
+            }
+            if let Some(name) = &e.password_env {
+                env_set(name).or_else(|m| fail("email.password_env", m))?;
+            }
+            if e.to.is_empty() {
+                return fail("email.to", "needs at least one address".to_owned());
+            }
+        }
+        if let Some(a) = &self.alertmanager {
+            http_url(&a.url).or_else(|m| fail("alertmanager.url", m))?;
+        }
+        if let Some(w) = &self.webhook {
+            http_url(&w.url).or_else(|m| fail("webhook.url", m))?;
+        }
+        Ok(())
+    }
+}
+
+fn env_set(name: &str) -> Result<(), String> {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => Ok(()),
+        Ok(_) => Err(format!("environment variable {name} is empty")),
+        Err(_) => Err(format!("environment variable {name} is not set")),
+    }
+}
+
+fn http_url(url: &str) -> Result<(), String> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(format!("{url:?} must start with http:// or https://"))
+    }
+}
+
+/// The value of a named environment variable (validated at load).
+pub fn secret(name: &str) -> String {
+    std::env::var(name).unwrap_or_default()
+}

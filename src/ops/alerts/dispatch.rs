@@ -1,0 +1,287 @@
+//! The dispatcher: noise control, then one bounded queue and one task per channel.
+//!
+//! Noise control, per alert kind (as Alertmanager groups by alertname): the first
+//! firing alert of an episode is sent; while it keeps firing, again at most every
+//! `repeat_ms`; when it is resolved, one resolved message (only if something was
+//! sent for it), with the episode's id. Each channel's queue holds at most
+//! [`QUEUE`] alerts: a full queue drops the oldest and counts it, so a dead
+//! channel costs memory for 64 alerts and nobody waits. A failed send is tried
+//! three times with doubling delays, then logged and counted.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use prometheus::IntCounterVec;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::observe::events::{Events, Level, Source};
+use crate::ops::alerts::channels::{Channel, SendError};
+use crate::ops::alerts::config::AlertsConfig;
+use crate::ops::alerts::{Alert, AlertState, Severity};
+
+/// Alerts waiting per channel; past it the oldest is dropped.
+pub const QUEUE: usize = 64;
+/// Tries per alert and channel.
+const TRIES: u32 = 3;
+/// The longest wait between two tries.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// Sends alerts; cheap to clone (shared).
+#[derive(Clone)]
+pub struct Dispatcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    repeat: Duration,
+    instance: String,
+    episodes: Mutex<HashMap<String, Episode>>,
+    queues: Vec<Arc<Queue>>,
+    counter: IntCounterVec,
+    events: Arc<Events>,
+}
+
+/// A kind that is firing: its alert as last sent, and when.
+struct Episode {
+    alert: Alert,
+    sent_at: Instant,
+}
+
+struct Queue {
+    channel: &'static str,
+    min_severity: Severity,
+    items: Mutex<VecDeque<Alert>>,
+    ready: Notify,
+}
+
+/// A channel's sending loop, to be spawned ([`ChannelTask::run`]).
+pub struct ChannelTask {
+    channel: Channel,
+    queue: Arc<Queue>,
+    counter: IntCounterVec,
+    retry_base: Duration,
+}
+
+impl Dispatcher {
+    /// A dispatcher for `config`'s channels, and their tasks. Alerts raised before
+    /// the tasks run wait in the queues.
+    pub fn new(
+        config: &AlertsConfig,
+        instance: &str,
+        counter: IntCounterVec,
+        events: Arc<Events>,
+    ) -> Result<(Self, Vec<ChannelTask>), SendError> {
+        let channels = Channel::all(config)?;
+        let mut queues = Vec::new();
+        let mut tasks = Vec::new();
+        for channel in channels {
+            let queue = Arc::new(Queue {
+                channel: channel.name(),
+                min_severity: channel.min_severity(),
+                items: Mutex::new(VecDeque::new()),
+                ready: Notify::new(),
+            });
+            for result in ["sent", "failed", "dropped", "suppressed"] {
+                counter.with_label_values(&[channel.name(), result]);
+            }
+            queues.push(Arc::clone(&queue));
+            tasks.push(ChannelTask {
+                channel,
+                queue,
+                counter: counter.clone(),
+                retry_base: Duration::from_millis(config.retry_base_ms),
+            });
+        }
+        let inner = Inner {
+            repeat: Duration::from_millis(config.repeat_ms),
+            instance: instance.to_owned(),
+            episodes: Mutex::new(HashMap::new()),
+            queues,
+            counter,
+            events,
+        };
+        Ok((
+            Self {
+                inner: Arc::new(inner),
+            },
+            tasks,
+        ))
+    }
+
+    /// `kind` is firing: sent now if it is new or was last sent `repeat_ms` ago.
+    pub fn fire(&self, severity: Severity, kind: &str, summary: &str, details: &str) {
+        let inner = &self.inner;
+        let alert = {
+            let mut episodes = lock(&inner.episodes);
+            match episodes.get_mut(kind) {
+                Some(episode) if episode.sent_at.elapsed() < inner.repeat => {
+                    debug!(kind, "alert still firing; repeat not due");
+                    return;
+                }
+                Some(episode) => {
+                    let mut alert =
+                        Alert::firing(severity, kind, summary, details, &inner.instance);
+                    alert.id.clone_from(&episode.alert.id);
+                    episode.alert = alert.clone();
+                    episode.sent_at = Instant::now();
+                    alert
+                }
+                None => {
+                    let alert = Alert::firing(severity, kind, summary, details, &inner.instance);
+                    episodes.insert(
+                        kind.to_owned(),
+                        Episode {
+                            alert: alert.clone(),
+                            sent_at: Instant::now(),
+                        },
+                    );
+                    alert
+                }
+            }
+        };
+        let level = if severity >= Severity::Warning {
+            Level::Warn
+        } else {
+            Level::Info
+        };
+        let line = format!(
+            "{} {} [{}] {} (since {})",
+            alert.severity.as_str(),
+            alert.kind,
+            alert.id,
+            alert.summary,
+            alert.time
+        );
+        inner.events.set_firing(kind, Some(line));
+        inner.events.report(
+            Source::Alerts,
+            level,
+            "alert firing",
+            format_args!("{} [{}] {}", alert.kind, alert.id, alert.summary),
+        );
+        self.enqueue(&alert);
+    }
+
+    /// `kind` is no longer firing: one resolved message, if it was firing.
+    pub fn resolve(&self, kind: &str, summary: &str) {
+        let Some(episode) = lock(&self.inner.episodes).remove(kind) else {
+            return;
+        };
+        let mut alert = episode.alert;
+        alert.state = AlertState::Resolved;
+        alert.summary = summary.to_owned();
+        alert.time = crate::ops::alerts::alert::now_rfc3339();
+        self.inner.events.set_firing(kind, None);
+        self.inner.events.report(
+            Source::Alerts,
+            Level::Info,
+            "alert resolved",
+            format_args!("{} [{}] {}", alert.kind, alert.id, alert.summary),
+        );
+        self.enqueue(&alert);
+    }
+
+    fn enqueue(&self, alert: &Alert) {
+        for queue in &self.inner.queues {
+            if alert.severity < queue.min_severity {
+                continue;
+            }
+            let dropped = {
+                let mut items = lock(&queue.items);
+                let dropped = (items.len() >= QUEUE).then(|| items.pop_front()).flatten();
+                items.push_back(alert.clone());
+                dropped
+            };
+            if let Some(dropped) = dropped {
+                warn!(channel = queue.channel, id = %dropped.id, kind = %dropped.kind, "alert queue full; oldest dropped");
+                self.inner
+                    .counter
+                    .with_label_values(&[queue.channel, "dropped"])
+                    .inc();
+            }
+            queue.ready.notify_one();
+        }
+    }
+}
+
+impl ChannelTask {
+    pub fn channel(&self) -> &'static str {
+        self.queue.channel
+    }
+
+    /// Sends what its queue receives until `cancel`.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        loop {
+            let next = lock(&self.queue.items).pop_front();
+            let Some(alert) = next else {
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = self.queue.ready.notified() => continue,
+                }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = self.deliver(&alert) => {}
+            }
+        }
+    }
+
+    /// Up to [`TRIES`] sends, with doubling delays; the outcome counted.
+    async fn deliver(&mut self, alert: &Alert) {
+        let name = self.queue.channel;
+        let mut delay = self.retry_base;
+        for attempt in 1..=TRIES {
+            match self.channel.send(alert).await {
+                Ok(()) => return self.count("sent"),
+                Err(SendError::Suppressed) => {
+                    debug!(channel = name, id = %alert.id, "alert suppressed by the SMS cap");
+                    return self.count("suppressed");
+                }
+                Err(error) if attempt < TRIES => {
+                    debug!(channel = name, id = %alert.id, attempt, %error, "alert send failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_RETRY_DELAY);
+                }
+                Err(error) => {
+                    warn!(channel = name, id = %alert.id, kind = %alert.kind, %error, "alert not sent");
+                    return self.count("failed");
+                }
+            }
+        }
+    }
+
+    fn count(&self, result: &str) {
+        self.counter
+            .with_label_values(&[self.queue.channel, result])
+            .inc();
+    }
+}
+
+/// Sends one info alert through every channel of `config`, ignoring min_severity
+/// and the SMS cap's history (`canarygate alert-test`): each channel's name and
+/// outcome.
+pub async fn send_test(
+    config: &AlertsConfig,
+    instance: &str,
+) -> Result<Vec<(&'static str, Result<(), SendError>)>, SendError> {
+    let alert = Alert::firing(
+        Severity::Info,
+        "alert_test",
+        "test alert from canarygate alert-test",
+        "If you read this, this channel works.",
+        instance,
+    );
+    let mut results = Vec::new();
+    for mut channel in Channel::all(config)? {
+        let result = channel.send(&alert).await;
+        results.push((channel.name(), result));
+    }
+    Ok(results)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
