@@ -349,6 +349,13 @@ async fn a_failing_or_hanging_channel_is_retried_counted_and_holds_up_nobody() {
         // The hanging channel holds one in its send and 64 queued; the oldest of the
         // rest were dropped and counted.
         assert_eq!(counted(&metrics, "twilio", "dropped"), 80 - 1 - 64);
+        // Each try times out (timeout_ms 500): after three, a counted failure.
+        eventually(
+            Duration::from_secs(10),
+            "the hanging send counted as failed",
+            || async { counted(&metrics, "twilio", "failed") >= 1 },
+        )
+        .await;
         cancel.cancel();
     })
     .await;

@@ -113,15 +113,59 @@ impl Channel {
     }
 }
 
+/// The SMS cost cap: at most `max` alerts per rolling `window`.
+#[derive(Debug)]
+struct SmsCap {
+    max: usize,
+    window: Duration,
+    /// When each alert of the window went out.
+    sent: VecDeque<Instant>,
+    /// Alerts held back since the last one sent.
+    suppressed: u64,
+}
+
+impl SmsCap {
+    fn new(max: u32, window: Duration) -> Self {
+        Self {
+            max: usize::try_from(max).unwrap_or(usize::MAX),
+            window,
+            sent: VecDeque::new(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether an alert may go out at `now`: the prefix it starts with (how many
+    /// were held back before it), or `None` when the cap holds it back too.
+    fn admit(&mut self, now: Instant) -> Option<String> {
+        while self
+            .sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            self.sent.pop_front();
+        }
+        if self.sent.len() >= self.max {
+            self.suppressed += 1;
+            return None;
+        }
+        Some(match self.suppressed {
+            0 => String::new(),
+            n => format!("({n} suppressed by the SMS cap) "),
+        })
+    }
+
+    /// The admitted alert went out.
+    fn sent(&mut self, now: Instant) {
+        self.sent.push_back(now);
+        self.suppressed = 0;
+    }
+}
+
 /// Twilio SMS: one message per recipient, `sms_max_per_hour` over all of them.
 pub struct Twilio {
     config: TwilioConfig,
     http: reqwest::Client,
-    max_per_hour: u32,
-    /// When each message of the last hour went out.
-    sent: VecDeque<Instant>,
-    /// Messages the cap held back since the last one sent.
-    suppressed: u64,
+    cap: SmsCap,
 }
 
 impl Twilio {
@@ -129,24 +173,13 @@ impl Twilio {
         Self {
             config: config.clone(),
             http,
-            max_per_hour,
-            sent: VecDeque::new(),
-            suppressed: 0,
+            cap: SmsCap::new(max_per_hour, Duration::from_secs(3600)),
         }
     }
 
     async fn send(&mut self, alert: &Alert) -> Result<(), SendError> {
-        let hour = Duration::from_secs(3600);
-        while self.sent.front().is_some_and(|t| t.elapsed() >= hour) {
-            self.sent.pop_front();
-        }
-        if self.sent.len() >= usize::try_from(self.max_per_hour).unwrap_or(usize::MAX) {
-            self.suppressed += 1;
+        let Some(prefix) = self.cap.admit(Instant::now()) else {
             return Err(SendError::Suppressed);
-        }
-        let prefix = match self.suppressed {
-            0 => String::new(),
-            n => format!("({n} suppressed by the SMS cap) "),
         };
         let body = alert.short_text(&prefix, SMS_MAX_CHARS);
         let url = format!(
@@ -178,8 +211,7 @@ impl Twilio {
                 });
             }
         }
-        self.sent.push_back(Instant::now());
-        self.suppressed = 0;
+        self.cap.sent(Instant::now());
         Ok(())
     }
 }
@@ -296,4 +328,29 @@ async fn check(response: reqwest::Response) -> Result<(), SendError> {
         status: status.as_u16(),
         body,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sms_cap_holds_back_then_says_how_many_it_held() {
+        let t0 = Instant::now();
+        let at = |s| t0 + Duration::from_secs(s);
+        let mut cap = SmsCap::new(2, Duration::from_secs(3600));
+        for s in [0, 10] {
+            assert_eq!(cap.admit(at(s)).as_deref(), Some(""));
+            cap.sent(at(s));
+        }
+        assert_eq!(cap.admit(at(20)), None);
+        assert_eq!(cap.admit(at(3599)), None);
+        // The first send left the window: one more may go, and says so.
+        assert_eq!(
+            cap.admit(at(3600)).as_deref(),
+            Some("(2 suppressed by the SMS cap) ")
+        );
+        cap.sent(at(3600));
+        assert_eq!(cap.admit(at(3610)).as_deref(), Some(""));
+    }
 }
