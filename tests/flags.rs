@@ -134,13 +134,25 @@ async fn flips_reach_the_application_header() {
     .await;
 }
 
-/// HSET one field and wait until the proxy has published a new flag version.
+/// HSET one field and wait until the proxy's snapshot holds that value. (Waiting for
+/// any new version raced with the watcher's first read of the hash: a version
+/// published just before the HSET was taken for the flip.)
 async fn flip(r: &mut redis::aio::MultiplexedConnection, proxy: &Proxy, field: &str, value: &str) {
-    let before = proxy.state.snapshot().flags.version;
     let _: () = r.hset(KEY, field, value).await.unwrap();
     let state = proxy.state.clone();
+    let (field, value) = (field.to_owned(), value.to_owned());
     eventually(Duration::from_secs(3), "flip applied", move || {
-        let ok = state.snapshot().flags.version > before;
+        let set = &state.snapshot().flags.set;
+        let ok = match field.as_str() {
+            "canary_percent" => set.canary_percent.map(|p| p.to_string()) == Some(value.clone()),
+            "canary" => set.canary_enabled == (value == "on"),
+            name => {
+                set.values
+                    .get(name)
+                    .map(canarygate::flags::model::FlagValue::as_str)
+                    == Some(value.as_str())
+            }
+        };
         async move { ok }
     })
     .await;
