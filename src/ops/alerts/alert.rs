@@ -3,26 +3,9 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-/// How urgent an alert is; channels send those at or above their `min_severity`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Warning,
-    Critical,
-}
-
-impl Severity {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Info => "info",
-            Self::Warning => "warning",
-            Self::Critical => "critical",
-        }
-    }
-}
+pub use crate::config::alerts::Severity;
 
 /// Whether the condition holds (firing) or has ended (resolved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

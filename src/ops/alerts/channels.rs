@@ -9,10 +9,10 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::json;
 
-use crate::ops::alerts::alert::now_rfc3339;
-use crate::ops::alerts::config::{
+use crate::config::alerts::{
     AlertmanagerConfig, AlertsConfig, EmailConfig, TwilioConfig, WebhookConfig, secret,
 };
+use crate::ops::alerts::alert::now_rfc3339;
 use crate::ops::alerts::{Alert, AlertState, Severity};
 
 /// Twilio's limit for one message body.

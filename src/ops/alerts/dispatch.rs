@@ -17,9 +17,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::config::alerts::AlertsConfig;
 use crate::observe::events::{Events, Level, Source};
 use crate::ops::alerts::channels::{Channel, SendError};
-use crate::ops::alerts::config::AlertsConfig;
 use crate::ops::alerts::{Alert, AlertState, Severity};
 
 /// Alerts waiting per channel; past it the oldest is dropped.

@@ -12,16 +12,16 @@
 //!
 //! - [`alert`]: the value (id, severity, kind, summary, details, host, instance,
 //!   time, state) and its renderings.
-//! - [`config`]: `[alerts]` and its channel tables; secrets are named, never
-//!   written (an environment variable that is not set is a config error).
+//! - `[alerts]` and its channel tables live in [`crate::config::alerts`]; secrets
+//!   are named, never written (an environment variable that is not set is a
+//!   config error).
 //! - [`dispatch`]: noise control, per-channel queues, retries, metrics, events.
 //! - [`channels`]: what each channel sends, over HTTP (reqwest) or SMTP (lettre).
 
 pub mod alert;
 pub mod channels;
-pub mod config;
 pub mod dispatch;
 
+pub use crate::config::alerts::AlertsConfig;
 pub use alert::{Alert, AlertState, Severity};
-pub use config::AlertsConfig;
 pub use dispatch::Dispatcher;

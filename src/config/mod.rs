@@ -19,7 +19,9 @@ use http::uri::Authority;
 use serde::Deserialize;
 use toml::de::{DeTable, DeValue};
 
-use crate::ops::alerts::AlertsConfig;
+pub mod alerts;
+
+use crate::config::alerts::AlertsConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -979,7 +981,7 @@ mod tests {
 
     #[test]
     fn shipped_example_config_is_valid() {
-        let src = include_str!("../config.toml");
+        let src = include_str!("../../config.toml");
         from_toml(src, "config.toml").unwrap();
     }
 }

@@ -1,13 +1,30 @@
-//! `[alerts]`: noise control and the channels. Secrets are never in the file: a
+//! `[alerts]`: noise control and the channels (used by `ops::alerts`). Secrets are never in the file: a
 //! channel names the environment variable that holds its token or password, and a
 //! variable that is not set is a config error (`check` and start-up exit 64 naming
 //! the key), never a surprise at 3 a.m.
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::ops::alerts::Severity;
+/// How urgent an alert is; channels send those at or above their `min_severity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Info => "info",
+            Self::Warning => "warning",
+            Self::Critical => "critical",
+        }
+    }
+}
 
 /// `[alerts]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
