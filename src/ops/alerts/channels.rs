@@ -52,21 +52,26 @@ impl Channel {
     /// Every channel `[alerts]` configures, in a fixed order.
     pub fn all(config: &AlertsConfig) -> Result<Vec<Self>, SendError> {
         let timeout = Duration::from_millis(config.timeout_ms);
+        let mut channels = Vec::new();
+        if let Some(c) = &config.email {
+            channels.push(Self::Email(Email::new(c, timeout)?));
+        }
+        let http_channels =
+            config.twilio.is_some() || config.alertmanager.is_some() || config.webhook.is_some();
+        if !http_channels {
+            // No HTTP client (and its root certificates) for a proxy that has none.
+            return Ok(channels);
+        }
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("canarygate/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        let mut channels = Vec::new();
         if let Some(c) = &config.twilio {
-            channels.push(Self::Twilio(Twilio::new(
-                c,
-                http.clone(),
-                config.sms_max_per_hour,
-            )));
-        }
-        if let Some(c) = &config.email {
-            channels.push(Self::Email(Email::new(c, timeout)?));
+            channels.insert(
+                0,
+                Self::Twilio(Twilio::new(c, http.clone(), config.sms_max_per_hour)),
+            );
         }
         if let Some(c) = &config.alertmanager {
             channels.push(Self::Alertmanager(Alertmanager {
