@@ -493,21 +493,12 @@ fn unknown_admin_paths_and_methods() {
 /// Runs headless Chromium on `url`: writes a screenshot and returns the console lines.
 fn chromium(url: &str, screenshot: &Path) -> Vec<String> {
     let profile = TempDir::new("chromium");
-    let out = Command::new("chromium")
+    let out = headless_chromium(&profile)
         .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
             "--enable-logging=stderr",
             "--v=0",
             "--window-size=1200,1100",
         ])
-        .arg(format!("--user-data-dir={}", profile.0.display()))
         .arg(format!("--screenshot={}", screenshot.display()))
         .arg(url)
         .output()

@@ -1,139 +1,18 @@
 //! Alerts (issue 15) against real peers on loopback: a server speaking the Twilio
 //! Messages API's shape, a webhook receiver, an SMTP server (aiosmtpd), an
-//! Alertmanager; and the resource watch against a real CPU burner.
+//! Alertmanager. (The resource watch is in `resources.rs`.)
 
 mod support;
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use canarygate::observe::events::Events;
 use canarygate::observe::metrics::Metrics;
 use canarygate::ops::alerts::{AlertsConfig, Dispatcher, Severity};
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
 use support::*;
 use tokio_util::sync::CancellationToken;
-
-/// How a [`Peer`] answers.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// 201 with a JSON body shaped like Twilio's message resource.
-    Created,
-    /// 500 with Twilio's error JSON.
-    TwilioError,
-    /// Never answers.
-    Hang,
-}
-
-/// One request a peer received.
-#[derive(Debug, Clone)]
-struct Received {
-    path: String,
-    authorization: String,
-    content_type: String,
-    body: String,
-    at: Instant,
-}
-
-/// An HTTP server on loopback that records every request.
-struct Peer {
-    addr: SocketAddr,
-    received: Arc<Mutex<Vec<Received>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Peer {
-    async fn start(mode: Mode) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&received);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let log = Arc::clone(&log);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let log = Arc::clone(&log);
-                        async move {
-                            let header = |name: &str| {
-                                req.headers()
-                                    .get(name)
-                                    .map(|v| v.to_str().unwrap_or("").to_owned())
-                                    .unwrap_or_default()
-                            };
-                            let path = req.uri().path().to_owned();
-                            let (authorization, content_type) =
-                                (header("authorization"), header("content-type"));
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            log.lock().unwrap().push(Received {
-                                path,
-                                authorization,
-                                content_type,
-                                body: String::from_utf8_lossy(&body).into_owned(),
-                                at: Instant::now(),
-                            });
-                            let (status, body) = match mode {
-                                Mode::Created => (201, r#"{"sid": "SM123", "status": "queued"}"#),
-                                Mode::TwilioError => (
-                                    500,
-                                    r#"{"code": 20500, "message": "Internal Server Error", "status": 500}"#,
-                                ),
-                                Mode::Hang => {
-                                    std::future::pending::<()>().await;
-                                    (500, "")
-                                }
-                            };
-                            let mut response = Response::new(Full::new(Bytes::from(body)));
-                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            Ok::<_, Infallible>(response)
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Self {
-            addr,
-            received,
-            task,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn received(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-
-    async fn wait_for(&self, n: usize, what: &str) -> Vec<Received> {
-        let received = Arc::clone(&self.received);
-        eventually(Duration::from_secs(20), what, || {
-            let ok = received.lock().unwrap().len() >= n;
-            async move { ok }
-        })
-        .await;
-        self.received()
-    }
-}
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
 
 /// Form fields of a URL-encoded body.
 fn form(body: &str) -> HashMap<String, String> {

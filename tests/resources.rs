@@ -4,74 +4,17 @@
 
 mod support;
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Incoming;
-use hyper::{Request, Response};
 use support::*;
 
-/// A webhook receiver on loopback: every request body it got.
-struct Hook {
-    addr: SocketAddr,
-    bodies: Arc<Mutex<Vec<String>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Hook {
-    async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::clone(&bodies);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let log = Arc::clone(&log);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let log = Arc::clone(&log);
-                        async move {
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            log.lock()
-                                .unwrap()
-                                .push(String::from_utf8_lossy(&body).into_owned());
-                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-                        }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        Self { addr, bodies, task }
-    }
-
-    /// The first `n` alerts received, as JSON, waiting up to 30 s.
-    async fn alerts(&self, n: usize, what: &str) -> Vec<serde_json::Value> {
-        let bodies = Arc::clone(&self.bodies);
-        eventually(Duration::from_secs(30), what, || {
-            let ok = bodies.lock().unwrap().len() >= n;
-            async move { ok }
-        })
-        .await;
-        self.bodies
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|b| serde_json::from_str(b).unwrap())
-            .collect()
-    }
-}
-
-impl Drop for Hook {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+/// The first `n` alerts `hook` received, as JSON.
+async fn alerts(hook: &Peer, n: usize, what: &str) -> Vec<serde_json::Value> {
+    hook.wait_for(n, what)
+        .await
+        .iter()
+        .map(|r| serde_json::from_str(&r.body).unwrap())
+        .collect()
 }
 
 /// A process that spins one core until killed (by PID, on drop).
@@ -98,15 +41,15 @@ impl Drop for Burner {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cpu_spike_raises_one_warning_and_one_resolved() {
     within(90, async {
-        let hook = Hook::start().await;
+        let hook = Peer::start(Mode::Created).await;
         let prod = TestBackend::start("production").await;
         let proxy = Proxy::start(&config_toml(
             &[prod.addr],
             &[],
             &format!(
                 "[resources]\ninterval_ms = 250\nsustain_ms = 1500\ncpu_percent = 90\n\
-                 memory_percent = 100\ndisk_percent = 100\n[alerts.webhook]\nurl = \"http://{}/hook\"\n",
-                hook.addr
+                 memory_percent = 100\ndisk_percent = 100\n[alerts.webhook]\nurl = \"{}/hook\"\n",
+                hook.url()
             ),
         ))
         .await;
@@ -126,7 +69,7 @@ async fn a_cpu_spike_raises_one_warning_and_one_resolved() {
 
         // Both cores busy for longer than sustain_ms.
         let burners = [Burner::start(), Burner::start()];
-        let got = hook.alerts(1, "the cpu_spike warning").await;
+        let got = alerts(&hook, 1, "the cpu_spike warning").await;
         let firing = &got[0];
         assert_eq!(
             (firing["kind"].as_str(), firing["state"].as_str()),
@@ -161,7 +104,7 @@ async fn a_cpu_spike_raises_one_warning_and_one_resolved() {
         );
         drop(burners);
 
-        let got = hook.alerts(2, "the resolved message").await;
+        let got = alerts(&hook, 2, "the resolved message").await;
         let resolved = &got[1];
         assert_eq!(
             (resolved["kind"].as_str(), resolved["state"].as_str()),
@@ -169,11 +112,7 @@ async fn a_cpu_spike_raises_one_warning_and_one_resolved() {
         );
         assert_eq!(resolved["id"], firing["id"]);
         tokio::time::sleep(Duration::from_millis(600)).await;
-        assert_eq!(
-            hook.bodies.lock().unwrap().len(),
-            2,
-            "one warning, one resolved"
-        );
+        assert_eq!(hook.received().len(), 2, "one warning, one resolved");
     })
     .await;
 }

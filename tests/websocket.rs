@@ -333,20 +333,9 @@ async fn sigterm_waits_for_open_sockets_then_cuts_them_at_drain_timeout() {
 /// of virtual time.
 fn render_dom(url: &str, budget_ms: u32) -> String {
     let profile = TempDir::new("chromium-ws");
-    let out = std::process::Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--dump-dom",
-        ])
+    let out = headless_chromium(&profile)
+        .arg("--dump-dom")
         .arg(format!("--virtual-time-budget={budget_ms}"))
-        .arg(format!("--user-data-dir={}", profile.0.display()))
         .arg(url)
         .output()
         .expect("chromium (apt-get install chromium)");

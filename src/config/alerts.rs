@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Violation;
+
 /// How urgent an alert is; channels send those at or above their `min_severity`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -124,19 +126,12 @@ fn warning() -> Severity {
     Severity::Warning
 }
 
-/// What is wrong with `[alerts]`: the dotted key and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlertsViolation {
-    pub key: String,
-    pub message: String,
-}
-
 impl AlertsConfig {
     /// Checks what serde cannot: URLs, non-empty recipient lists, and that every
     /// named environment variable is set (read here, so `check` catches it).
-    pub fn validate(&self) -> Result<(), AlertsViolation> {
+    pub fn validate(&self) -> Result<(), Violation> {
         let fail = |key: &str, message: String| {
-            Err(AlertsViolation {
+            Err(Violation {
                 key: format!("alerts.{key}"),
                 message,
             })

@@ -117,10 +117,16 @@ impl Default for ResourcesConfig {
 }
 
 impl ResourcesConfig {
-    /// The rules serde cannot check: the dotted key and why.
-    pub fn violation(&self) -> Option<(&'static str, String)> {
+    /// The rules serde cannot check.
+    pub fn validate(&self) -> Result<(), Violation> {
+        let fail = |key: &str, message: String| {
+            Err(Violation {
+                key: key.to_owned(),
+                message,
+            })
+        };
         if self.interval_ms == 0 {
-            return Some(("resources.interval_ms", "must be greater than 0".to_owned()));
+            return fail("resources.interval_ms", "must be greater than 0".to_owned());
         }
         for (key, value) in [
             ("resources.cpu_percent", self.cpu_percent),
@@ -128,10 +134,10 @@ impl ResourcesConfig {
             ("resources.disk_percent", self.disk_percent),
         ] {
             if value == 0 || value > 100 {
-                return Some((key, format!("{value} is out of range; it must be 1..=100")));
+                return fail(key, format!("{value} is out of range; it must be 1..=100"));
             }
         }
-        None
+        Ok(())
     }
 }
 
@@ -607,13 +613,8 @@ impl Config {
         }
         self.validate_flags()?;
         self.validate_health_and_limits()?;
-        self.alerts.validate().map_err(|v| Violation {
-            key: v.key,
-            message: v.message,
-        })?;
-        if let Some((key, message)) = self.resources.violation() {
-            return fail(key, message);
-        }
+        self.alerts.validate()?;
+        self.resources.validate()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),

@@ -381,6 +381,26 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_canarygate")
 }
 
+/// Headless Chromium with the flags this machine needs (a closed network: no
+/// background connections; root: no sandbox) and a new profile in `profile`; the
+/// caller adds its own arguments and the URL.
+pub fn headless_chromium(profile: &TempDir) -> Command {
+    let mut command = Command::new("chromium");
+    command
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.0.display()));
+    command
+}
+
 /// A temporary directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
@@ -883,5 +903,123 @@ impl BackendProcess {
 impl Drop for BackendProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Peers that receive what the proxy sends out (alert channels)
+
+/// How a [`Peer`] answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// 201 with a JSON body shaped like Twilio's message resource.
+    Created,
+    /// 500 with Twilio's error JSON.
+    TwilioError,
+    /// Never answers.
+    Hang,
+}
+
+/// One request a peer received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub authorization: String,
+    pub content_type: String,
+    pub body: String,
+    pub at: std::time::Instant,
+}
+
+/// An HTTP server on loopback that records every request (an alert channel's peer).
+pub struct Peer {
+    pub addr: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<Received>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Peer {
+    pub async fn start(mode: Mode) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = Arc::clone(&received);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let log = Arc::clone(&log);
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let log = Arc::clone(&log);
+                        async move {
+                            let header = |name: &str| {
+                                req.headers()
+                                    .get(name)
+                                    .map(|v| v.to_str().unwrap_or("").to_owned())
+                                    .unwrap_or_default()
+                            };
+                            let path = req.uri().path().to_owned();
+                            let (authorization, content_type) =
+                                (header("authorization"), header("content-type"));
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            log.lock().unwrap().push(Received {
+                                path,
+                                authorization,
+                                content_type,
+                                body: String::from_utf8_lossy(&body).into_owned(),
+                                at: std::time::Instant::now(),
+                            });
+                            let (status, body) = match mode {
+                                Mode::Created => (201, r#"{"sid": "SM123", "status": "queued"}"#),
+                                Mode::TwilioError => (
+                                    500,
+                                    r#"{"code": 20500, "message": "Internal Server Error", "status": 500}"#,
+                                ),
+                                Mode::Hang => {
+                                    std::future::pending::<()>().await;
+                                    (500, "")
+                                }
+                            };
+                            let mut response = Response::new(Full::new(Bytes::from(body)));
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub async fn wait_for(&self, n: usize, what: &str) -> Vec<Received> {
+        let received = Arc::clone(&self.received);
+        eventually(Duration::from_secs(20), what, || {
+            let ok = received.lock().unwrap().len() >= n;
+            async move { ok }
+        })
+        .await;
+        self.received()
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
