@@ -65,6 +65,29 @@ fn metrics_record(c: &mut Criterion) {
     });
 }
 
+fn analysis_record(c: &mut Criterion) {
+    let recorder = canarygate::canary::window::Recorder::new(1);
+    recorder.configure(true, 120_000);
+    let mut now = 0u64;
+    c.bench_function(
+        "canary analysis record (worker shard + HDR histogram)",
+        |b| {
+            b.iter(|| {
+                now += 1;
+                recorder.record(
+                    PoolKind::Canary,
+                    black_box(now / 64),
+                    Duration::from_micros(420),
+                    false,
+                );
+            });
+        },
+    );
+    c.bench_function("canary analysis window merge (24 slots, both pools)", |b| {
+        b.iter(|| recorder.window(black_box(now / 64)));
+    });
+}
+
 fn hop_by_hop(c: &mut Criterion) {
     let mut base = HeaderMap::new();
     base.insert(header::HOST, HeaderValue::from_static("app.example"));
@@ -101,6 +124,7 @@ criterion_group!(
     routing_decision,
     snapshot_and_flags,
     metrics_record,
+    analysis_record,
     hop_by_hop
 );
 criterion_main!(benches);

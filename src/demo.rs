@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
-use crate::observe::admin::escape_html;
+use crate::observe::html::escape_html;
 use crate::server::{self, ServeOptions};
 
 /// Identity of one demo app instance.
@@ -49,18 +49,19 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let identity = Arc::new(identity);
+    let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
     server::serve(
         "backend",
         listener,
         options,
         shutdown,
         move |_peer, _framing| {
-            let identity = Arc::clone(&identity);
+            let (identity, served) = (Arc::clone(&identity), Arc::clone(&served));
             service_fn(move |mut req| {
                 let response = if req.uri().path() == "/ws" {
                     websocket(&identity, &mut req)
                 } else {
-                    respond(&identity, &req)
+                    respond(&identity, &req, &served)
                 };
                 async move { Ok::<_, Infallible>(response) }
             })
@@ -147,8 +148,36 @@ fn large_page() -> Bytes {
     .clone()
 }
 
-fn respond(identity: &AppIdentity, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `canarygate demo`'s key `b` (and `f`): the canary app fails without Redis too.
+static BROKEN_BY_KEY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the flag `demo_canary_errors` is on in the flags the proxy sent.
+fn canary_errors_flag(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get("x-feature-flags")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|flags| flags.split(';').any(|pair| pair == "demo_canary_errors=on"))
+}
+
+fn respond(
+    identity: &AppIdentity,
+    req: &Request<Incoming>,
+    served: &std::sync::atomic::AtomicU64,
+) -> Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering;
+    let broken = identity.name == "canary"
+        && (BROKEN_BY_KEY.load(Ordering::Relaxed) || canary_errors_flag(req));
+    // A broken canary fails one page in three (never /health: the proxy would
+    // eject it, and the point is to watch the analysis, not the health checks).
+    let fail = broken
+        && req.uri().path() != "/health"
+        && served.fetch_add(1, Ordering::Relaxed).is_multiple_of(3);
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
+        _ if fail => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            Bytes::from_static(b"500 the demo canary is broken (demo_canary_errors)\n"),
+        ),
         (&Method::GET | &Method::HEAD, "/health") => {
             (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
         }
@@ -335,9 +364,11 @@ pub async fn demo(
         }
     };
     // The demo config goes through the same parser and validation as a real one.
+    // The analysis runs with short intervals so a newcomer sees it act in seconds.
     let toml = format!(
         "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
          [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n\
+         [analysis]\nenabled = true\ninterval_ms = 2000\nwindow_ms = 20000\nmin_requests = 20\n\
          [flags]\n{}\n[flags.static]\nnew_banner = \"off\"\ndark_mode = \"off\"\n",
         backends[0],
         backends[1],
@@ -368,11 +399,86 @@ pub async fn demo(
          try:  for i in $(seq 9); do curl -s http://{proxy_addr}/ | grep -o '(v[12])'; done\n\
          \x20     curl -si -H 'x-canary: always' http://{proxy_addr}/ | grep -i x-canarygate-pool\n\
          \x20     redis-cli HSET canarygate:flags new_banner on    # then reload the page\n\
+         canary analysis: a check every 2 s over 20 s of the demo's own traffic ({DEMO_RPS} req/s)\n\
+         \x20 watch:   http://{admin_addr}/   (section Canary analysis)   http://{admin_addr}/analysis\n\
+         \x20 break:   redis-cli HSET canarygate:flags demo_canary_errors on     (or type b, Enter)\n\
+         \x20 restore: redis-cli HSET canarygate:flags demo_canary_errors off canary_percent {} canary_auto on\n\
+         \x20          (or type f, Enter to fix the app, then r, Enter to hand the canary back)\n\
          Ctrl-C stops everything.",
-        config.routing.canary_percent, backends[0], backends[1]
+        config.routing.canary_percent, backends[0], backends[1], config.routing.canary_percent
     );
-    crate::run(listener, admin, config, shutdown).await;
+    let state = crate::state::AppState::new(config);
+    spawn_keys(state.clone());
+    tokio::spawn(traffic(proxy_addr, shutdown.clone()));
+    crate::run_with_state(listener, admin, state, shutdown).await;
     Ok(())
+}
+
+/// The demo's own steady traffic, so the analysis has something to judge.
+const DEMO_RPS: u64 = 25;
+
+/// Sends [`DEMO_RPS`] requests a second through the proxy until `shutdown`, each
+/// without a cookie (so each is split anew, a third to the canary).
+async fn traffic(proxy: SocketAddr, shutdown: CancellationToken) {
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .user_agent("canarygate-demo-traffic")
+        .build()
+    else {
+        return;
+    };
+    let url = format!("http://{proxy}/demo-traffic");
+    let mut tick = tokio::time::interval(Duration::from_millis(1_000 / DEMO_RPS));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let request = client.get(&url).send();
+                tokio::spawn(async move {
+                    if let Ok(response) = request.await {
+                        let _ = response.bytes().await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Keys for a demo without Redis: `b` breaks the canary app, `f` fixes it, `r`
+/// hands the canary back to the analysis after a rollback (the static flags again).
+fn spawn_keys(state: crate::state::AppState) {
+    use std::io::BufRead as _;
+    use std::sync::atomic::Ordering;
+    let spawned = std::thread::Builder::new()
+        .name("demo-keys".to_owned())
+        .spawn(move || {
+            for line in std::io::stdin().lock().lines().map_while(Result::ok) {
+                match line.trim() {
+                    "b" => {
+                        BROKEN_BY_KEY.store(true, Ordering::Relaxed);
+                        println!("canary app broken: one page in three answers 500");
+                    }
+                    "f" => {
+                        BROKEN_BY_KEY.store(false, Ordering::Relaxed);
+                        println!("canary app fixed");
+                    }
+                    "r" if state.snapshot().config.flags.redis_url.is_some() => {
+                        println!("with Redis: redis-cli HSET canarygate:flags canary_auto on");
+                    }
+                    "r" => {
+                        let flags = state.snapshot().config.flags.static_set();
+                        state.publish_flags(&flags, crate::flags::model::Source::Static);
+                        println!("static flags published again: canary_auto on");
+                    }
+                    _ => {
+                        println!("keys: b (break the canary), f (fix it), r (resume the analysis)");
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "demo keys unavailable");
+    }
 }
 
 #[cfg(test)]

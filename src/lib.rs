@@ -17,13 +17,17 @@
 //! - [`client`]: the HTTP/1.1 client to the backends and its connection pool.
 //! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
 //! - [`tls`]: TLS termination config from PEM files.
+//! - [`canary`]: canary analysis, the pure half: request windows, statistics, the
+//!   judge and the verdict (the task is `ops::analysis`).
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
 //! - [`http1`]: field rules both sides share (lists, hop-by-hop).
 //! - [`clock`]: the process's monotonic millisecond clock.
+//! - [`worker`]: which worker thread this is (per-worker state is indexed by it).
 //!
 //! [`run`] takes already-bound listeners so tests (and the demo) can bind port 0.
 #![forbid(unsafe_code)]
 
+pub mod canary;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -38,6 +42,7 @@ pub mod server;
 pub mod state;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::convert::Infallible;
 
@@ -165,6 +170,10 @@ pub async fn serve_all(
             tokio::spawn(channel.run(tasks.clone()).instrument(span))
         })
         .collect();
+    background.push(tokio::spawn(
+        ops::analysis::run(state.clone(), alerts.clone(), instance, tasks.clone())
+            .instrument(info_span!("analysis")),
+    ));
     background.push(tokio::spawn(
         ops::resources::run(state.clone(), alerts, tasks.clone())
             .instrument(info_span!("resources")),
@@ -300,7 +309,7 @@ fn spawn_workers(
         let spawned = std::thread::Builder::new()
             .name(format!("canarygate-worker-{}", i + 1))
             .spawn(move || {
-                client::conn_pool::set_worker_index(i + 1);
+                worker::set_index(i + 1);
                 let runtime = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build();

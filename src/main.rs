@@ -74,6 +74,11 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The canary analysis: `canary status` prints the shared verdict from Redis.
+    Canary {
+        #[command(subcommand)]
+        command: CanaryCommand,
+    },
     /// Serve the demo web app alone (for tests, benchmarks and deployments).
     Backend {
         #[arg(long)]
@@ -89,6 +94,23 @@ enum Command {
         workers: Option<usize>,
     },
 }
+
+#[derive(Subcommand)]
+enum CanaryCommand {
+    /// Print the analysis state from Redis (`canarygate:analysis` and the reserved
+    /// flags). Exit 0 when read; 64 on a bad config or no Redis; 69 when Redis does
+    /// not answer.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object instead of `key: value` lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Exit status when a service the command needs does not answer (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -127,6 +149,12 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
+        Command::Canary {
+            command: CanaryCommand::Status { config, json },
+        } => match config::load(config) {
+            Ok(cfg) => canary_status(&cfg, *json),
+            Err(e) => config_failure(&e),
+        },
         Command::AlertTest { config } => match config::load(config) {
             Ok(cfg) => alert_test(&cfg),
             Err(e) => config_failure(&e),
@@ -191,6 +219,50 @@ fn alert_test(config: &Config) -> ExitCode {
             }
         }
     }
+}
+
+/// `canary status`: the shared record, for the deploy playbook and humans.
+fn canary_status(config: &Config, as_json: bool) -> ExitCode {
+    use canarygate::ops::analysis::{StoreError, shared_status};
+    let read =
+        runtime().map(|rt| rt.block_on(shared_status(&config.flags, &config.analysis.redis_key)));
+    let (record, levers) = match read {
+        Ok(Ok(read)) => read,
+        Ok(Err(StoreError::Settings(message))) => {
+            eprintln!("error: {message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Ok(Err(error)) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = record.state.map_or("none", |s| s.as_str());
+    let mut fields: Vec<(String, String)> = vec![
+        ("state".to_owned(), state.to_owned()),
+        ("reason".to_owned(), record.reason),
+        ("at".to_owned(), record.at),
+        ("instance".to_owned(), record.instance),
+        ("step".to_owned(), record.step.to_string()),
+        ("figures".to_owned(), record.figures),
+    ];
+    fields.extend(levers.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    if as_json {
+        let object: serde_json::Map<String, serde_json::Value> = fields
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        println!("{}", serde_json::Value::Object(object));
+    } else {
+        for (key, value) in fields {
+            println!("{key}: {value}");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// What `run` checks beyond the file itself, before binding anything: the
@@ -290,7 +362,7 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
 }
 
 async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> {
-    canarygate::client::conn_pool::set_workers(workers);
+    canarygate::worker::set_workers(workers);
     let mut proxy_sockets = canarygate::reuseport_listeners(config.server.listen, workers)
         .with_context(|| format!("cannot bind the proxy listener on {}", config.server.listen))?;
     let first = proxy_sockets.remove(0);

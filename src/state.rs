@@ -14,6 +14,7 @@ use arc_swap::ArcSwap;
 
 use tokio::sync::watch;
 
+use crate::canary::board::Board;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::flags::model::{FlagSet, Flags, Source as FlagSource};
@@ -44,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub events: Arc<Events>,
     pub stats: Arc<Stats>,
+    /// What the canary analysis shows (`/analysis`, the status page).
+    pub analysis: Arc<Board>,
     /// Whether canary traffic is currently failing over to production (to log the
     /// start and the end once, not per request).
     pub canary_failover: Arc<AtomicBool>,
@@ -68,6 +71,10 @@ impl AppState {
         };
         let metrics = Arc::new(Metrics::new());
         metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        let analysis = &snapshot.config.analysis;
+        metrics
+            .recorder
+            .configure(analysis.enabled, analysis.window_ms);
         metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
         Self {
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -81,6 +88,7 @@ impl AppState {
             metrics,
             events: Arc::default(),
             stats: Arc::default(),
+            analysis: Arc::default(),
         }
     }
 
@@ -113,6 +121,9 @@ impl AppState {
             .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
         self.metrics
             .observe_backends(snapshot.pools.backend_states(now_ms()));
+        self.metrics
+            .recorder
+            .configure(config.analysis.enabled, config.analysis.window_ms);
         let new_flags = &config.flags;
         let store_changed = old_flags.store_differs(new_flags);
         if new_flags.redis_url.is_none()

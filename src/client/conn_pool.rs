@@ -25,42 +25,24 @@ pub const MAX_IDLE: usize = 256;
 /// Idle connections unused for this long are purged, half of them per purge.
 pub const PURGE_AFTER_MS: u64 = 5_000;
 
-static WORKERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-
-thread_local! {
-    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Declares how many worker threads serve requests (once, before any pool is built).
-/// Each worker gets its own idle connections per backend, so a connection's task and
-/// its requests stay on one thread.
-pub fn set_workers(n: usize) {
-    let _ = WORKERS.set(n.max(1));
-}
-
-pub fn workers() -> usize {
-    WORKERS.get().copied().unwrap_or(1)
-}
-
-/// Marks the current thread as worker `index` (0-based).
-pub fn set_worker_index(index: usize) {
-    WORKER.with(|w| w.set(index));
-}
-
 /// The connection pools of one backend, one per worker thread.
 #[derive(Debug)]
 pub struct ConnPools(Box<[Arc<ConnPool>]>);
 
 impl Default for ConnPools {
     fn default() -> Self {
-        Self((0..workers()).map(|_| Arc::default()).collect())
+        Self(
+            (0..crate::worker::workers())
+                .map(|_| Arc::default())
+                .collect(),
+        )
     }
 }
 
 impl ConnPools {
     /// The pool of the calling worker thread.
     pub fn local(&self) -> &Arc<ConnPool> {
-        let index = WORKER.with(std::cell::Cell::get);
+        let index = crate::worker::index();
         &self.0[index % self.0.len()]
     }
 

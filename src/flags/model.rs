@@ -14,6 +14,9 @@ use http::HeaderValue;
 pub const CANARY_PERCENT: &str = "canary_percent";
 /// Reserved field: the kill switch; `off` sends all traffic to production.
 pub const CANARY: &str = "canary";
+/// Reserved field: whether the canary analysis may move the levers above (`on`, the
+/// default) or an operator holds them (`off`; see `canary::verdict`).
+pub const CANARY_AUTO: &str = "canary_auto";
 
 /// Longest flag name and string value accepted.
 pub const MAX_NAME_LEN: usize = 64;
@@ -46,7 +49,7 @@ pub enum Rejection {
     BadValue,
     #[error("canary_percent must be an integer 0..=100")]
     BadPercent,
-    #[error("canary must be on/off, true/false or 1/0")]
+    #[error("canary and canary_auto must be on/off, true/false or 1/0")]
     BadSwitch,
 }
 
@@ -99,6 +102,8 @@ pub struct FlagSet {
     pub canary_percent: Option<u8>,
     /// The kill switch; `true` unless the hash says `canary off`.
     pub canary_enabled: bool,
+    /// `canary_auto`; `true` unless the hash says `canary_auto off`.
+    pub canary_auto: bool,
 }
 
 impl Default for FlagSet {
@@ -107,6 +112,7 @@ impl Default for FlagSet {
             values: BTreeMap::new(),
             canary_percent: None,
             canary_enabled: true,
+            canary_auto: true,
         }
     }
 }
@@ -148,6 +154,13 @@ pub fn build<'a>(
                 Some(on) => next.canary_enabled = on,
                 None => {
                     next.canary_enabled = previous.canary_enabled;
+                    reject(field, value, Rejection::BadSwitch);
+                }
+            },
+            CANARY_AUTO => match parse_bool(value) {
+                Some(on) => next.canary_auto = on,
+                None => {
+                    next.canary_auto = previous.canary_auto;
                     reject(field, value, Rejection::BadSwitch);
                 }
             },
@@ -289,17 +302,35 @@ mod tests {
 
     #[test]
     fn invalid_reserved_values_keep_the_last_good_value() {
-        let (good, _) = set(&[("canary_percent", "20"), ("canary", "off")]);
+        let (good, _) = set(&[
+            ("canary_percent", "20"),
+            ("canary", "off"),
+            ("canary_auto", "off"),
+        ]);
+        assert!(!good.canary_auto);
+        assert!(
+            !good.values.contains_key("canary_auto"),
+            "reserved, not sent upstream"
+        );
         for bad in ["abc", "150", "-1", "", "2.5"] {
-            let (next, rejected) = build([("canary_percent", bad), ("canary", "maybe")], &good);
+            let (next, rejected) = build(
+                [
+                    ("canary_percent", bad),
+                    ("canary", "maybe"),
+                    ("canary_auto", bad),
+                ],
+                &good,
+            );
             assert_eq!(next.canary_percent, Some(20), "{bad}");
             assert!(!next.canary_enabled);
-            assert_eq!(rejected.len(), 2);
+            assert!(!next.canary_auto, "{bad}");
+            assert_eq!(rejected.len(), 3);
         }
-        // Deleting the field returns to the config's value.
+        // Deleting the fields returns to the config's value and the defaults.
         let (next, _) = build([], &good);
         assert_eq!(next.canary_percent, None);
         assert!(next.canary_enabled);
+        assert!(next.canary_auto);
     }
 
     #[test]

@@ -99,7 +99,8 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
 }
 
 /// Builds the Redis client: the URL with `${VAR}` expanded, and a private CA if set.
-fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String> {
+/// (The canary analysis writes to the same Redis with it.)
+pub fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String> {
     let url = expand_env(url)?;
     match &config.tls_ca_path {
         None => redis::Client::open(url.as_str()).map_err(|e| e.to_string()),
@@ -161,12 +162,7 @@ impl Watcher {
     /// One connection's life: subscribe, read, then re-read on every notification
     /// and every poll tick. Returns on the first error.
     async fn session(&mut self, client: &redis::Client) -> Result<(), FlagStoreError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_response_timeout(Some(COMMAND_TIMEOUT));
-        let mut conn = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = connect(client).await?;
         self.enable_notifications(&mut conn).await;
         let db = client.get_connection_info().redis_settings().db();
         let mut pubsub = timed(client.get_async_pubsub()).await?;
@@ -267,6 +263,18 @@ impl Watcher {
             );
         }
     }
+}
+
+/// A connection whose every command gives up after 2 s (`COMMAND_TIMEOUT`).
+pub async fn connect(
+    client: &redis::Client,
+) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
 }
 
 async fn timed<T, E>(fut: impl Future<Output = Result<T, E>>) -> Result<T, FlagStoreError>

@@ -15,6 +15,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
+use crate::observe::analysis_page;
+use crate::observe::html::escape_html;
 use crate::observe::stats::{self, PoolWindow, Sample};
 use crate::routing::PoolKind;
 use crate::state::AppState;
@@ -29,7 +31,13 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     let known = matches!(
         path,
-        "/" | "/metrics" | "/healthz" | "/readyz" | "/flags" | "/events" | "/favicon.ico"
+        "/" | "/metrics"
+            | "/healthz"
+            | "/readyz"
+            | "/flags"
+            | "/events"
+            | "/analysis"
+            | "/favicon.ico"
     );
     if !known {
         return text(StatusCode::NOT_FOUND, "404 not found\n");
@@ -50,6 +58,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         "/flags" => json_response(&flags_json(state)),
         "/events" => json_response(&json!({ "events": state.events.recent(RECENT_EVENTS) })),
+        "/analysis" => json_response(&analysis_page::json(&state.analysis.view())),
         "/favicon.ico" => respond_with(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),
         _ => respond_with(
             StatusCode::OK,
@@ -100,6 +109,7 @@ pub fn flags_json(state: &AppState) -> serde_json::Value {
         "reserved": {
             "canary_percent": flags.set.canary_percent,
             "canary": if flags.set.canary_enabled { "on" } else { "off" },
+            "canary_auto": if flags.set.canary_auto { "on" } else { "off" },
         },
         "effective_canary_percent": flags.effective_percent(snapshot.config.routing.canary_percent),
         "header": flags.header_value.to_str().unwrap_or(""),
@@ -240,6 +250,10 @@ fn status_page(state: &AppState) -> String {
     html.push_str(&rate_chart(&history, now_at));
     html.push_str("<p class=\"muted\"><span class=\"dot\" style=\"background:#2563eb\"></span>production <span class=\"dot\" style=\"background:#d97706\"></span>canary &middot; requests per second, sampled every 5 s</p>");
     html.push_str("</section>");
+    html.push_str(&analysis_page::section(
+        &state.analysis.view(),
+        crate::clock::unix_ms(),
+    ));
 
     let _ = write!(
         html,
@@ -302,7 +316,7 @@ fn status_page(state: &AppState) -> String {
     if events.is_empty() {
         html.push_str("<tr><td colspan=\"3\" class=\"muted\">(none yet)</td></tr>");
     }
-    html.push_str("</table></section><footer class=\"muted\">JSON: <a href=\"/flags\">/flags</a> <a href=\"/events\">/events</a> &middot; Prometheus: <a href=\"/metrics\">/metrics</a></footer></body></html>\n");
+    html.push_str("</table></section><footer class=\"muted\">JSON: <a href=\"/flags\">/flags</a> <a href=\"/events\">/events</a> <a href=\"/analysis\">/analysis</a> &middot; Prometheus: <a href=\"/metrics\">/metrics</a></footer></body></html>\n");
     html
 }
 
@@ -380,22 +394,6 @@ fn rate_chart(samples: &[Sample], now: Instant) -> String {
     svg
 }
 
-/// HTML escaping for text and attribute values (also used by the demo app).
-pub(crate) fn escape_html(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 const CSS: &str = "body{font-family:system-ui,-apple-system,sans-serif;margin:1.5rem auto;max-width:980px;color:#0f172a;padding:0 1rem}\
 header{display:flex;gap:1rem;align-items:baseline}h1{margin:0}h2{font-size:1.1rem;margin:1.5rem 0 .5rem}\
 .ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}.muted{color:#64748b;font-size:.9rem}\
@@ -403,15 +401,4 @@ header{display:flex;gap:1rem;align-items:baseline}h1{margin:0}h2{font-size:1.1re
 .card{border:1px solid #e2e8f0;border-radius:.5rem;padding:.75rem}.label{color:#64748b;font-size:.85rem}.big{font-size:1.8rem;font-weight:600}\
 table{border-collapse:collapse;width:100%;font-size:.92rem}th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid #e2e8f0}\
 tr.warn td{color:#b45309}.dot{display:inline-block;width:.7rem;height:.7rem;border-radius:50%;margin-right:.4rem}\
-.axis{font-size:11px;fill:#64748b}footer{margin-top:2rem}";
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(
-            super::escape_html("<a href=\"x\">&'"),
-            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
-        );
-    }
-}
+.axis{font-size:11px;fill:#64748b}footer{margin-top:2rem}span.warn{color:#b45309;font-weight:600}";

@@ -20,6 +20,7 @@ pub enum Source {
     Health,
     Config,
     Alerts,
+    Analysis,
 }
 
 impl Source {
@@ -30,6 +31,7 @@ impl Source {
             Self::Health => "health",
             Self::Config => "config",
             Self::Alerts => "alerts",
+            Self::Analysis => "analysis",
         }
     }
 }

@@ -4,8 +4,13 @@
 //! - [`stats`]: short-term history (rates, error ratios, percentiles) for the status page.
 //! - [`events`]: the event funnel (log line + recent events).
 //! - [`admin`]: the admin listener: metrics, health, readiness, flags, events, status page.
+//! - [`analysis_page`]: the canary analysis on the admin listener (`/analysis`, the
+//!   status page's section and chart).
+//! - [`html`]: HTML escaping for the pages the proxy renders.
 
 pub mod admin;
+pub mod analysis_page;
 pub mod events;
+pub mod html;
 pub mod metrics;
 pub mod stats;

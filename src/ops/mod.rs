@@ -4,9 +4,11 @@
 //!   webhook), with noise control.
 //! - [`resources`]: the host resource watch (CPU, memory, disks) and its alerts.
 //! - [`memory`]: returns the memory idle connections hold.
+//! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
 //!
-//! Canary analysis, the doctor and maintenance will live here.
+//! The doctor and maintenance will live here.
 
 pub mod alerts;
+pub mod analysis;
 pub mod memory;
 pub mod resources;

@@ -133,6 +133,10 @@ impl Body for TrackedBody {
                 let note = &this.note;
                 if let Some(kind) = error.class().kind {
                     note.metrics.pool(note.pool).upstream_error(kind);
+                    // For the canary analysis, a body cut by the backend is a failure.
+                    note.metrics
+                        .recorder
+                        .record_late_error(note.pool, crate::clock::now_ms());
                 }
                 warn!(
                     request_id = note.request_id.to_str().unwrap_or(""),

@@ -99,14 +99,16 @@ pub async fn handle(
         Either::Left(TrackedBody::new(body, note))
     };
 
-    let mut response = match (result, upgrade) {
+    // Whether the request failed for the canary analysis: a 5xx from the backend or
+    // an upstream error; refusals of the client's own request (4xx, no backend) not.
+    let (mut response, failed) = match (result, upgrade) {
         (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
         {
             match response.body_mut().take_upgraded() {
                 // The body holds the connection of a 101 to an upgrade request; without
                 // it there is nothing to hand over.
-                None => error_response(&ProxyError::BadGatewayUpgrade),
+                None => (error_response(&ProxyError::BadGatewayUpgrade), true),
                 Some(upstream_side) => {
                     if upgrade.extended_connect {
                         // RFC 8441: an HTTP/2 client is told 200, without the HTTP/1.1
@@ -126,7 +128,7 @@ pub async fn handle(
                         state.tunnel_cut.clone(),
                     );
                     state.tunnels.spawn(tunnel);
-                    response.map(tracked)
+                    (response.map(tracked), false)
                 }
             }
         }
@@ -137,11 +139,12 @@ pub async fn handle(
                 backend = backend_addr,
                 "unrequested 101 from backend"
             );
-            error_response(&ProxyError::BadGatewayUpgrade)
+            (error_response(&ProxyError::BadGatewayUpgrade), true)
         }
         (Ok(mut response), _) => {
             strip_hop_by_hop(response.headers_mut());
-            response.map(tracked)
+            let failed = response.status().is_server_error();
+            (response.map(tracked), failed)
         }
         (Err(error), _) => {
             let class = error.class();
@@ -161,12 +164,13 @@ pub async fn handle(
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            response
+            (response, class.kind.is_some())
         }
     };
     unanswered.answered();
     let elapsed = start.elapsed();
     pool_metrics.record(&method, response.status(), elapsed);
+    state.metrics.recorder.record(kind, now, elapsed, failed);
     info!(
         request_id = request_id.to_str().unwrap_or(""),
         method = %method,

@@ -1,0 +1,50 @@
+//! `[analysis]`: the canary analysis' settings, declared beside the judge and the
+//! verdict that read them (validation, with file, line and key, is the config's:
+//! `config::analysis`). Off unless `enabled = true`.
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalysisConfig {
+    pub enabled: bool,
+    /// A check every `interval_ms`, over the last `window_ms` of requests.
+    pub interval_ms: u64,
+    pub window_ms: u64,
+    /// Fewer requests than this in either pool's window: hold, no verdict.
+    pub min_requests: u64,
+    /// The error rule: canary ratio above production's by more than this, and
+    /// significant at `confidence`.
+    pub max_error_ratio_delta: f64,
+    pub confidence: f64,
+    /// The latency rule: canary p99 above production's p99 times this and plus
+    /// `min_latency_delta_ms`.
+    pub max_latency_ratio: f64,
+    pub min_latency_delta_ms: u64,
+    /// Failed checks in a row that roll back.
+    pub failure_threshold: u32,
+    /// Progressive rollout: canary percents, each held `step_ms` with passing checks.
+    pub steps: Vec<u8>,
+    pub step_ms: u64,
+    /// The Redis hash of the shared verdict (beside `flags.key`, on the same Redis).
+    pub redis_key: String,
+}
+
+impl Default for AnalysisConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            interval_ms: 10_000,
+            window_ms: 120_000,
+            min_requests: 100,
+            max_error_ratio_delta: 0.02,
+            confidence: 0.99,
+            max_latency_ratio: 1.5,
+            min_latency_delta_ms: 50,
+            failure_threshold: 2,
+            steps: Vec::new(),
+            step_ms: 60_000,
+            redis_key: "canarygate:analysis".to_owned(),
+        }
+    }
+}

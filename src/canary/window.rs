@@ -1,0 +1,346 @@
+//! The request records the canary judge reads: per pool, over a sliding window, the
+//! request count, the error count and an HDR latency histogram.
+//!
+//! The request path writes into the shard of its own worker thread (one uncontended
+//! mutex each: the judge takes it once per check), never into state shared by all
+//! requests. Each shard is a ring of [`SLOTS`] time slots of `window_ms / SLOTS`;
+//! a slot is cleared when time comes back round to it, so eviction costs nothing per
+//! request, and the window is the current slot plus the 23 before it (between
+//! `window_ms - slot` and `window_ms` of history).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::routing::PoolKind;
+
+/// Slots per window: eviction happens in steps of `window_ms / SLOTS`.
+pub const SLOTS: u64 = 24;
+/// Latencies are recorded in microseconds up to a minute (longer ones count as a
+/// minute), to 2 significant digits: 1% resolution, 10 KiB per histogram.
+pub const MAX_LATENCY_US: u64 = 60_000_000;
+const SIGNIFICANT_DIGITS: u8 = 2;
+
+fn new_histogram() -> Histogram<u32> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, SIGNIFICANT_DIGITS)
+        .unwrap_or_else(|_| unreachable!("constant bounds are valid"))
+}
+
+/// One pool's records over a window, as the judge reads them.
+#[derive(Debug, Clone)]
+pub struct PoolWindow {
+    pub requests: u64,
+    /// Requests that failed: 5xx from the backend, or an upstream error.
+    pub errors: u64,
+    /// Latency to the response head, in microseconds.
+    pub latency: Histogram<u32>,
+}
+
+impl Default for PoolWindow {
+    fn default() -> Self {
+        Self {
+            requests: 0,
+            errors: 0,
+            latency: new_histogram(),
+        }
+    }
+}
+
+impl PoolWindow {
+    /// The error ratio; 0 without requests. Never above 1 (a body that failed after
+    /// its request's slot left the window adds an error without its request).
+    pub fn error_ratio(&self) -> f64 {
+        if self.requests == 0 {
+            return 0.0;
+        }
+        (super::stats::to_f64(self.errors) / super::stats::to_f64(self.requests)).min(1.0)
+    }
+
+    /// The `q` latency quantile in microseconds (the highest value equivalent to the
+    /// recorded one, at the histogram's 1% resolution); `None` without requests.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        (!self.latency.is_empty()).then(|| self.latency.value_at_quantile(q))
+    }
+
+    /// How many recorded latencies are above `us` (at the histogram's resolution).
+    pub fn count_above(&self, us: u64) -> u64 {
+        let len = self.latency.len();
+        if self.latency.is_empty() || us >= self.latency.max() {
+            return 0;
+        }
+        len - self.latency.count_between(0, us)
+    }
+
+    /// Adds a single request (the bench and the tests build windows by hand).
+    pub fn record(&mut self, latency_us: u64, error: bool) {
+        self.requests += 1;
+        self.errors += u64::from(error);
+        self.latency
+            .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
+    }
+}
+
+#[derive(Debug, Default)]
+struct PoolSlot {
+    requests: u64,
+    errors: u64,
+    /// Made at the first request in the slot, then reused round after round.
+    latency: Option<Histogram<u32>>,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// `now_ms / slot_ms + 1` of the time it holds; 0: never used.
+    epoch: u64,
+    pools: [PoolSlot; 2],
+}
+
+#[derive(Debug)]
+struct Shard {
+    slot_ms: u64,
+    slots: Vec<Slot>,
+}
+
+impl Shard {
+    fn new(slot_ms: u64) -> Self {
+        Self {
+            slot_ms,
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+        }
+    }
+
+    fn epoch(&self, now_ms: u64) -> u64 {
+        now_ms / self.slot_ms + 1
+    }
+
+    /// The slot for `now_ms`, cleared first if it still holds an older time.
+    fn slot(&mut self, now_ms: u64) -> &mut Slot {
+        let epoch = self.epoch(now_ms);
+        let slot = &mut self.slots[usize::try_from(epoch % SLOTS).unwrap_or(0)];
+        if slot.epoch != epoch {
+            slot.epoch = epoch;
+            for pool in &mut slot.pools {
+                pool.requests = 0;
+                pool.errors = 0;
+                if let Some(latency) = &mut pool.latency {
+                    latency.reset();
+                }
+            }
+        }
+        slot
+    }
+}
+
+const fn pool_index(pool: PoolKind) -> usize {
+    match pool {
+        PoolKind::Production => 0,
+        PoolKind::Canary => 1,
+    }
+}
+
+/// Per-worker request windows of both pools. Records nothing until enabled.
+#[derive(Debug)]
+pub struct Recorder {
+    enabled: AtomicBool,
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl Recorder {
+    /// A disabled recorder with `shards` shards (one per worker thread); see
+    /// [`Recorder::configure`].
+    pub fn new(shards: usize) -> Self {
+        let slot_ms = slot_ms(0);
+        Self {
+            enabled: AtomicBool::new(false),
+            shards: (0..shards.max(1))
+                .map(|_| Mutex::new(Shard::new(slot_ms)))
+                .collect(),
+        }
+    }
+
+    /// Turns recording on or off, for windows of `window_ms` (a new window length
+    /// starts from empty).
+    pub fn configure(&self, enabled: bool, window_ms: u64) {
+        let slot_ms = slot_ms(window_ms);
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            if shard.slot_ms != slot_ms {
+                *shard = Shard::new(slot_ms);
+            }
+        }
+        self.enabled.store(enabled, Ordering::Relaxed);
+    }
+
+    /// Forgets every record.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            let mut shard = lock(shard);
+            let slot_ms = shard.slot_ms;
+            *shard = Shard::new(slot_ms);
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Records one answered request of `pool` in the calling worker's shard.
+    pub fn record(&self, pool: PoolKind, now_ms: u64, latency: Duration, error: bool) {
+        if !self.is_enabled() {
+            return;
+        }
+        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        let mut shard = self.local();
+        let slot = &mut shard.slot(now_ms).pools[pool_index(pool)];
+        slot.requests += 1;
+        slot.errors += u64::from(error);
+        slot.latency
+            .get_or_insert_with(new_histogram)
+            .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
+    }
+
+    /// Records an error of a request already recorded (its response body failed).
+    pub fn record_late_error(&self, pool: PoolKind, now_ms: u64) {
+        if !self.is_enabled() {
+            return;
+        }
+        self.local().slot(now_ms).pools[pool_index(pool)].errors += 1;
+    }
+
+    /// Both pools' records of the window ending at `now_ms`, merged over the shards:
+    /// `[production, canary]`.
+    pub fn window(&self, now_ms: u64) -> [PoolWindow; 2] {
+        let mut merged = [PoolWindow::default(), PoolWindow::default()];
+        for shard in &self.shards {
+            let shard = lock(shard);
+            let current = shard.epoch(now_ms);
+            for slot in &shard.slots {
+                // In the window: the current slot and the SLOTS - 1 before it.
+                if slot.epoch == 0 || slot.epoch > current || slot.epoch + SLOTS <= current {
+                    continue;
+                }
+                for (into, from) in merged.iter_mut().zip(&slot.pools) {
+                    into.requests += from.requests;
+                    into.errors += from.errors;
+                    if let Some(latency) = &from.latency {
+                        // Same bounds on both sides: adding cannot fail.
+                        let _ = into.latency.add(latency);
+                    }
+                }
+            }
+        }
+        merged
+    }
+
+    fn local(&self) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[crate::worker::index() % self.shards.len()])
+    }
+}
+
+/// The slot length for a window: `window_ms / SLOTS`, rounded up, at least 1 ms.
+pub fn slot_ms(window_ms: u64) -> u64 {
+    window_ms.div_ceil(SLOTS).max(1)
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_window_holds_the_current_slot_and_the_23_before_it() {
+        // Window 24 s: slots of 1 s.
+        let recorder = Recorder::new(1);
+        recorder.configure(true, 24_000);
+        assert_eq!(slot_ms(24_000), 1_000);
+        // One canary request per second from t = 0 to t = 29 s; every fifth an error.
+        for s in 0..30u64 {
+            recorder.record(
+                PoolKind::Canary,
+                s * 1_000 + 500,
+                Duration::from_millis(s + 1),
+                s % 5 == 0,
+            );
+        }
+        recorder.record(PoolKind::Production, 29_900, MS * 7, false);
+        // At t = 29.9 s the window is slots 6..=29 (epochs 7..=30): 24 requests,
+        // errors at 10, 15, 20, 25; latencies 7..=30 ms.
+        let [production, canary] = recorder.window(29_900);
+        assert_eq!((canary.requests, canary.errors), (24, 4));
+        assert_eq!((production.requests, production.errors), (1, 0));
+        assert!(canary.latency.equivalent(canary.latency.min(), 7_000));
+        assert!(canary.latency.equivalent(canary.latency.max(), 30_000));
+        // One slot later, slot 6 has left the window and nothing new came.
+        let [_, canary] = recorder.window(30_000);
+        assert_eq!((canary.requests, canary.errors), (23, 4));
+        // Far later, all of it has left.
+        let [production, canary] = recorder.window(60_000);
+        assert_eq!((canary.requests, production.requests), (0, 0));
+        assert!(canary.latency.is_empty());
+    }
+
+    #[test]
+    fn a_slot_reused_a_round_later_starts_empty() {
+        let recorder = Recorder::new(1);
+        recorder.configure(true, 24_000);
+        recorder.record(PoolKind::Canary, 1_500, MS * 900, true);
+        // 24 s later the same ring position holds epoch 26: the old request is gone.
+        recorder.record(PoolKind::Canary, 25_500, MS * 3, false);
+        let [_, canary] = recorder.window(25_600);
+        assert_eq!((canary.requests, canary.errors), (1, 0));
+        assert!(canary.latency.equivalent(canary.latency.max(), 3_000));
+    }
+
+    #[test]
+    fn shards_are_merged_and_disabled_records_nothing() {
+        let recorder = Recorder::new(3);
+        recorder.record(PoolKind::Canary, 10, MS, true);
+        assert_eq!(recorder.window(10)[1].requests, 0, "disabled");
+        recorder.configure(true, 120_000);
+        for worker in 0..3 {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    crate::worker::set_index(worker);
+                    recorder.record(PoolKind::Canary, 10, MS * 2, worker == 1);
+                    recorder.record_late_error(PoolKind::Production, 10);
+                });
+            });
+        }
+        let [production, canary] = recorder.window(10);
+        assert_eq!((canary.requests, canary.errors), (3, 1));
+        assert_eq!((production.requests, production.errors), (0, 3));
+        assert!((production.error_ratio() - 0.0).abs() < f64::EPSILON);
+        // A new window length starts from empty; so does a clear.
+        recorder.configure(true, 60_000);
+        assert_eq!(recorder.window(10)[1].requests, 0);
+        recorder.record(PoolKind::Canary, 10, MS, true);
+        assert_eq!(recorder.window(10)[1].requests, 1);
+        recorder.clear();
+        assert_eq!(recorder.window(10)[1].requests, 0);
+    }
+
+    #[test]
+    fn quantiles_and_counts_above() {
+        let mut window = PoolWindow::default();
+        for ms in 1..=100u64 {
+            window.record(ms * 1_000, ms > 95);
+        }
+        assert_eq!(window.requests, 100);
+        assert!((window.error_ratio() - 0.05).abs() < 1e-12);
+        // Rank 50 of 1..=100 ms is 50 ms, rank 99 is 99 ms (to 1%).
+        let p50 = window.quantile_us(0.5).unwrap();
+        let p99 = window.quantile_us(0.99).unwrap();
+        assert!(window.latency.equivalent(p50, 50_000), "{p50}");
+        assert!(window.latency.equivalent(p99, 99_000), "{p99}");
+        assert_eq!(window.count_above(90_000), 10);
+        assert_eq!(window.count_above(100_000), 0);
+        assert_eq!(PoolWindow::default().quantile_us(0.99), None);
+    }
+}
