@@ -74,6 +74,16 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// The doctor: a process of its own that stops runaway CPU hogs (never root or
+    /// protected processes) and alerts. Reads `[doctor]`, `[alerts]` and
+    /// `server.admin_listen` of FILE; needs CAP_KILL to stop other users' processes.
+    Doctor {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Sample for `sustain_ms`, print what it sees and would do, signal nothing.
+        #[arg(long)]
+        once: bool,
+    },
     /// The canary analysis: `canary status` prints the shared verdict from Redis.
     Canary {
         #[command(subcommand)]
@@ -149,6 +159,25 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
+        Command::Doctor { config, once } => {
+            use canarygate::config::doctor::DoctorFile;
+            match config::load_as::<DoctorFile>(config, DoctorFile::validate) {
+                Ok(file) if *once => exit_with(runtime().and_then(|rt| {
+                    let report = rt.block_on(canarygate::ops::doctor::once(&file))?;
+                    print!("{report}");
+                    Ok(())
+                })),
+                Ok(file) => exit_with(runtime().and_then(|rt| {
+                    rt.block_on(async {
+                        let shutdown = CancellationToken::new();
+                        spawn_signal_handler(shutdown.clone())?;
+                        canarygate::ops::doctor::run(file, shutdown).await?;
+                        Ok(())
+                    })
+                })),
+                Err(e) => config_failure(&e),
+            }
+        }
         Command::Canary {
             command: CanaryCommand::Status { config, json },
         } => match config::load(config) {

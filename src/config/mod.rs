@@ -21,9 +21,11 @@ use toml::de::{DeTable, DeValue};
 
 pub mod alerts;
 pub mod analysis;
+pub mod doctor;
 
 use crate::config::alerts::AlertsConfig;
 use crate::config::analysis::AnalysisConfig;
+use crate::config::doctor::DoctorConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,9 @@ pub struct Config {
     pub resources: ResourcesConfig,
     #[serde(default)]
     pub analysis: AnalysisConfig,
+    /// Read by `canarygate doctor` (its own process); validated here too.
+    #[serde(default)]
+    pub doctor: DoctorConfig,
 }
 
 /// `[resources]`: the host resource watch (see `ops::resources`).
@@ -620,6 +625,7 @@ impl Config {
         self.alerts.validate()?;
         self.resources.validate()?;
         self.analysis.validate()?;
+        self.doctor.validate()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -749,16 +755,34 @@ impl Config {
 
 /// Reads, parses and validates the config file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_as(path, Config::validate)
+}
+
+/// Parses and validates config text; `file` is only used in error messages.
+pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
+    parse(src, file, Config::validate)
+}
+
+/// Reads the file at `path` and parses it as `T` (a config, or the sections one
+/// co-located process reads): errors name the file, the line and the key.
+pub fn load_as<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    validate: impl FnOnce(&T) -> Result<(), Violation>,
+) -> Result<T, ConfigError> {
     let file = path.display().to_string();
     let src = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         file: file.clone(),
         source,
     })?;
-    from_toml(&src, &file)
+    parse(&src, &file, validate)
 }
 
-/// Parses and validates config text; `file` is only used in error messages.
-pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
+/// Parses `src` as `T`, then checks `validate`; every error carries file, line, key.
+pub fn parse<T: serde::de::DeserializeOwned>(
+    src: &str,
+    file: &str,
+    validate: impl FnOnce(&T) -> Result<(), Violation>,
+) -> Result<T, ConfigError> {
     let invalid = |line: usize, key: String, message: String| ConfigError::Invalid {
         file: file.to_owned(),
         line,
@@ -772,22 +796,20 @@ pub fn from_toml(src: &str, file: &str) -> Result<Config, ConfigError> {
             e.message().trim().to_owned(),
         )
     })?;
-    let config: Config = serde_path_to_error::deserialize(toml::de::Deserializer::from(
-        doc.clone(),
-    ))
-    .map_err(|e| {
-        let key = e.path().to_string();
-        let key = if key == "." { String::new() } else { key };
-        let inner = e.into_inner();
-        // A missing key has no span of its own; point at its table if it has one.
-        let line = inner
-            .span()
-            .map(|s| line_of(src, s.start))
-            .or_else(|| span_of(&doc, &key).map(|s| line_of(src, s.start)))
-            .unwrap_or(0);
-        invalid(line, key, inner.message().trim().to_owned())
-    })?;
-    config.validate().map_err(|v| {
+    let config: T = serde_path_to_error::deserialize(toml::de::Deserializer::from(doc.clone()))
+        .map_err(|e| {
+            let key = e.path().to_string();
+            let key = if key == "." { String::new() } else { key };
+            let inner = e.into_inner();
+            // A missing key has no span of its own; point at its table if it has one.
+            let line = inner
+                .span()
+                .map(|s| line_of(src, s.start))
+                .or_else(|| span_of(&doc, &key).map(|s| line_of(src, s.start)))
+                .unwrap_or(0);
+            invalid(line, key, inner.message().trim().to_owned())
+        })?;
+    validate(&config).map_err(|v| {
         let line = span_of(&doc, &v.key).map_or(0, |s| line_of(src, s.start));
         invalid(line, v.key, v.message)
     })?;

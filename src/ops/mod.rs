@@ -5,10 +5,12 @@
 //! - [`resources`]: the host resource watch (CPU, memory, disks) and its alerts.
 //! - [`memory`]: returns the memory idle connections hold.
 //! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
+//! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
 //!
-//! The doctor and maintenance will live here.
+//! Maintenance will live here.
 
 pub mod alerts;
 pub mod analysis;
+pub mod doctor;
 pub mod memory;
 pub mod resources;

@@ -165,6 +165,24 @@ impl Dispatcher {
         self.enqueue(&alert);
     }
 
+    /// A one-off event (an action taken, not a condition that lasts): sent every
+    /// time, with no repeat suppression and no resolved message to follow.
+    pub fn notify(&self, severity: Severity, kind: &str, summary: &str, details: &str) {
+        let inner = &self.inner;
+        let alert = Alert::firing(severity, kind, summary, details, &inner.instance);
+        inner.events.report(
+            Source::Alerts,
+            if severity >= Severity::Warning {
+                Level::Warn
+            } else {
+                Level::Info
+            },
+            "alert sent",
+            format_args!("{} [{}] {}", alert.kind, alert.id, alert.summary),
+        );
+        self.enqueue(&alert);
+    }
+
     /// `kind` is no longer firing: one resolved message, if it was firing.
     pub fn resolve(&self, kind: &str, summary: &str) {
         let Some(episode) = lock(&self.inner.episodes).remove(kind) else {

@@ -1,0 +1,231 @@
+//! `[doctor]`: the co-located process that stops CPU hogs (`canarygate doctor`,
+//! `ops::doctor`). It reads `[doctor]`, `[alerts]` and `server.admin_listen` of the
+//! proxy's config file, and nothing else: the other sections need not be valid for
+//! it ([`DoctorFile`]).
+
+use std::net::SocketAddr;
+
+use serde::Deserialize;
+
+use crate::config::Violation;
+use crate::config::alerts::AlertsConfig;
+
+/// Kill hogs, or only report them (a dry run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Kill,
+    Report,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DoctorConfig {
+    /// The doctor's own `/metrics` and `/healthz`.
+    pub admin_listen: SocketAddr,
+    /// The proxy's metrics; absent: `http://<server.admin_listen>/metrics`.
+    pub proxy_metrics_url: Option<String>,
+    pub interval_ms: u64,
+    /// Percent of one core (a process with two busy threads shows 200).
+    pub cpu_percent: f64,
+    pub sustain_ms: u64,
+    /// Only these users' processes are candidates (names or numeric uids); empty: all.
+    pub watch_users: Vec<String>,
+    pub protected_users: Vec<String>,
+    pub protected_names: Vec<String>,
+    pub protected_pids: Vec<u32>,
+    pub mode: Mode,
+    /// SIGTERM, then SIGKILL after this if the process still runs.
+    pub grace_ms: u64,
+    /// The circuit breaker: at most `max_kills` within `window_ms`.
+    pub max_kills: u32,
+    pub window_ms: u64,
+    /// Kill only while the proxy's production p99 or the host CPU is above these.
+    pub only_when_impacting: bool,
+    pub impact_p99_ms: u64,
+    pub impact_cpu_ratio: f64,
+    /// How long after an action the service is measured again for the alert.
+    pub after_ms: u64,
+}
+
+/// Executables never signalled, whatever `protected_names` says: the proxy itself.
+pub const ALWAYS_PROTECTED_NAMES: [&str; 1] = ["canarygate"];
+
+impl Default for DoctorConfig {
+    fn default() -> Self {
+        Self {
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            proxy_metrics_url: None,
+            interval_ms: 5_000,
+            cpu_percent: 90.0,
+            sustain_ms: 30_000,
+            watch_users: Vec::new(),
+            protected_users: vec!["root".to_owned(), "admin_user".to_owned()],
+            protected_names: [
+                "canarygate",
+                "redis-server",
+                "sshd",
+                "systemd",
+                "systemd-journald",
+                "systemd-logind",
+                "init",
+                "dbus-daemon",
+                "containerd",
+                "dockerd",
+                "kubelet",
+                "postgres",
+                "mysqld",
+                "prometheus",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            protected_pids: Vec::new(),
+            mode: Mode::Kill,
+            grace_ms: 10_000,
+            max_kills: 3,
+            window_ms: 600_000,
+            only_when_impacting: false,
+            impact_p99_ms: 500,
+            impact_cpu_ratio: 0.9,
+            after_ms: 30_000,
+        }
+    }
+}
+
+impl DoctorConfig {
+    /// The rules serde cannot check.
+    pub fn validate(&self) -> Result<(), Violation> {
+        let fail = |key: &str, message: String| {
+            Err(Violation {
+                key: format!("doctor.{key}"),
+                message,
+            })
+        };
+        for (key, value) in [
+            ("interval_ms", self.interval_ms),
+            ("sustain_ms", self.sustain_ms),
+            ("window_ms", self.window_ms),
+            ("max_kills", u64::from(self.max_kills)),
+        ] {
+            if value == 0 {
+                return fail(key, "must be greater than 0".to_owned());
+            }
+        }
+        if !(self.cpu_percent > 0.0 && self.cpu_percent.is_finite()) {
+            return fail(
+                "cpu_percent",
+                format!(
+                    "{} is out of range; it must be above 0 (percent of one core)",
+                    self.cpu_percent
+                ),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.impact_cpu_ratio) {
+            return fail(
+                "impact_cpu_ratio",
+                format!(
+                    "{} is out of range; it must be 0..=1",
+                    self.impact_cpu_ratio
+                ),
+            );
+        }
+        if let Some(url) = &self.proxy_metrics_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return fail(
+                "proxy_metrics_url",
+                format!("`{url}` is not an http:// or https:// URL"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What `canarygate doctor` reads of the config file: other sections are ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct DoctorFile {
+    #[serde(default)]
+    pub doctor: DoctorConfig,
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    #[serde(default)]
+    pub server: ServerAddress,
+}
+
+/// `server.admin_listen` alone (the rest of `[server]` is the proxy's business).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ServerAddress {
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl DoctorFile {
+    pub fn validate(&self) -> Result<(), Violation> {
+        self.doctor.validate()?;
+        self.alerts.validate()
+    }
+
+    /// The proxy's `/metrics`: the configured URL, or the proxy's admin listener
+    /// (an unspecified address such as 0.0.0.0 is reached on loopback).
+    pub fn proxy_metrics_url(&self) -> String {
+        if let Some(url) = &self.doctor.proxy_metrics_url {
+            return url.clone();
+        }
+        let mut addr = self
+            .server
+            .admin_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}/metrics")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn doctor(src: &str) -> Result<DoctorFile, String> {
+        parse(src, "d.toml", DoctorFile::validate).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_doctor_reads_its_sections_and_ignores_the_rest() {
+        // No [pools], an unknown section and a broken [routing]: not the doctor's.
+        let file = doctor(
+            "[server]\nadmin_listen = \"0.0.0.0:9300\"\nlisten = 5\n[routing]\ncanary_percent = 900\n\
+             [whatever]\nx = 1\n[doctor]\nmode = \"report\"\n",
+        )
+        .unwrap();
+        assert_eq!(file.doctor.mode, Mode::Report);
+        assert_eq!(file.proxy_metrics_url(), "http://127.0.0.1:9300/metrics");
+        assert_eq!(file.doctor.protected_users, ["root", "admin_user"]);
+        assert_eq!(
+            doctor("").unwrap().proxy_metrics_url(),
+            "http://127.0.0.1:9090/metrics"
+        );
+    }
+
+    #[test]
+    fn bad_doctor_keys_name_file_line_and_key() {
+        assert_eq!(
+            doctor("[doctor]\ninterval_ms = 0\n").unwrap_err(),
+            "d.toml:2: key `doctor.interval_ms`: must be greater than 0"
+        );
+        assert!(
+            doctor("[doctor]\nmode = \"maybe\"\n")
+                .unwrap_err()
+                .starts_with("d.toml:2: key `doctor.mode`"),
+        );
+        assert!(
+            doctor("[doctor]\ngrace = 5\n")
+                .unwrap_err()
+                .starts_with("d.toml:2: key `doctor"),
+        );
+        assert_eq!(
+            doctor("[doctor]\nimpact_cpu_ratio = 1.5\n").unwrap_err(),
+            "d.toml:2: key `doctor.impact_cpu_ratio`: 1.5 is out of range; it must be 0..=1"
+        );
+    }
+}

@@ -1,0 +1,401 @@
+//! The doctor, end to end, and never able to signal a process the test did not start:
+//! each test runs the real `canarygate doctor` inside a PID namespace of its own
+//! (`unshare --pid --fork --mount-proc`), where the only processes are the test's
+//! script, its victims and the doctor. Victims run as uid 45123, which nothing else
+//! on the machine uses, and the doctor watches that uid alone unless a test says
+//! otherwise. Killing the namespace's `unshare` (by PID) ends everything in it.
+//!
+//! The tests run one at a time (CPU burners on a 2-core machine would otherwise
+//! starve each other), with a low `cpu_percent` for the same reason.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const VICTIM_UID: u32 = 45_123;
+const OTHER_UID: u32 = 45_124;
+
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A burner that dies on SIGTERM (its exit file then reads 143).
+const BURN: &str = "sh -c 'while :; do :; done'";
+/// A burner that ignores SIGTERM (only SIGKILL ends it: 137).
+const BURN_IGNORING_TERM: &str = "sh -c 'trap \"\" TERM; while :; do :; done'";
+
+/// A PID namespace running a script of victims and the doctor.
+struct Namespace {
+    child: Child,
+    dir: TempDir,
+    pub admin: u16,
+}
+
+impl Namespace {
+    /// `victims` are lines from [`victim`]; `doctor_toml` the config's body (the
+    /// doctor's admin port is added); `doctor_prefix` runs the doctor as another
+    /// user when set; `doctor_args` e.g. `--once`.
+    fn start(
+        victims: &[String],
+        doctor_toml: &str,
+        doctor_prefix: &str,
+        doctor_args: &str,
+    ) -> Self {
+        assert_eq!(
+            Command::new("id").args(["-u"]).output().unwrap().stdout,
+            b"0\n",
+            "the doctor tests need root (for unshare and setpriv)"
+        );
+        let dir = TempDir::new("doctor");
+        let admin = free_port();
+        let toml = format!("{doctor_toml}\n").replace(
+            "[doctor]\n",
+            &format!("[doctor]\nadmin_listen = \"127.0.0.1:{admin}\"\n"),
+        );
+        let config = dir.write("c.toml", &toml);
+        // A copy of `yes` under a protected name, for the protected-name test.
+        std::fs::copy("/usr/bin/yes", dir.0.join("busyguard")).unwrap();
+        let script = format!(
+            "cd {dir}\n{victims}\nsleep 0.3\n{prefix} {bin} doctor --config {config} {args} > doctor.log 2>&1 &\n\
+             echo $! > doctor.pid\nwait\n",
+            dir = dir.0.display(),
+            victims = victims.join("\n"),
+            prefix = doctor_prefix,
+            bin = binary(),
+            config = config.display(),
+            args = doctor_args,
+        );
+        let script = dir.write("run.sh", &script);
+        let child = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc", "--kill-child", "bash"])
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) must be installed");
+        Self { child, dir, admin }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    /// A victim's exit status (143: SIGTERM, 137: SIGKILL), once it has exited.
+    fn exit_of(&self, victim: &str) -> Option<String> {
+        std::fs::read_to_string(self.path(&format!("{victim}.exit")))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
+
+    async fn wait_exit(&self, victim: &str, within: Duration) -> String {
+        eventually(within, &format!("{victim} exited"), || async {
+            self.exit_of(victim).is_some()
+        })
+        .await;
+        self.exit_of(victim).unwrap()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("doctor.log")).unwrap_or_default()
+    }
+
+    async fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let url = format!("http://127.0.0.1:{}/metrics", self.admin);
+        let c = client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(page) = try_get(&c, &url).await
+                && page.status == 200
+            {
+                return parse_scrape(page.text());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the doctor's /metrics never answered: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn action(&self, action: &str, result: &str) -> f64 {
+        let key =
+            format!("canarygate_doctor_actions_total{{action=\"{action}\",result=\"{result}\"}}");
+        self.metrics().await.get(&key).copied().unwrap_or(0.0)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        // unshare --kill-child: its death takes the namespace's init, and with it
+        // every process in the namespace.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A script line starting `cmd` as `uid` (root when `None`) in a root subshell
+/// that records its PID and, when it ends, its exit status.
+fn victim(name: &str, uid: Option<u32>, cmd: &str) -> String {
+    let setpriv = uid.map_or_else(String::new, |u| {
+        format!("setpriv --reuid={u} --regid={u} --clear-groups ")
+    });
+    format!("( {setpriv}{cmd} & p=$!; echo $p > {name}.pid; wait $p; echo $? > {name}.exit ) &")
+}
+
+fn doctor_toml(extra: &str) -> String {
+    // No proxy here: its metrics are unreadable, which the alerts say.
+    format!(
+        "[server]\nadmin_listen = \"127.0.0.1:{}\"\n[doctor]\ninterval_ms = 250\nsustain_ms = 1000\n\
+         cpu_percent = 30\nwatch_users = [\"{VICTIM_UID}\"]\ngrace_ms = 1500\nafter_ms = 300\n{extra}",
+        dead_port()
+    )
+}
+
+fn dead_port() -> u16 {
+    free_port()
+}
+
+async fn lock() -> tokio::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burner_gets_sigterm_and_one_ignoring_it_gets_sigkill() {
+    let _one = lock().await;
+    within(60, async {
+        let ns = Namespace::start(
+            &[
+                victim("polite", Some(VICTIM_UID), BURN),
+                victim("stubborn", Some(VICTIM_UID), BURN_IGNORING_TERM),
+            ],
+            &doctor_toml(""),
+            "",
+            "",
+        );
+        // sustain 1 s + a round + the grace of 1.5 s, with a wide margin.
+        assert_eq!(ns.wait_exit("polite", Duration::from_secs(8)).await, "143");
+        assert_eq!(
+            ns.wait_exit("stubborn", Duration::from_secs(10)).await,
+            "137"
+        );
+        assert_eq!(ns.action("sigterm", "ok").await, 2.0);
+        assert_eq!(ns.action("sigkill", "ok").await, 1.0);
+        let log = ns.log();
+        assert!(log.contains("doctor acted"), "{log}");
+        assert!(log.contains("proxy metrics unreadable"), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_and_protected_names_are_reported_never_signalled() {
+    let _one = lock().await;
+    within(60, async {
+        // Root watched and no protected users: root is still out of reach.
+        let toml = doctor_toml("protected_users = []\nprotected_names = [\"busyguard\"]\n")
+            .replace(
+                &format!("watch_users = [\"{VICTIM_UID}\"]"),
+                &format!("watch_users = [\"{VICTIM_UID}\", \"root\"]"),
+            );
+        let ns = Namespace::start(
+            &[
+                victim("root", None, BURN),
+                victim("guarded", Some(VICTIM_UID), "./busyguard > /dev/null"),
+            ],
+            &toml,
+            "",
+            "",
+        );
+        eventually(Duration::from_secs(10), "both reported", || async {
+            ns.action("report", "protected").await >= 2.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(ns.exit_of("root"), None, "root burner untouched");
+        assert_eq!(ns.exit_of("guarded"), None, "protected name untouched");
+        assert_eq!(ns.action("sigterm", "ok").await, 0.0);
+        let m = ns.metrics().await;
+        assert_eq!(m["canarygate_doctor_hogs"], 2.0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_and_once_signal_nothing() {
+    let _one = lock().await;
+    within(60, async {
+        let ns = Namespace::start(
+            &[victim("burner", Some(VICTIM_UID), BURN)],
+            &doctor_toml("mode = \"report\"\n"),
+            "",
+            "",
+        );
+        eventually(Duration::from_secs(10), "reported", || async {
+            ns.action("report", "dry_run").await >= 1.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(ns.exit_of("burner"), None);
+        drop(ns);
+
+        // --once: samples for sustain_ms, prints, exits; the burner outlives it.
+        let ns = Namespace::start(
+            &[victim("burner", Some(VICTIM_UID), BURN)],
+            &doctor_toml(""),
+            "",
+            "--once",
+        );
+        eventually(
+            Duration::from_secs(15),
+            "--once printed its report",
+            || async { ns.log().contains("would send SIGTERM") },
+        )
+        .await;
+        let log = ns.log();
+        let pid = std::fs::read_to_string(ns.path("burner.pid")).unwrap();
+        assert!(
+            log.contains(&format!("pid {} user {VICTIM_UID}", pid.trim())),
+            "{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(ns.exit_of("burner"), None, "{log}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_breaker_stops_after_max_kills() {
+    let _one = lock().await;
+    within(60, async {
+        // Something restarts the hog each time it dies.
+        let restarter = format!(
+            "( i=0; while [ $i -lt 5 ]; do i=$((i+1)); setpriv --reuid={VICTIM_UID} --regid={VICTIM_UID} \
+             --clear-groups {BURN} & p=$!; echo $p > hog$i.pid; wait $p; echo $? > hog$i.exit; done ) &"
+        );
+        let ns = Namespace::start(&[restarter], &doctor_toml("max_kills = 2\nwindow_ms = 60000\n"), "", "");
+        assert_eq!(ns.wait_exit("hog1", Duration::from_secs(8)).await, "143");
+        assert_eq!(ns.wait_exit("hog2", Duration::from_secs(8)).await, "143");
+        eventually(Duration::from_secs(10), "the breaker reported", || async {
+            ns.action("report", "breaker_open").await >= 1.0
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(ns.exit_of("hog3"), None, "the third hog is only reported");
+        assert_eq!(ns.action("sigterm", "ok").await, 2.0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cap_kill_it_says_eperm_and_goes_on() {
+    let _one = lock().await;
+    within(60, async {
+        // The doctor as another unprivileged user: it may not signal the victim.
+        let ns = Namespace::start(
+            &[victim("burner", Some(VICTIM_UID), BURN)],
+            &doctor_toml(""),
+            &format!("setpriv --reuid={OTHER_UID} --regid={OTHER_UID} --clear-groups"),
+            "",
+        );
+        eventually(Duration::from_secs(10), "denied", || async {
+            ns.action("sigterm", "denied").await >= 1.0
+        })
+        .await;
+        assert_eq!(ns.exit_of("burner"), None);
+        eventually(Duration::from_secs(5), "the audit line", || async {
+            ns.log().contains("EPERM")
+        })
+        .await;
+        // Still running its rounds.
+        assert_eq!(
+            ns.metrics().await["canarygate_doctor_proxy_metrics_up"],
+            0.0
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_when_impacting_waits_for_the_proxys_p99_and_the_email_tells_before_and_after() {
+    let _one = lock().await;
+    within(90, async {
+        // A real SMTP server.
+        let mail = TempDir::new("doctor-mail");
+        let smtp_port = free_port();
+        let mut smtp = Command::new("python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{smtp_port}"), "-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(mail.0.join("box"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m aiosmtpd (pip install aiosmtpd)");
+        // A real proxy in front of a backend whose latency the test sets per request.
+        let backend = TestBackend::start("production").await;
+        let proxy = Proxy::start(&config_toml(&[backend.addr], &[], "")).await;
+        let slow = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop = tokio_util::sync::CancellationToken::new();
+        for _ in 0..8 {
+            let (url_fast, url_slow) = (proxy.url("/sleep?ms=1"), proxy.url("/sleep?ms=300"));
+            let (slow, stop) = (slow.clone(), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.is_cancelled() {
+                    let url = if slow.load(std::sync::atomic::Ordering::Relaxed) { &url_slow } else { &url_fast };
+                    let _ = try_get(&c, url).await;
+                }
+            });
+        }
+        let toml = format!(
+            "[server]\nadmin_listen = \"{}\"\n[doctor]\ninterval_ms = 250\nsustain_ms = 1000\ncpu_percent = 30\n\
+             watch_users = [\"{VICTIM_UID}\"]\ngrace_ms = 1500\nafter_ms = 1000\nonly_when_impacting = true\n\
+             impact_p99_ms = 100\nimpact_cpu_ratio = 1.0\n\
+             [alerts.email]\nsmtp_url = \"smtp://127.0.0.1:{smtp_port}\"\nfrom = \"doctor@example.com\"\n\
+             to = [\"oncall@example.com\"]\n",
+            proxy.admin_addr
+        );
+        let ns = Namespace::start(&[victim("burner", Some(VICTIM_UID), BURN)], &toml, "", "");
+        eventually(Duration::from_secs(10), "reported as not impacting", || async {
+            ns.action("report", "not_impacting").await >= 1.0
+        })
+        .await;
+        assert_eq!(ns.metrics().await["canarygate_doctor_proxy_metrics_up"], 1.0);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(ns.exit_of("burner"), None, "fast service: reported only");
+        // The backend slows down: the proxy's production p99 crosses 100 ms.
+        slow.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(ns.wait_exit("burner", Duration::from_secs(15)).await, "143");
+        // Then the service recovers, and the email says both.
+        slow.store(false, std::sync::atomic::Ordering::Relaxed);
+        let new = mail.0.join("box").join("new");
+        let mut message = String::new();
+        eventually(Duration::from_secs(20), "the kill's email", || {
+            let found = std::fs::read_dir(&new).ok().and_then(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                    .find(|m| m.contains("doctor stopped pid"))
+            });
+            let done = found.is_some();
+            if let Some(m) = found {
+                message = m;
+            }
+            async move { done }
+        })
+        .await;
+        let text = message.replace("=\r\n", "").replace("=\n", "");
+        assert!(text.contains("CRITICAL"), "{text}");
+        assert!(text.contains("before: production p99"), "{text}");
+        assert!(text.contains("after (1 s later): production p99"), "{text}");
+        assert!(text.contains("SIGTERM: exited"), "{text}");
+        stop.cancel();
+        drop(ns);
+        let _ = smtp.kill();
+        let _ = smtp.wait();
+        proxy.stop().await;
+    })
+    .await;
+}
