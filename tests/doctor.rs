@@ -31,6 +31,7 @@ struct Namespace {
     child: Child,
     dir: TempDir,
     pub admin: u16,
+    ended: bool,
 }
 
 impl Namespace {
@@ -57,8 +58,10 @@ impl Namespace {
         let config = dir.write("c.toml", &toml);
         // A copy of `yes` under a protected name, for the protected-name test.
         std::fs::copy("/usr/bin/yes", dir.0.join("busyguard")).unwrap();
+        // On SIGTERM the script stops the doctor gracefully (so it ends as in
+        // production, and writes its coverage profile), then leaves.
         let script = format!(
-            "cd {dir}\n{victims}\nsleep 0.3\n{prefix} {bin} doctor --config {config} {args} > doctor.log 2>&1 &\n\
+            "cd {dir}\ntrap 'd=$(cat doctor.pid); kill -TERM $d 2>/dev/null; wait $d; exit 0' TERM\n{victims}\nsleep 0.3\n{prefix} {bin} doctor --config {config} {args} > doctor.log 2>&1 &\n\
              echo $! > doctor.pid\nwait\n",
             dir = dir.0.display(),
             victims = victims.join("\n"),
@@ -76,7 +79,12 @@ impl Namespace {
             .stderr(Stdio::null())
             .spawn()
             .expect("unshare (util-linux) must be installed");
-        Self { child, dir, admin }
+        Self {
+            child,
+            dir,
+            admin,
+            ended: false,
+        }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -129,12 +137,42 @@ impl Namespace {
     }
 }
 
-impl Drop for Namespace {
-    fn drop(&mut self) {
+impl Namespace {
+    /// Stops the doctor the way systemd would (SIGTERM), ends the namespace, and
+    /// returns the doctor's whole log.
+    fn stop(mut self) -> String {
+        self.end();
+        self.log()
+    }
+
+    fn end(&mut self) {
+        // Once only: after `wait`, unshare's PID may belong to someone else.
+        if std::mem::replace(&mut self.ended, true) {
+            return;
+        }
+        // The namespace's init (our script) is unshare's one child: SIGTERM it, so
+        // it stops the doctor, and give it 5 s.
+        let pid = self.child.id();
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(init) = children.split_whitespace().next() {
+            let _ = Command::new("kill").args(["-TERM", init]).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::time::Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None))
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         // unshare --kill-child: its death takes the namespace's init, and with it
         // every process in the namespace.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
@@ -185,9 +223,13 @@ async fn a_burner_gets_sigterm_and_one_ignoring_it_gets_sigkill() {
         );
         assert_eq!(ns.action("sigterm", "ok").await, 2.0);
         assert_eq!(ns.action("sigkill", "ok").await, 1.0);
-        let log = ns.log();
+        let log = ns.stop();
         assert!(log.contains("doctor acted"), "{log}");
         assert!(log.contains("proxy metrics unreadable"), "{log}");
+        assert!(
+            log.contains("doctor stopped"),
+            "a SIGTERM stops it cleanly: {log}"
+        );
     })
     .await;
 }
@@ -396,6 +438,33 @@ async fn only_when_impacting_waits_for_the_proxys_p99_and_the_email_tells_before
         let _ = smtp.kill();
         let _ = smtp.wait();
         proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pid_taken_over_by_a_new_process_starts_a_new_count() {
+    let _one = lock().await;
+    within(60, async {
+        // A burns 0.8 s (under sustain_ms) and exits; B gets A's PID at once (the
+        // namespace's ns_last_pid makes the kernel hand it out next) and burns. A
+        // doctor that went by PID would stop B about 0.2 s in, on A's count; by
+        // identity (PID + start time) B must burn its own full second first.
+        let setpriv = format!("setpriv --reuid={VICTIM_UID} --regid={VICTIM_UID} --clear-groups");
+        let script = format!(
+            "( {setpriv} bash -c 'end=$((${{EPOCHREALTIME/./}}+800000)); while (( ${{EPOCHREALTIME/./}} < end )); do :; done' \
+             & p=$!; echo $p > a.pid; wait $p; echo $? > a.exit; date +%s%N > b.start; \
+             echo $((p-1)) > /proc/sys/kernel/ns_last_pid; {setpriv} {BURN} & q=$!; echo $q > b.pid; \
+             wait $q; echo $? > b.exit; date +%s%N > b.end ) &"
+        );
+        let ns = Namespace::start(&[script], &doctor_toml(""), "", "");
+        assert_eq!(ns.wait_exit("a", Duration::from_secs(5)).await, "0", "A ended by itself");
+        assert_eq!(ns.wait_exit("b", Duration::from_secs(10)).await, "143");
+        let read = |name: &str| std::fs::read_to_string(ns.path(name)).unwrap().trim().to_owned();
+        assert_eq!(read("a.pid"), read("b.pid"), "the PID was reused");
+        let lived_ms = (read("b.end").parse::<u64>().unwrap() - read("b.start").parse::<u64>().unwrap()) / 1_000_000;
+        assert!(lived_ms >= 1_000, "B stopped after {lived_ms} ms, before its own sustain_ms");
+        assert_eq!(ns.action("sigterm", "ok").await, 1.0, "only B, once");
     })
     .await;
 }
