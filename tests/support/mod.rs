@@ -513,6 +513,11 @@ impl ProxyProcess {
     }
 
     /// Every log line up to and including the first one containing `needle`.
+    /// The log lines written since the last read, without waiting.
+    pub fn log_so_far(&mut self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
     pub fn log_until(&mut self, needle: &str, timeout: Duration) -> Vec<String> {
         let deadline = std::time::Instant::now() + timeout;
         let mut lines = Vec::new();
