@@ -455,7 +455,7 @@ async fn a_pid_taken_over_by_a_new_process_starts_a_new_count() {
             "( {setpriv} bash -c 'end=$((${{EPOCHREALTIME/./}}+800000)); while (( ${{EPOCHREALTIME/./}} < end )); do :; done' \
              & p=$!; echo $p > a.pid; wait $p; echo $? > a.exit; date +%s%N > b.start; \
              echo $((p-1)) > /proc/sys/kernel/ns_last_pid; {setpriv} {BURN} & q=$!; echo $q > b.pid; \
-             wait $q; echo $? > b.exit; date +%s%N > b.end ) &"
+             wait $q; s=$?; date +%s%N > b.end; echo $s > b.exit ) &"
         );
         let ns = Namespace::start(&[script], &doctor_toml(""), "", "");
         assert_eq!(ns.wait_exit("a", Duration::from_secs(5)).await, "0", "A ended by itself");

@@ -236,6 +236,19 @@ async fn backend_command_serves_the_demo_app() {
         );
         let health = get(&c, &format!("http://{addr}/health"), &[]).await;
         assert_eq!((health.status.as_u16(), health.text()), (200, "ok\n"));
+        // The demo's broken canary: with the flag on, one page in three is a 500,
+        // and /health stays up.
+        let broken = [("x-feature-flags", "new_banner=off;demo_canary_errors=on")];
+        let mut errors = 0;
+        for _ in 0..30 {
+            let page = get(&c, &format!("http://{addr}/"), &broken).await;
+            if page.status == 500 {
+                errors += 1;
+            }
+            let health = get(&c, &format!("http://{addr}/health"), &broken).await;
+            assert_eq!(health.status, 200);
+        }
+        assert_eq!(errors, 10);
     })
     .await;
 }

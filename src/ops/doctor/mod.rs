@@ -202,12 +202,13 @@ impl Doctor {
         {
             Ok(done) => done,
             Err(error) => {
+                // The sampler went down with the failed task: a new one next round.
                 warn!(%error, "process sampling failed");
+                self.sampler = Sampler::new();
                 return Vec::new();
             }
         };
         self.sampler = Some(sampler);
-        let own_cpu = host_cpu;
         match service::scrape(&self.http, &self.url).await {
             Ok(scrape) => {
                 if let Some(older) = &self.last_scrape {
@@ -227,7 +228,7 @@ impl Doctor {
                     warn!(url = %self.url, %error, "proxy metrics unreadable; using own samples");
                 }
                 self.last_scrape = None;
-                self.figures = Figures::own(own_cpu);
+                self.figures = Figures::own(host_cpu);
                 self.metrics.proxy_up.set(0);
             }
         }
