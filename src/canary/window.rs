@@ -73,28 +73,34 @@ impl PoolWindow {
         len - self.latency.count_between(0, us)
     }
 
-    /// Adds a single request (the bench and the tests build windows by hand).
+    /// Adds a single request.
     pub fn record(&mut self, latency_us: u64, error: bool) {
         self.requests += 1;
         self.errors += u64::from(error);
         self.latency
             .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
     }
-}
 
-#[derive(Debug, Default)]
-struct PoolSlot {
-    requests: u64,
-    errors: u64,
-    /// Made at the first request in the slot, then reused round after round.
-    latency: Option<Histogram<u32>>,
+    /// Adds `other`'s records (same histogram bounds: adding cannot fail).
+    fn add(&mut self, other: &Self) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        let _ = self.latency.add(&other.latency);
+    }
+
+    fn clear(&mut self) {
+        self.requests = 0;
+        self.errors = 0;
+        self.latency.reset();
+    }
 }
 
 #[derive(Debug, Default)]
 struct Slot {
     /// `now_ms / slot_ms + 1` of the time it holds; 0: never used.
     epoch: u64,
-    pools: [PoolSlot; 2],
+    /// Made at the slot's first request of a pool, then reused round after round.
+    pools: [Option<PoolWindow>; 2],
 }
 
 #[derive(Debug)]
@@ -121,12 +127,8 @@ impl Shard {
         let slot = &mut self.slots[usize::try_from(epoch % SLOTS).unwrap_or(0)];
         if slot.epoch != epoch {
             slot.epoch = epoch;
-            for pool in &mut slot.pools {
-                pool.requests = 0;
-                pool.errors = 0;
-                if let Some(latency) = &mut pool.latency {
-                    latency.reset();
-                }
+            for pool in slot.pools.iter_mut().flatten() {
+                pool.clear();
             }
         }
         slot
@@ -192,13 +194,9 @@ impl Recorder {
             return;
         }
         let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let mut shard = self.local();
-        let slot = &mut shard.slot(now_ms).pools[pool_index(pool)];
-        slot.requests += 1;
-        slot.errors += u64::from(error);
-        slot.latency
-            .get_or_insert_with(new_histogram)
-            .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
+        self.local().slot(now_ms).pools[pool_index(pool)]
+            .get_or_insert_with(PoolWindow::default)
+            .record(latency_us, error);
     }
 
     /// Records an error of a request already recorded (its response body failed).
@@ -206,7 +204,9 @@ impl Recorder {
         if !self.is_enabled() {
             return;
         }
-        self.local().slot(now_ms).pools[pool_index(pool)].errors += 1;
+        self.local().slot(now_ms).pools[pool_index(pool)]
+            .get_or_insert_with(PoolWindow::default)
+            .errors += 1;
     }
 
     /// Both pools' records of the window ending at `now_ms`, merged over the shards:
@@ -222,11 +222,8 @@ impl Recorder {
                     continue;
                 }
                 for (into, from) in merged.iter_mut().zip(&slot.pools) {
-                    into.requests += from.requests;
-                    into.errors += from.errors;
-                    if let Some(latency) = &from.latency {
-                        // Same bounds on both sides: adding cannot fail.
-                        let _ = into.latency.add(latency);
+                    if let Some(from) = from {
+                        into.add(from);
                     }
                 }
             }

@@ -68,9 +68,6 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
         debug!("no redis_url; flags come from [flags.static]");
         return std::future::pending().await;
     };
-    // rustls needs a process-wide crypto provider for rediss://; a second install
-    // (another proxy in the same process) is refused harmlessly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = match open_client(url, config) {
         Ok(client) => client,
         Err(error) => {
@@ -101,6 +98,9 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
 /// Builds the Redis client: the URL with `${VAR}` expanded, and a private CA if set.
 /// (The canary analysis writes to the same Redis with it.)
 pub fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String> {
+    // rustls needs a process-wide crypto provider for rediss://; a second install
+    // (another proxy in the same process) is refused harmlessly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let url = expand_env(url)?;
     match &config.tls_ca_path {
         None => redis::Client::open(url.as_str()).map_err(|e| e.to_string()),

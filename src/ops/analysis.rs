@@ -83,7 +83,6 @@ impl Store {
                 record: Record::default(),
             });
         };
-        let _ = rustls::crypto::ring::default_provider().install_default();
         Ok(Self::Redis(Box::new(RedisStore {
             client: open_client(url, flags).map_err(StoreError::Settings)?,
             conn: None,
@@ -198,7 +197,6 @@ pub async fn shared_status(
                 .to_owned(),
         )
     })?;
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = open_client(url, flags).map_err(StoreError::Settings)?;
     let mut conn = connect(&client).await?;
     read_raw(&mut conn, &flags.key, record_key).await

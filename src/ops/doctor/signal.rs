@@ -43,6 +43,10 @@ impl Sent {
     }
 }
 
+fn pid_of(identity: Identity) -> Option<Pid> {
+    i32::try_from(identity.pid).ok().and_then(Pid::from_raw)
+}
+
 /// One process, held so that signals reach it or nobody.
 pub enum Handle {
     Pidfd(OwnedFd),
@@ -53,7 +57,7 @@ pub enum Handle {
 /// Takes hold of the process `identity` with `uid`, if it is still the one sampled.
 pub fn hold(identity: Identity, uid: u32) -> std::io::Result<Option<Handle>> {
     let still_it = || current(identity.pid).is_some_and(|now| now == (identity, uid));
-    let Some(pid) = i32::try_from(identity.pid).ok().and_then(Pid::from_raw) else {
+    let Some(pid) = pid_of(identity) else {
         return Ok(None);
     };
     match pidfd_open(pid, PidfdFlags::empty()) {
@@ -74,8 +78,7 @@ impl Handle {
                 if current(identity.pid) != Some((*identity, *uid)) {
                     return Ok(Sent::Gone);
                 }
-                let pid = i32::try_from(identity.pid).ok().and_then(Pid::from_raw);
-                match pid {
+                match pid_of(*identity) {
                     Some(pid) => rustix::process::kill_process(pid, signal),
                     None => return Ok(Sent::Gone),
                 }
