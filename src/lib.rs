@@ -33,6 +33,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod flags;
+pub mod glob;
 pub mod http1;
 pub mod observe;
 pub mod ops;

@@ -84,6 +84,20 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Maintenance: a process of its own that archives log files to secondary
+    /// storage (verified) before the disk fills, then frees them. Reads
+    /// `[maintenance]`, `[alerts]` and `server.admin_listen` of FILE; needs write
+    /// access to maintenance.dirs only.
+    Maintenance {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One round, then exit.
+        #[arg(long)]
+        once: bool,
+        /// With --once: print what would be archived and why; touch nothing.
+        #[arg(long, requires = "once")]
+        dry_run: bool,
+    },
     /// The canary analysis: `canary status` prints the shared verdict from Redis.
     Canary {
         #[command(subcommand)]
@@ -172,6 +186,30 @@ fn main() -> ExitCode {
                         let shutdown = CancellationToken::new();
                         spawn_signal_handler(shutdown.clone())?;
                         canarygate::ops::doctor::run(file, shutdown).await?;
+                        Ok(())
+                    })
+                })),
+                Err(e) => config_failure(&e),
+            }
+        }
+        Command::Maintenance {
+            config,
+            once,
+            dry_run,
+        } => {
+            use canarygate::config::maintenance::MaintenanceFile;
+            match config::load_as::<MaintenanceFile>(config, MaintenanceFile::validate) {
+                Ok(file) if *once => exit_with(runtime().and_then(|rt| {
+                    let report =
+                        rt.block_on(canarygate::ops::maintenance::once(&file, *dry_run))?;
+                    print!("{report}");
+                    Ok(())
+                })),
+                Ok(file) => exit_with(runtime().and_then(|rt| {
+                    rt.block_on(async {
+                        let shutdown = CancellationToken::new();
+                        spawn_signal_handler(shutdown.clone())?;
+                        canarygate::ops::maintenance::run(file, shutdown).await?;
                         Ok(())
                     })
                 })),

@@ -180,7 +180,7 @@ impl AlertsConfig {
     }
 }
 
-fn env_set(name: &str) -> Result<(), String> {
+pub(crate) fn env_set(name: &str) -> Result<(), String> {
     match std::env::var(name) {
         Ok(value) if !value.is_empty() => Ok(()),
         Ok(_) => Err(format!("environment variable {name} is empty")),

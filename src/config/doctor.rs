@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use crate::config::Violation;
 use crate::config::alerts::AlertsConfig;
+use crate::config::sidecar::{ServerAddress, check_metrics_url};
 
 /// Kill hogs, or only report them (a dry run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -129,15 +130,7 @@ impl DoctorConfig {
                 ),
             );
         }
-        if let Some(url) = &self.proxy_metrics_url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return fail(
-                "proxy_metrics_url",
-                format!("`{url}` is not an http:// or https:// URL"),
-            );
-        }
-        Ok(())
+        check_metrics_url("doctor", self.proxy_metrics_url.as_ref())
     }
 }
 
@@ -152,32 +145,16 @@ pub struct DoctorFile {
     pub server: ServerAddress,
 }
 
-/// `server.admin_listen` alone (the rest of `[server]` is the proxy's business).
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ServerAddress {
-    pub admin_listen: Option<SocketAddr>,
-}
-
 impl DoctorFile {
     pub fn validate(&self) -> Result<(), Violation> {
         self.doctor.validate()?;
         self.alerts.validate()
     }
 
-    /// The proxy's `/metrics`: the configured URL, or the proxy's admin listener
-    /// (an unspecified address such as 0.0.0.0 is reached on loopback).
+    /// The proxy's `/metrics` ([`ServerAddress::metrics_url`]).
     pub fn proxy_metrics_url(&self) -> String {
-        if let Some(url) = &self.doctor.proxy_metrics_url {
-            return url.clone();
-        }
-        let mut addr = self
-            .server
-            .admin_listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090)));
-        if addr.ip().is_unspecified() {
-            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-        }
-        format!("http://{addr}/metrics")
+        self.server
+            .metrics_url(self.doctor.proxy_metrics_url.as_ref())
     }
 }
 

@@ -22,10 +22,13 @@ use toml::de::{DeTable, DeValue};
 pub mod alerts;
 pub mod analysis;
 pub mod doctor;
+pub mod maintenance;
+pub mod sidecar;
 
 use crate::config::alerts::AlertsConfig;
 use crate::config::analysis::AnalysisConfig;
 use crate::config::doctor::DoctorConfig;
+use crate::config::maintenance::MaintenanceConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,9 @@ pub struct Config {
     /// Read by `canarygate doctor` (its own process); validated here too.
     #[serde(default)]
     pub doctor: DoctorConfig,
+    /// Read by `canarygate maintenance` (its own process); validated here too.
+    #[serde(default)]
+    pub maintenance: MaintenanceConfig,
 }
 
 /// `[resources]`: the host resource watch (see `ops::resources`).
@@ -626,6 +632,7 @@ impl Config {
         self.resources.validate()?;
         self.analysis.validate()?;
         self.doctor.validate()?;
+        self.maintenance.validate()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -831,7 +838,9 @@ fn span_of(doc: &toml::Spanned<DeTable<'_>>, key: &str) -> Option<std::ops::Rang
     let mut span = None;
     for part in key.split('.').filter(|p| !p.is_empty()) {
         let part = part.split('[').next().unwrap_or(part);
-        let (_, value) = table.iter().find(|(k, _)| k.get_ref() == part)?;
+        let Some((_, value)) = table.iter().find(|(k, _)| k.get_ref() == part) else {
+            break;
+        };
         span = Some(value.span());
         match value.get_ref() {
             DeValue::Table(inner) => table = inner,

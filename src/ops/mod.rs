@@ -6,11 +6,16 @@
 //! - [`memory`]: returns the memory idle connections hold.
 //! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
 //! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
-//!
-//! Maintenance will live here.
+//! - [`maintenance`]: `canarygate maintenance`, a process of its own: archives logs
+//!   to secondary storage, verified, before the disk fills.
+//! - [`service`], [`sidecar`]: what those two share (the proxy's metrics as they
+//!   read them; their own metrics, admin listener and alert channels).
 
 pub mod alerts;
 pub mod analysis;
 pub mod doctor;
+pub mod maintenance;
 pub mod memory;
 pub mod resources;
+pub mod service;
+pub mod sidecar;

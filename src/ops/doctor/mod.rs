@@ -9,118 +9,71 @@
 //!
 //! - [`procs`]: sampling, identities, and the rules that put processes out of reach.
 //! - [`signal`]: pidfd signalling: the process sampled, or nobody.
-//! - [`service`]: the proxy's metrics, read between two scrapes.
 
 pub mod procs;
-pub mod service;
 pub mod signal;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use prometheus::{Encoder as _, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{IntCounterVec, IntGauge};
 use rustix::process::Signal;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument as _, info, info_span, warn};
 
 use crate::config::alerts::Severity;
 use crate::config::doctor::{DoctorConfig, DoctorFile, Mode};
-use crate::observe::events::Events;
 use crate::ops::alerts::Dispatcher;
+use crate::ops::service::{self, Figures, Scrape};
+use crate::ops::sidecar::{self, SidecarError, SidecarMetrics};
 use procs::{Identity, Proc, Reach, Sampler};
-use service::{Figures, Scrape};
 use signal::{Sent, hold};
 
 /// Why the doctor could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum DoctorError {
-    #[error("cannot bind the doctor's admin listener on {addr}: {source}")]
-    Bind {
-        addr: std::net::SocketAddr,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("[alerts]: {0}")]
-    Alerts(#[from] crate::ops::alerts::channels::SendError),
+    #[error(transparent)]
+    Start(#[from] SidecarError),
     #[error("cannot read processes (sysinfo unsupported here)")]
     NoSampler,
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
 }
 
-/// `canarygate_doctor_*` and the alert counter, in the doctor's own registry.
+/// `canarygate_doctor_*`, in the doctor's own registry.
 pub struct DoctorMetrics {
-    registry: Registry,
+    own: Arc<SidecarMetrics>,
     actions: IntCounterVec,
     hogs: IntGauge,
     proxy_up: IntGauge,
-    pub alerts: IntCounterVec,
 }
 
 impl DoctorMetrics {
     fn new() -> Self {
-        let registry = Registry::new();
-        let must = |r: prometheus::Result<()>| {
-            if let Err(e) = r {
-                panic!("metric definition: {e}");
-            }
-        };
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels)
-                .unwrap_or_else(|e| panic!("metric definition: {e}"))
-        };
-        let gauge = |name: &str, help: &str| {
-            IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric definition: {e}"))
-        };
-        let metrics = Self {
-            actions: counter(
+        let own = Arc::new(SidecarMetrics::default());
+        Self {
+            actions: own.counter(
                 "canarygate_doctor_actions_total",
                 "Doctor actions: action sigterm, sigkill or report; result ok, gone, denied, \
                  error (signals) or protected, dry_run, not_impacting, breaker_open (reports).",
                 &["action", "result"],
             ),
-            hogs: gauge(
+            hogs: own.gauge(
                 "canarygate_doctor_hogs",
                 "Processes above doctor.cpu_percent for doctor.sustain_ms now.",
             ),
-            proxy_up: gauge(
+            proxy_up: own.gauge(
                 "canarygate_doctor_proxy_metrics_up",
                 "1 if the proxy's /metrics answered at the last round, else 0.",
             ),
-            alerts: counter(
-                "canarygate_alerts_total",
-                "Alerts by channel and result (sent, failed, dropped, suppressed).",
-                &["channel", "result"],
-            ),
-            registry,
-        };
-        must(metrics.registry.register(Box::new(metrics.actions.clone())));
-        must(metrics.registry.register(Box::new(metrics.hogs.clone())));
-        must(
-            metrics
-                .registry
-                .register(Box::new(metrics.proxy_up.clone())),
-        );
-        must(metrics.registry.register(Box::new(metrics.alerts.clone())));
-        metrics
+            own,
+        }
     }
 
     fn count(&self, action: &str, result: &str) {
         self.actions.with_label_values(&[action, result]).inc();
-    }
-
-    fn render(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        out
     }
 }
 
@@ -529,49 +482,10 @@ impl Kill {
 /// every `interval_ms`.
 pub async fn run(file: DoctorFile, shutdown: CancellationToken) -> Result<(), DoctorError> {
     let metrics = Arc::new(DoctorMetrics::new());
-    let instance = format!("{}:doctor", crate::ops::alerts::alert::hostname());
-    let (alerts, channels) = Dispatcher::new(
-        &file.alerts,
-        &instance,
-        metrics.alerts.clone(),
-        Arc::new(Events::default()),
-    )?;
-    let addr = file.doctor.admin_listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| DoctorError::Bind { addr, source })?;
     let tasks = tokio_util::task::TaskTracker::new();
     let stop = CancellationToken::new();
-    for channel in channels {
-        let span = info_span!("alerts", channel = channel.channel());
-        tasks.spawn(channel.run(stop.clone()).instrument(span));
-    }
-    let admin_metrics = Arc::clone(&metrics);
-    let defaults = crate::config::TimeoutsConfig::default();
-    tasks.spawn(crate::server::serve(
-        "doctor-admin",
-        listener,
-        crate::server::ServeOptions::basic(
-            defaults.client_header_read(),
-            defaults.idle(),
-            Duration::from_secs(1),
-        ),
-        stop.clone(),
-        move |_, _| {
-            let metrics = Arc::clone(&admin_metrics);
-            service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let response = match req.uri().path() {
-                    "/metrics" => text(StatusCode::OK, Bytes::from(metrics.render())),
-                    "/healthz" => text(StatusCode::OK, Bytes::from_static(b"ok\n")),
-                    _ => text(
-                        StatusCode::NOT_FOUND,
-                        Bytes::from_static(b"404 not found\n"),
-                    ),
-                };
-                async move { Ok::<_, Infallible>(response) }
-            })
-        },
-    ));
+    let addr = file.doctor.admin_listen;
+    let alerts = sidecar::start("doctor", addr, &metrics.own, &file.alerts, &tasks, &stop).await?;
     info!(admin = %addr, proxy_metrics = %file.proxy_metrics_url(), mode = ?file.doctor.mode, "doctor running");
     let mut doctor = Doctor::new(&file, alerts, metrics)?;
     let kills = tokio_util::task::TaskTracker::new();
@@ -600,22 +514,11 @@ pub async fn run(file: DoctorFile, shutdown: CancellationToken) -> Result<(), Do
     Ok(())
 }
 
-fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body));
-    *response.status_mut() = status;
-    response
-}
-
 /// `canarygate doctor --once`: samples for `sustain_ms` (a round every
 /// `interval_ms`), then says what it sees and what it would do. Signals nothing.
 pub async fn once(file: &DoctorFile) -> Result<String, DoctorError> {
     let metrics = Arc::new(DoctorMetrics::new());
-    let (alerts, _no_channels) = Dispatcher::new(
-        &crate::config::alerts::AlertsConfig::default(),
-        "once",
-        metrics.alerts.clone(),
-        Arc::default(),
-    )?;
+    let alerts = sidecar::silent(&metrics.own);
     let mut doctor = Doctor::new(file, alerts, metrics)?;
     let interval = Duration::from_millis(file.doctor.interval_ms);
     let rounds = file.doctor.sustain_ms.div_ceil(file.doctor.interval_ms) + 1;

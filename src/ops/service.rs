@@ -1,7 +1,8 @@
-//! The service as the doctor sees it: the proxy's `/metrics`, scraped every round.
-//! Between two scrapes: the production pool's request rate, 5xx ratio and p99
-//! (from the cumulative histogram, as Prometheus' `histogram_quantile` does), and
-//! the host CPU ratio of the proxy's resource watch.
+//! The service as the co-located processes (doctor, maintenance) see it: the proxy's
+//! `/metrics`, scraped every round. Between two scrapes: the production pool's
+//! request rate, 5xx ratio and p99 (from the cumulative histogram, as Prometheus'
+//! `histogram_quantile` does), the request rate over all pools, and the host CPU and
+//! disk ratios of the proxy's resource watch.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -14,7 +15,11 @@ use crate::observe::stats::{PoolSample, window};
 pub struct Scrape {
     pub at: Instant,
     pub production: PoolSample,
+    /// Requests over every pool (the count of the duration histogram).
+    pub all_requests: u64,
     pub host_cpu_ratio: Option<f64>,
+    /// `canarygate_host_disk_used_ratio{path}`: each watched path and its ratio.
+    pub disks: Vec<(String, f64)>,
 }
 
 /// Reads what the doctor needs from a Prometheus text exposition.
@@ -24,6 +29,8 @@ pub fn parse(text: &str, at: Instant) -> Scrape {
         ..PoolSample::default()
     };
     let mut host_cpu_ratio = None;
+    let mut all_requests = 0;
+    let mut disks = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -42,8 +49,16 @@ pub fn parse(text: &str, at: Instant) -> Scrape {
         let production_pool = label("pool") == Some("production");
         match name {
             "canarygate_host_cpu_ratio" => host_cpu_ratio = Some(value),
-            "canarygate_request_duration_seconds_count" if production_pool => {
-                production.requests = count;
+            "canarygate_host_disk_used_ratio" => {
+                if let Some(path) = label("path") {
+                    disks.push((path.to_owned(), value));
+                }
+            }
+            "canarygate_request_duration_seconds_count" => {
+                all_requests += count;
+                if production_pool {
+                    production.requests = count;
+                }
             }
             "canarygate_request_duration_seconds_bucket" if production_pool => {
                 let bound = label("le").and_then(|le| le.parse::<f64>().ok());
@@ -64,14 +79,19 @@ pub fn parse(text: &str, at: Instant) -> Scrape {
     Scrape {
         at,
         production,
+        all_requests,
         host_cpu_ratio,
+        disks,
     }
 }
 
 /// The service between two scrapes (or what is known without them).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Figures {
+    /// The production pool's.
     pub requests_per_s: f64,
+    /// Every pool's.
+    pub all_requests_per_s: f64,
     pub error_ratio: f64,
     pub p99_ms: Option<f64>,
     pub host_cpu_ratio: Option<f64>,
@@ -83,8 +103,11 @@ impl Figures {
     pub fn between(older: &Scrape, newer: &Scrape) -> Self {
         let secs = newer.at.duration_since(older.at).as_secs_f64();
         let w = window(&older.production, &newer.production, secs);
+        #[allow(clippy::cast_precision_loss)]
+        let all = newer.all_requests.saturating_sub(older.all_requests) as f64;
         Self {
             requests_per_s: w.rate_per_s,
+            all_requests_per_s: if secs > 0.0 { all / secs } else { 0.0 },
             error_ratio: w.error_ratio,
             p99_ms: w.p99_s.map(|s| s * 1_000.0),
             host_cpu_ratio: newer.host_cpu_ratio,
@@ -147,10 +170,12 @@ mod tests {
             let mut t = format!(
                 "# HELP x\ncanarygate_host_cpu_ratio {cpu}\n\
                  canarygate_request_duration_seconds_count{{pool=\"production\"}} {count}\n\
-                 canarygate_request_duration_seconds_count{{pool=\"canary\"}} 999999\n\
+                 canarygate_request_duration_seconds_count{{pool=\"canary\"}} {}\n\
+                 canarygate_host_disk_used_ratio{{path=\"/var/log\"}} 0.5\n\
                  canarygate_requests_total{{code=\"200\",method=\"GET\",pool=\"production\"}} {}\n\
                  canarygate_requests_total{{code=\"503\",method=\"GET\",pool=\"production\"}} {errors}\n\
                  canarygate_requests_total{{code=\"500\",method=\"GET\",pool=\"canary\"}} 777\n",
+                count * 2,
                 count - errors
             );
             for bound in DURATION_BUCKETS {
@@ -176,6 +201,8 @@ mod tests {
         let older = parse(&text(1_000, 1_000, 0, 0.2), start);
         assert_eq!(older.production.requests, 1_000);
         assert_eq!(older.host_cpu_ratio, Some(0.2));
+        assert_eq!(older.all_requests, 3_000);
+        assert_eq!(older.disks, [("/var/log".to_owned(), 0.5)]);
         // 10 s later: 1000 more requests, 100 of them slow, 20 errors.
         let newer = parse(
             &text(2_000, 1_900, 20, 0.95),
@@ -184,6 +211,7 @@ mod tests {
         assert_eq!(newer.production.errors_5xx, 20);
         let f = Figures::between(&older, &newer);
         assert!((f.requests_per_s - 100.0).abs() < 1e-9);
+        assert!((f.all_requests_per_s - 300.0).abs() < 1e-9);
         assert!((f.error_ratio - 0.02).abs() < 1e-12);
         // Rank 990 of 1000: inside (0.1, 0.25], 90 of its 100: 0.1 + 0.15 * 0.9 = 235 ms.
         assert!((f.p99_ms.unwrap() - 235.0).abs() < 1e-6, "{:?}", f.p99_ms);

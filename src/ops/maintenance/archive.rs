@@ -1,0 +1,366 @@
+//! Secondary storage (through `object_store`: a directory, S3-compatible storage or
+//! HTTP/WebDAV) and the archive of one file: streamed through zstd to the store,
+//! then read back and checked (the decompressed bytes' SHA-256 and length against
+//! what was read from the file) before anything on the host is removed.
+//!
+//! One archive runs on a blocking thread (file reads, compression and hashing are
+//! CPU and disk work); it drives the store's async calls with the runtime's handle.
+
+use std::io::{Read as _, Seek as _, SeekFrom, Write};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use object_store::aws::AmazonS3Builder;
+use object_store::buffered::BufWriter;
+use object_store::http::HttpBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::prefix::PrefixStore;
+use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt as _, RetryConfig};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+use tokio::runtime::Handle;
+
+use crate::config::maintenance::{MaintenanceConfig, TargetKind, target_kind};
+
+use super::files::{Candidate, FileError, Shape, data_start};
+
+/// Where archives go, and how they are written there.
+#[derive(Clone)]
+pub struct Target {
+    pub store: Arc<dyn ObjectStore>,
+    /// `BufWriter` buffers this much before it turns to a multipart upload
+    /// (`usize::MAX` for HTTP, which has none: the archive is sent in one PUT).
+    part_bytes: usize,
+    pub url: String,
+}
+
+/// Why a target could not be built (a bad URL, a missing directory).
+#[derive(Debug, thiserror::Error)]
+#[error("maintenance.target_url `{url}`: {message}")]
+pub struct TargetError {
+    url: String,
+    message: String,
+}
+
+impl Target {
+    pub fn new(config: &MaintenanceConfig) -> Result<Self, TargetError> {
+        let url = config.target_url.clone().unwrap_or_default();
+        let fail = |message: String| TargetError {
+            url: url.clone(),
+            message,
+        };
+        // A failing target fails a round soon, not after the library's three minutes:
+        // the next round retries (with the file's own backoff).
+        let retry = RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(30),
+        };
+        let options = || {
+            ClientOptions::new()
+                .with_timeout(Duration::from_secs(60))
+                .with_connect_timeout(Duration::from_secs(5))
+        };
+        let kind = target_kind(&url).map_err(&fail)?;
+        let (store, part_bytes): (Arc<dyn ObjectStore>, usize) = match kind {
+            TargetKind::File => {
+                let dir = url.trim_start_matches("file://");
+                let local = LocalFileSystem::new_with_prefix(dir)
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(local), 8 << 20)
+            }
+            TargetKind::S3 => {
+                let rest = url.trim_start_matches("s3://");
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let s3 = &config.s3;
+                let mut builder = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_retry(retry)
+                    .with_client_options(options().with_allow_http(s3.allow_http))
+                    .with_allow_http(s3.allow_http);
+                if let Some(endpoint) = &s3.endpoint {
+                    builder = builder.with_endpoint(endpoint);
+                }
+                if let Some(region) = &s3.region {
+                    builder = builder.with_region(region);
+                }
+                if let Some(name) = &s3.access_key_id_env {
+                    builder = builder.with_access_key_id(std::env::var(name).unwrap_or_default());
+                }
+                if let Some(name) = &s3.secret_access_key_env {
+                    builder =
+                        builder.with_secret_access_key(std::env::var(name).unwrap_or_default());
+                }
+                let store = builder.build().map_err(|e| fail(e.to_string()))?;
+                let prefix = prefix.trim_matches('/');
+                // S3's multipart parts must be 5 MiB or more (but the last).
+                let part = 8 << 20;
+                if prefix.is_empty() {
+                    (Arc::new(store), part)
+                } else {
+                    (Arc::new(PrefixStore::new(store, prefix)), part)
+                }
+            }
+            TargetKind::Http => {
+                let mut options = options().with_allow_http(true);
+                if let Some(user) = &config.webdav.username {
+                    let password = config
+                        .webdav
+                        .password_env
+                        .as_ref()
+                        .and_then(|name| std::env::var(name).ok())
+                        .unwrap_or_default();
+                    let token = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{user}:{password}"));
+                    let mut headers = http::HeaderMap::new();
+                    let mut value = http::HeaderValue::try_from(format!("Basic {token}"))
+                        .map_err(|e| fail(e.to_string()))?;
+                    value.set_sensitive(true);
+                    headers.insert(http::header::AUTHORIZATION, value);
+                    options = options.with_default_headers(headers);
+                }
+                let store = HttpBuilder::new()
+                    .with_url(url.clone())
+                    .with_retry(retry)
+                    .with_client_options(options)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                (Arc::new(store), usize::MAX)
+            }
+        };
+        Ok(Self {
+            store,
+            part_bytes,
+            url,
+        })
+    }
+}
+
+/// The stage an archive failed at (the `stage` label of
+/// `canarygate_maintenance_failures_total`), and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("reading the file: {0}")]
+    Read(String),
+    #[error("uploading: {0}")]
+    Upload(String),
+    #[error("verifying the stored copy: {0}")]
+    Verify(String),
+}
+
+impl ArchiveError {
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Self::Read(_) => "read",
+            Self::Upload(_) => "upload",
+            Self::Verify(_) => "verify",
+        }
+    }
+}
+
+impl From<FileError> for ArchiveError {
+    fn from(e: FileError) -> Self {
+        Self::Read(e.to_string())
+    }
+}
+
+/// A verified archive: which bytes of the file it holds, and where.
+#[derive(Debug, Clone)]
+pub struct Archived {
+    pub object: String,
+    /// The file's bytes `[start, end)` are in the archive.
+    pub start: u64,
+    pub end: u64,
+    pub stored_bytes: u64,
+    pub sha256: String,
+    /// The file as it was when read.
+    pub shape: Shape,
+}
+
+/// The object name: `<host>/<path inside the dir>.<UTC timestamp>.zst`.
+pub fn object_name(host: &str, inside: &std::path::Path, at: SystemTime) -> ObjectPath {
+    let stamp: String = humantime::format_rfc3339_millis(at)
+        .to_string()
+        .chars()
+        .filter(|c| *c != '-' && *c != ':')
+        .collect();
+    let mut parts: Vec<String> = vec![host.to_owned()];
+    parts.extend(
+        inside
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned()),
+    );
+    if let Some(last) = parts.last_mut() {
+        *last = format!("{last}.{stamp}.zst");
+    }
+    ObjectPath::from_iter(parts)
+}
+
+/// Archives `file`, from where its data starts up to `end_of(size, block)`:
+/// the whole file when it is closed, whole blocks only when it is live (so the
+/// prefix can then be freed in place). `Ok(None)`: nothing new to archive.
+pub fn archive(
+    handle: &Handle,
+    target: &Target,
+    candidate: &Candidate,
+    live: bool,
+    object: &ObjectPath,
+    level: i32,
+) -> Result<Option<Archived>, ArchiveError> {
+    let (mut file, shape) = candidate.open_read()?;
+    let start = data_start(&file, shape.size)?;
+    let end = if live {
+        shape.size / shape.block * shape.block
+    } else {
+        shape.size
+    };
+    if end <= start {
+        return Ok(None);
+    }
+    file.seek(SeekFrom::Start(start))
+        .map_err(|e| ArchiveError::Read(e.to_string()))?;
+    let mut writer =
+        BufWriter::with_capacity(Arc::clone(&target.store), object.clone(), target.part_bytes);
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(1 << 20), level)
+        .map_err(|e| ArchiveError::Read(e.to_string()))?;
+    let mut hasher = Sha256::new();
+    let mut remaining = end - start;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut stored = 0u64;
+    let upload = |writer: &mut BufWriter, bytes: &[u8]| {
+        handle
+            .block_on(writer.write_all(bytes))
+            .map_err(|e| ArchiveError::Upload(e.to_string()))
+    };
+    let result = (|| {
+        while remaining > 0 {
+            let want = usize::try_from(remaining.min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = file
+                .read(&mut buf[..want])
+                .map_err(|e| ArchiveError::Read(e.to_string()))?;
+            if n == 0 {
+                return Err(ArchiveError::Read(format!(
+                    "the file ended {remaining} bytes early (truncated while read)"
+                )));
+            }
+            hasher.update(&buf[..n]);
+            encoder
+                .write_all(&buf[..n])
+                .map_err(|e| ArchiveError::Read(e.to_string()))?;
+            remaining -= n as u64;
+            if encoder.get_ref().len() >= 1 << 20 {
+                let out = std::mem::take(encoder.get_mut());
+                stored += out.len() as u64;
+                upload(&mut writer, &out)?;
+            }
+        }
+        let out = encoder
+            .finish()
+            .map_err(|e| ArchiveError::Read(e.to_string()))?;
+        stored += out.len() as u64;
+        upload(&mut writer, &out)?;
+        handle
+            .block_on(writer.shutdown())
+            .map_err(|e| ArchiveError::Upload(e.to_string()))
+    })();
+    if let Err(e) = result {
+        let _ = handle.block_on(writer.abort());
+        return Err(e);
+    }
+    let sha256 = hex(&hasher.finalize());
+    let length = end - start;
+    if let Err(e) = verify(handle, target, object, &sha256, length) {
+        // A copy that does not verify is no copy: remove it (best effort).
+        let _ = handle.block_on(target.store.delete(object));
+        return Err(e);
+    }
+    Ok(Some(Archived {
+        object: object.to_string(),
+        start,
+        end,
+        stored_bytes: stored,
+        sha256,
+        shape,
+    }))
+}
+
+/// Reads `object` back, decompresses it and checks its SHA-256 and length.
+pub fn verify(
+    handle: &Handle,
+    target: &Target,
+    object: &ObjectPath,
+    sha256: &str,
+    length: u64,
+) -> Result<(), ArchiveError> {
+    let fail = |e: &dyn std::fmt::Display| ArchiveError::Verify(e.to_string());
+    let mut decoder = zstd::stream::write::Decoder::new(Digesting::default()).map_err(|e| fail(&e))?;
+    handle.block_on(async {
+        let mut stream = target
+            .store
+            .get(object)
+            .await
+            .map_err(|e| fail(&e))?
+            .into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk: Bytes = chunk.map_err(|e| fail(&e))?;
+            decoder.write_all(&chunk).map_err(|e| fail(&e))?;
+        }
+        Ok::<_, ArchiveError>(())
+    })?;
+    decoder.flush().map_err(|e| fail(&e))?;
+    let read = decoder.into_inner();
+    let got = hex(&read.hasher.finalize());
+    if read.length != length || got != sha256 {
+        return Err(ArchiveError::Verify(format!(
+            "the stored copy decompresses to {} bytes with SHA-256 {got}; the file gave {length} \
+             bytes with SHA-256 {sha256}",
+            read.length
+        )));
+    }
+    Ok(())
+}
+
+/// A sink that hashes and counts what is written to it.
+#[derive(Default)]
+struct Digesting {
+    hasher: Sha256,
+    length: u64,
+}
+
+impl Write for Digesting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.hasher.update(buf);
+        self.length += buf.len() as u64;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_names_carry_host_path_and_utc_time() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_795_901_400_123);
+        assert_eq!(
+            object_name("web1", std::path::Path::new("app/access.log"), at).as_ref(),
+            "web1/app/access.log.20261128T213000.123Z.zst"
+        );
+    }
+}

@@ -1,0 +1,685 @@
+//! Maintenance: a process of its own beside the proxy (`canarygate maintenance`)
+//! that keeps the disk from filling. When a watched filesystem passes
+//! `disk_percent`, it archives log files (an allow-list of names in configured
+//! dirs, oldest first) to secondary storage until the filesystem is under
+//! `target_percent`; a file holding more than `max_file_bytes` goes whatever the
+//! disk. Never a byte lost: each file is streamed through zstd to the store, read
+//! back and checked (SHA-256 and length), and only then freed: deleted when no one
+//! writes it, or, for a live log, its archived prefix punched out in place (the
+//! writer goes on at its offset; logrotate's copytruncate loses the lines written
+//! between its copy and its truncate, this does not).
+//!
+//! It is separate from the proxy on purpose: it needs write access to the log
+//! dirs, and the internet-facing proxy must not have it. It reads the proxy's
+//! `/metrics` each round to defer heavy work while the proxy is busy
+//! (`defer_above_rps`, `defer_above_p99_ms`), unless a disk is past
+//! `critical_percent`; `statvfs` decides, re-read before each file.
+//!
+//! - [`files`]: scanning and touching files without following symlinks.
+//! - [`plan`]: which files, and why (pure).
+//! - [`archive`]: the store, the archive, the read-back.
+
+pub mod archive;
+pub mod files;
+pub mod plan;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::alerts::Severity;
+use crate::config::maintenance::{MaintenanceConfig, MaintenanceFile};
+use crate::ops::alerts::Dispatcher;
+use crate::ops::service::{self, Figures, Scrape};
+use crate::ops::sidecar::{self, SidecarError, SidecarMetrics};
+use archive::{ArchiveError, Archived, Target, TargetError};
+use files::{Candidate, FileError, FileId, Usage};
+use plan::{Item, Limits, Why};
+
+/// Why maintenance could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Start(#[from] SidecarError),
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// `canarygate_maintenance_*`, in the process's own registry.
+struct MaintenanceMetrics {
+    own: Arc<SidecarMetrics>,
+    archived_files: IntCounter,
+    archived_bytes: IntCounter,
+    stored_bytes: IntCounter,
+    failures: IntCounterVec,
+    deferred: IntCounter,
+    disk_used: GaugeVec,
+    proxy_up: IntGauge,
+    last_round: IntGauge,
+}
+
+impl MaintenanceMetrics {
+    fn new() -> Self {
+        let own = Arc::new(SidecarMetrics::default());
+        let metrics = Self {
+            archived_files: own.total(
+                "canarygate_maintenance_archived_files_total",
+                "Files (or live logs' prefixes) archived, verified and freed.",
+            ),
+            archived_bytes: own.total(
+                "canarygate_maintenance_archived_bytes_total",
+                "Bytes of files archived (before compression).",
+            ),
+            stored_bytes: own.total(
+                "canarygate_maintenance_stored_bytes_total",
+                "Bytes written to secondary storage (compressed).",
+            ),
+            failures: own.counter(
+                "canarygate_maintenance_failures_total",
+                "Failures by stage: scan, statvfs, read, upload, verify, delete, punch.",
+                &["stage"],
+            ),
+            deferred: own.total(
+                "canarygate_maintenance_deferred_total",
+                "Rounds whose archiving waited because the proxy was busy.",
+            ),
+            disk_used: own.gauge_vec(
+                "canarygate_maintenance_disk_used_ratio",
+                "Used share of the filesystem holding each maintenance.dirs entry (statvfs), \
+                 0..1.",
+                &["dir"],
+            ),
+            proxy_up: own.gauge(
+                "canarygate_maintenance_proxy_metrics_up",
+                "1 if the proxy's /metrics answered at the last round, else 0.",
+            ),
+            last_round: own.gauge(
+                "canarygate_maintenance_last_round_timestamp_seconds",
+                "When the last round ended (Unix seconds).",
+            ),
+            own,
+        };
+        for stage in [
+            "scan", "statvfs", "read", "upload", "verify", "delete", "punch",
+        ] {
+            metrics.failures.with_label_values(&[stage]);
+        }
+        metrics
+    }
+
+    fn fail(&self, stage: &str) {
+        self.failures.with_label_values(&[stage]).inc();
+    }
+}
+
+/// A file's failed attempts: it waits until `until` before the next.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// What one round saw and did, for `--once` and the logs.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+    pub archived: usize,
+    pub failed: usize,
+}
+
+impl Report {
+    fn line(&mut self, line: String) {
+        self.lines.push(line);
+    }
+}
+
+/// Everything maintenance keeps between rounds.
+struct Maintenance {
+    config: MaintenanceConfig,
+    host: String,
+    url: String,
+    target: Target,
+    http: reqwest::Client,
+    metrics: Arc<MaintenanceMetrics>,
+    alerts: Dispatcher,
+    backoff: HashMap<FileId, Backoff>,
+    /// Live logs on filesystems that cannot punch holes: archiving them again would
+    /// only copy the same bytes again.
+    cannot_free: HashSet<FileId>,
+    last_scrape: Option<Scrape>,
+    figures: Option<Figures>,
+    critical_alerted: bool,
+    failure_alerted: bool,
+}
+
+/// Each configured dir and its filesystem's usage.
+type PerDir = Vec<(PathBuf, Result<Usage, FileError>)>;
+
+/// A candidate with what the round knows of it.
+struct Seen {
+    candidate: Candidate,
+    live: bool,
+}
+
+impl Maintenance {
+    fn new(
+        file: &MaintenanceFile,
+        alerts: Dispatcher,
+        metrics: Arc<MaintenanceMetrics>,
+    ) -> Result<Self, MaintenanceError> {
+        let config = file.maintenance.clone();
+        Ok(Self {
+            host: config
+                .host
+                .clone()
+                .unwrap_or_else(crate::ops::alerts::alert::hostname),
+            url: file.proxy_metrics_url(),
+            target: Target::new(&config)?,
+            http: reqwest::Client::builder().build()?,
+            config,
+            metrics,
+            alerts,
+            backoff: HashMap::new(),
+            cannot_free: HashSet::new(),
+            last_scrape: None,
+            figures: None,
+            critical_alerted: false,
+            failure_alerted: false,
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            disk_percent: self.config.disk_percent,
+            target_percent: self.config.target_percent,
+            max_file_bytes: self.config.max_file_bytes,
+        }
+    }
+
+    /// The proxy's figures since the last round (none when its metrics cannot be
+    /// read, or at the first round).
+    async fn read_proxy(&mut self, report: &mut Report) {
+        match service::scrape(&self.http, &self.url).await {
+            Ok(scrape) => {
+                self.figures = self
+                    .last_scrape
+                    .as_ref()
+                    .map(|older| Figures::between(older, &scrape));
+                let disks: Vec<String> = scrape
+                    .disks
+                    .iter()
+                    .map(|(path, ratio)| format!("{path} {:.1}%", ratio * 100.0))
+                    .collect();
+                if !disks.is_empty() {
+                    report.line(format!("proxy sees disks: {}", disks.join(", ")));
+                }
+                self.last_scrape = Some(scrape);
+                self.metrics.proxy_up.set(1);
+            }
+            Err(error) => {
+                if self.metrics.proxy_up.get() != 0 {
+                    warn!(url = %self.url, %error, "proxy metrics unreadable; not deferring");
+                }
+                report.line(format!("proxy metrics unreadable ({error}): never deferring"));
+                self.last_scrape = None;
+                self.figures = None;
+                self.metrics.proxy_up.set(0);
+            }
+        }
+    }
+
+    /// Why heavy work should wait now, if it should.
+    fn busy(&self) -> Option<String> {
+        let f = self.figures?;
+        if let Some(limit) = self.config.defer_above_rps
+            && f.all_requests_per_s > limit
+        {
+            return Some(format!(
+                "the proxy serves {:.1} req/s (defer_above_rps {limit})",
+                f.all_requests_per_s
+            ));
+        }
+        if let Some(limit) = self.config.defer_above_p99_ms
+            && let Some(p99) = f.p99_ms
+            && p99 > crate::canary::stats::to_f64(limit)
+        {
+            return Some(format!(
+                "the proxy's production p99 is {p99:.1} ms (defer_above_p99_ms {limit})"
+            ));
+        }
+        None
+    }
+
+    /// The dirs' filesystems now, by device; and each dir's (for the gauges).
+    fn usage(&self) -> (HashMap<u64, Usage>, PerDir) {
+        let per_dir: Vec<_> = self
+            .config
+            .dirs
+            .iter()
+            .map(|d| (d.clone(), Usage::read(d)))
+            .collect();
+        let by_dev = per_dir
+            .iter()
+            .filter_map(|(_, u)| u.as_ref().ok().map(|u| (u.dev, *u)))
+            .collect();
+        (by_dev, per_dir)
+    }
+
+    /// One round. `dry_run`: say what would be done, touch nothing.
+    async fn round(&mut self, dry_run: bool, cancel: &CancellationToken) -> Report {
+        let mut report = Report::default();
+        self.read_proxy(&mut report).await;
+        let config = self.config.clone();
+        let scanned = tokio::task::spawn_blocking(move || {
+            let scan = files::scan(&config.dirs, &config.patterns, &config.exclude);
+            let wanted: HashSet<FileId> = scan.candidates.iter().map(|c| c.shape.id).collect();
+            let (writing, unreadable) = files::open_for_writing(&wanted);
+            (scan, writing, unreadable)
+        })
+        .await;
+        let Ok((scan, writing, unreadable)) = scanned else {
+            self.metrics.fail("scan");
+            report.line("scanning failed (the task panicked)".to_owned());
+            return report;
+        };
+        for problem in &scan.problems {
+            self.metrics.fail("scan");
+            warn!(%problem, "maintenance scan");
+            report.line(format!("scan: {problem}"));
+        }
+        if unreadable > 0 {
+            report.line(format!(
+                "{unreadable} processes' open files unreadable (other users'): a file written to \
+                 within settle_ms counts as live"
+            ));
+        }
+        let (usage, per_dir) = self.usage();
+        for (dir, u) in &per_dir {
+            match u {
+                Ok(u) => {
+                    self.metrics
+                        .disk_used
+                        .with_label_values(&[&dir.display().to_string()])
+                        .set(u.used_percent / 100.0);
+                    report.line(format!("{}: {:.1}% used", dir.display(), u.used_percent));
+                }
+                Err(e) => {
+                    self.metrics.fail("statvfs");
+                    report.line(format!("{}: statvfs failed: {e}", dir.display()));
+                }
+            }
+        }
+        let now_system = SystemTime::now();
+        let settle = Duration::from_millis(self.config.settle_ms);
+        let now = Instant::now();
+        let seen: Vec<Seen> = scan
+            .candidates
+            .into_iter()
+            .filter(|c| !self.cannot_free.contains(&c.shape.id))
+            .map(|candidate| {
+                let recent = now_system
+                    .duration_since(candidate.shape.modified)
+                    .map_or(true, |age| age < settle);
+                let live = writing.contains(&candidate.shape.id) || recent;
+                Seen { candidate, live }
+            })
+            .collect();
+        let items: Vec<Item> = seen
+            .iter()
+            .map(|s| Item {
+                dev: s.candidate.shape.id.dev,
+                allocated: s.candidate.shape.allocated,
+                modified: s.candidate.shape.modified,
+                waiting: self
+                    .backoff
+                    .get(&s.candidate.shape.id)
+                    .is_some_and(|b| b.until > now),
+            })
+            .collect();
+        let picks = plan::plan(&items, &usage, self.limits());
+        let critical = usage
+            .values()
+            .any(|u| u.used_percent >= self.config.critical_percent);
+        if picks.is_empty() {
+            report.line(format!(
+                "nothing to archive ({} candidates)",
+                seen.len()
+            ));
+        } else if let Some(why) = self.busy().filter(|_| !critical) {
+            self.metrics.deferred.inc();
+            info!(files = picks.len(), %why, "maintenance deferred");
+            report.line(format!(
+                "deferred {} files: {why}; no disk is past critical_percent {}",
+                picks.len(),
+                self.config.critical_percent
+            ));
+        } else if dry_run {
+            for (i, why) in &picks {
+                let s = &seen[*i];
+                report.line(format!(
+                    "would archive {} ({} bytes, {} on disk, {}): {why}",
+                    s.candidate.display_path(&self.config.dirs).display(),
+                    s.candidate.shape.size,
+                    s.candidate.shape.allocated,
+                    if s.live {
+                        "live: its archived prefix would be punched out"
+                    } else {
+                        "closed: it would be deleted"
+                    }
+                ));
+            }
+        } else {
+            self.execute(&seen, &picks, &mut report, cancel).await;
+        }
+        if !dry_run {
+            self.after_round(&report);
+        }
+        report
+    }
+
+    /// Archives and frees the picks in order, re-reading the filesystem before each
+    /// file picked for the disk (it stops once under target).
+    async fn execute(
+        &mut self,
+        seen: &[Seen],
+        picks: &[(usize, Why)],
+        report: &mut Report,
+        cancel: &CancellationToken,
+    ) {
+        for (i, why) in picks {
+            if cancel.is_cancelled() {
+                break;
+            }
+            let s = &seen[*i];
+            let path = s.candidate.display_path(&self.config.dirs);
+            if let Why::Disk { .. } = why {
+                let dir = &self.config.dirs[s.candidate.root];
+                match Usage::read(dir) {
+                    Ok(u) if u.used_percent < self.config.target_percent => {
+                        report.line(format!(
+                            "{}: {:.1}% used, under target_percent: skipped {}",
+                            dir.display(),
+                            u.used_percent,
+                            path.display()
+                        ));
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.metrics.fail("statvfs");
+                        report.line(format!("{}: statvfs failed: {e}", dir.display()));
+                        continue;
+                    }
+                }
+            }
+            let object = archive::object_name(&self.host, &s.candidate.inside, SystemTime::now());
+            let job = (
+                self.target.clone(),
+                s.candidate.clone(),
+                s.live,
+                object,
+                self.config.compression_level,
+            );
+            let handle = tokio::runtime::Handle::current();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let (target, candidate, live, object, level) = job;
+                let archived = archive::archive(&handle, &target, &candidate, live, &object, level);
+                (candidate, archived)
+            })
+            .await;
+            let (candidate, archived) = match outcome {
+                Ok(done) => done,
+                Err(e) => {
+                    self.metrics.fail("read");
+                    report.line(format!("{}: the archive task failed: {e}", path.display()));
+                    report.failed += 1;
+                    continue;
+                }
+            };
+            match archived {
+                Ok(None) => report.line(format!("{}: nothing new to archive", path.display())),
+                Ok(Some(done)) => self.free(&candidate, s.live, &done, &path, why, report),
+                Err(e) => self.failed(&candidate, &path, &e, report),
+            }
+        }
+    }
+
+    /// After a verified archive: delete the file, or punch out the archived prefix
+    /// of a live one.
+    fn free(
+        &mut self,
+        candidate: &Candidate,
+        live: bool,
+        done: &Archived,
+        path: &std::path::Path,
+        why: &Why,
+        report: &mut Report,
+    ) {
+        let block = done.shape.block;
+        let punch = |end: u64| candidate.punch(done.start, end / block * block);
+        let freed = if live {
+            punch(done.end).map(|()| "its archived prefix punched out (live log)")
+        } else {
+            match candidate.unlink_if_unchanged(&done.shape) {
+                Ok(()) => Ok("deleted"),
+                // Written to since it was read: it is live after all; free what is
+                // archived, in whole blocks.
+                Err(FileError::Changed) => {
+                    punch(done.end).map(|()| "written to meanwhile: its archived prefix punched out")
+                }
+                Err(e) => Err(e),
+            }
+        };
+        let bytes = done.end - done.start;
+        self.backoff.remove(&done.shape.id);
+        self.metrics.archived_files.inc();
+        self.metrics.archived_bytes.inc_by(bytes);
+        self.metrics
+            .stored_bytes
+            .inc_by(done.stored_bytes);
+        report.archived += 1;
+        match freed {
+            Ok(how) => {
+                info!(
+                    path = %path.display(),
+                    object = %done.object,
+                    bytes,
+                    stored = done.stored_bytes,
+                    sha256 = %done.sha256,
+                    why = %why,
+                    how,
+                    "archived"
+                );
+                report.line(format!(
+                    "archived {} bytes {}..{} to {} ({} stored, verified): {how}; {why}",
+                    path.display(),
+                    done.start,
+                    done.end,
+                    done.object,
+                    done.stored_bytes
+                ));
+            }
+            Err(e) => {
+                let stage = if live { "punch" } else { "delete" };
+                self.metrics.fail(stage);
+                report.failed += 1;
+                if matches!(e, FileError::NoPunch) {
+                    self.cannot_free.insert(done.shape.id);
+                }
+                warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
+                report.line(format!(
+                    "archived {} to {} (verified) but could not free it: {e}",
+                    path.display(),
+                    done.object
+                ));
+                self.alerts.notify(
+                    Severity::Warning,
+                    "maintenance_cannot_free",
+                    &format!("maintenance archived {} but could not free it: {e}", path.display()),
+                    &format!(
+                        "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
+                        done.object, done.start, done.end
+                    ),
+                );
+            }
+        }
+    }
+
+    /// A failed archive: the file is untouched; it waits, doubling, before the next
+    /// try.
+    fn failed(
+        &mut self,
+        candidate: &Candidate,
+        path: &std::path::Path,
+        e: &ArchiveError,
+        report: &mut Report,
+    ) {
+        self.metrics.fail(e.stage());
+        report.failed += 1;
+        let base = Duration::from_millis(self.config.retry_backoff_ms);
+        let entry = self.backoff.entry(candidate.shape.id).or_insert(Backoff {
+            failures: 0,
+            until: Instant::now(),
+        });
+        entry.failures += 1;
+        let wait = base
+            .saturating_mul(1 << entry.failures.saturating_sub(1).min(16))
+            .min(Duration::from_secs(3_600).max(base));
+        entry.until = Instant::now() + wait;
+        warn!(path = %path.display(), stage = e.stage(), error = %e, retry_s = wait.as_secs(), "archive failed; file untouched");
+        report.line(format!(
+            "{}: {e}; the file is untouched; next try in {} s",
+            path.display(),
+            wait.as_secs()
+        ));
+    }
+
+    /// Alerts at the end of a round: failures (warning), a disk still past critical
+    /// (critical); resolved when they end.
+    fn after_round(&mut self, report: &Report) {
+        if report.failed > 0 {
+            self.failure_alerted = true;
+            let details: Vec<&str> = report.lines.iter().map(String::as_str).collect();
+            self.alerts.fire(
+                Severity::Warning,
+                "maintenance_archive_failed",
+                &format!(
+                    "maintenance: {} files could not be archived or freed (left untouched, retried \
+                     with backoff)",
+                    report.failed
+                ),
+                &details.join("\n"),
+            );
+        } else if self.failure_alerted {
+            self.failure_alerted = false;
+            self.alerts.resolve(
+                "maintenance_archive_failed",
+                "maintenance archives again without failures",
+            );
+        }
+        let (usage, per_dir) = self.usage();
+        let critical: Vec<String> = per_dir
+            .iter()
+            .filter_map(|(dir, u)| {
+                u.as_ref()
+                    .ok()
+                    .filter(|u| u.used_percent >= self.config.critical_percent)
+                    .map(|u| format!("{} {:.1}%", dir.display(), u.used_percent))
+            })
+            .collect();
+        drop(usage);
+        if critical.is_empty() {
+            if self.critical_alerted {
+                self.critical_alerted = false;
+                self.alerts
+                    .resolve("maintenance_disk_critical", "the disk is under critical_percent again");
+            }
+        } else {
+            self.critical_alerted = true;
+            self.alerts.fire(
+                Severity::Critical,
+                "maintenance_disk_critical",
+                &format!(
+                    "disk past {}% after archiving: {}",
+                    self.config.critical_percent,
+                    critical.join(", ")
+                ),
+                &report.lines.join("\n"),
+            );
+        }
+        self.metrics
+            .last_round
+            .set(i64::try_from(crate::clock::unix_ms() / 1_000).unwrap_or(i64::MAX));
+    }
+}
+
+/// Runs maintenance until `shutdown`: its admin listener, its alert channels, a
+/// round every `interval_ms`. A file being archived at shutdown is finished.
+pub async fn run(file: MaintenanceFile, shutdown: CancellationToken) -> Result<(), MaintenanceError> {
+    let metrics = Arc::new(MaintenanceMetrics::new());
+    let tasks = tokio_util::task::TaskTracker::new();
+    let stop = CancellationToken::new();
+    let addr = file.maintenance.admin_listen;
+    let alerts =
+        sidecar::start("maintenance", addr, &metrics.own, &file.alerts, &tasks, &stop).await?;
+    let mut maintenance = Maintenance::new(&file, alerts, metrics)?;
+    info!(
+        admin = %addr,
+        target = %maintenance.target.url,
+        dirs = ?file.maintenance.dirs,
+        proxy_metrics = %maintenance.url,
+        "maintenance running"
+    );
+    // A first scrape now, so the first round knows the proxy's rate (two scrapes).
+    maintenance.read_proxy(&mut Report::default()).await;
+    let interval = Duration::from_millis(file.maintenance.interval_ms);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let report = maintenance.round(false, &shutdown).await;
+                if report.archived > 0 || report.failed > 0 {
+                    info!(archived = report.archived, failed = report.failed, "maintenance round");
+                }
+            }
+        }
+    }
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+    info!("maintenance stopped");
+    Ok(())
+}
+
+/// `canarygate maintenance --once [--dry-run]`: one round (with `dry_run`, what it
+/// would archive and why, touching nothing); the report's text. No alert is sent.
+pub async fn once(file: &MaintenanceFile, dry_run: bool) -> Result<String, MaintenanceError> {
+    let metrics = Arc::new(MaintenanceMetrics::new());
+    let alerts = sidecar::silent(&metrics.own);
+    let mut maintenance = Maintenance::new(file, alerts, metrics)?;
+    let report = maintenance
+        .round(dry_run, &CancellationToken::new())
+        .await;
+    let mut out = format!(
+        "maintenance --once{}: target {}\n",
+        if dry_run { " --dry-run (nothing touched)" } else { "" },
+        maintenance.target.url
+    );
+    for line in &report.lines {
+        let _ = writeln!(out, "{line}");
+    }
+    if !dry_run {
+        let _ = writeln!(out, "archived {}, failed {}", report.archived, report.failed);
+    }
+    Ok(out)
+}
