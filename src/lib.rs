@@ -179,6 +179,11 @@ pub async fn serve_all(
         ops::resources::run(state.clone(), alerts, tasks.clone())
             .instrument(info_span!("resources")),
     ));
+    if let Some(writer) = state.access_log.as_ref().and_then(|log| log.take_writer()) {
+        background.push(tokio::spawn(
+            observe::access_log::run(writer, tasks.clone()).instrument(info_span!("access_log")),
+        ));
+    }
     background.extend([
         tokio::spawn(
             flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),

@@ -58,6 +58,8 @@ pub struct AppState {
     tls: Arc<std::sync::OnceLock<TlsSource>>,
     /// Bumped when a reload changes where flags are read from: the watcher restarts.
     flag_store: Arc<watch::Sender<u64>>,
+    /// `[server] access_log`, when set.
+    pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
 }
 
 impl AppState {
@@ -76,7 +78,14 @@ impl AppState {
             .recorder
             .configure(analysis.enabled, analysis.window_ms);
         metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
+        let access_log = snapshot.config.server.access_log.as_ref().map(|path| {
+            Arc::new(crate::observe::access_log::AccessLog::new(
+                path,
+                metrics.log_dropped.clone(),
+            ))
+        });
         Self {
+            access_log,
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
             canary_failover: Arc::new(AtomicBool::new(false)),
             tls: Arc::default(),

@@ -163,7 +163,10 @@ impl MaintenanceConfig {
         if !(1..=19).contains(&self.compression_level) {
             return fail(
                 "compression_level",
-                format!("{} is out of range; it must be 1..=19", self.compression_level),
+                format!(
+                    "{} is out of range; it must be 1..=19",
+                    self.compression_level
+                ),
             );
         }
         if let Some(rps) = self.defer_above_rps
@@ -210,7 +213,10 @@ impl MaintenanceConfig {
             })
         };
         if self.dirs.is_empty() {
-            return fail("dirs", "no directory to watch: set maintenance.dirs".to_owned());
+            return fail(
+                "dirs",
+                "no directory to watch: set maintenance.dirs".to_owned(),
+            );
         }
         let Some(url) = &self.target_url else {
             return fail(
@@ -247,9 +253,13 @@ pub fn target_kind(url: &str) -> Result<TargetKind, String> {
         .ok_or_else(|| format!("`{url}` is not a URL (file://, s3:// or http(s)://)"))?;
     match scheme {
         "file" if rest.starts_with('/') => Ok(TargetKind::File),
-        "file" => Err(format!("`{url}`: a file:// target needs an absolute path (file:///mnt/backup)")),
+        "file" => Err(format!(
+            "`{url}`: a file:// target needs an absolute path (file:///mnt/backup)"
+        )),
         "s3" if !rest.is_empty() && !rest.starts_with('/') => Ok(TargetKind::S3),
-        "s3" => Err(format!("`{url}`: an s3:// target needs a bucket (s3://bucket/prefix)")),
+        "s3" => Err(format!(
+            "`{url}`: an s3:// target needs a bucket (s3://bucket/prefix)"
+        )),
         "http" | "https" if !rest.is_empty() => Ok(TargetKind::Http),
         _ => Err(format!(
             "`{url}`: unknown storage; use file:///dir, s3://bucket/prefix or http(s)://host/path/"
@@ -300,9 +310,15 @@ mod tests {
         let m = &file.maintenance;
         assert_eq!(file.proxy_metrics_url(), "http://127.0.0.1:9300/metrics");
         assert_eq!(m.admin_listen.port(), 9092);
-        assert_eq!((m.disk_percent, m.target_percent, m.critical_percent), (85.0, 70.0, 95.0));
+        assert_eq!(
+            (m.disk_percent, m.target_percent, m.critical_percent),
+            (85.0, 70.0, 95.0)
+        );
         assert_eq!(m.max_file_bytes, 536_870_912);
-        assert_eq!(m.patterns, ["*.log", "*.log.[0-9]*", "*.gz", "core", "core.*", "*.dump"]);
+        assert_eq!(
+            m.patterns,
+            ["*.log", "*.log.[0-9]*", "*.gz", "core", "core.*", "*.dump"]
+        );
         assert_eq!(target_kind("s3://b/p"), Ok(TargetKind::S3));
         assert_eq!(target_kind("https://h/dav/"), Ok(TargetKind::Http));
     }

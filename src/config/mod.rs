@@ -168,6 +168,8 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// `[server.tls]`: optional TLS termination on its own listener.
     pub tls: Option<TlsConfig>,
+    /// One line per proxied request appended to this file (read at start).
+    pub access_log: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -178,6 +180,7 @@ impl Default for ServerConfig {
             drain_delay_ms: 0,
             drain_timeout_ms: 10_000,
             tls: None,
+            access_log: None,
         }
     }
 }

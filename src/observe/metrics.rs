@@ -139,6 +139,8 @@ pub struct Metrics {
     pub worker_connections: IntGaugeVec,
     /// Client connections a worker handed to a less loaded one.
     pub connections_handed_off: IntCounter,
+    /// Access log lines dropped because the writer was behind (or the file unwritable).
+    pub log_dropped: IntCounter,
     /// Failed accepts on the proxy listeners, by `kind`.
     pub accept_errors: IntCounterVec,
     /// Alerts by channel and result (sent, failed, dropped, suppressed).
@@ -294,6 +296,11 @@ impl Metrics {
                 "Open plain-HTTP client connections per worker thread.",
             ),
             &["worker"],
+        ));
+        let log_dropped = must(IntCounter::new(
+            "canarygate_log_dropped_total",
+            "Access log lines dropped: the writer was behind (its queue full) or the file \
+             could not be opened.",
         ));
         let connections_handed_off = must(IntCounter::new(
             "canarygate_connections_handed_off_total",
@@ -454,6 +461,7 @@ impl Metrics {
         reg(Box::new(parked_connections.clone()));
         reg(Box::new(worker_connections.clone()));
         reg(Box::new(connections_handed_off.clone()));
+        reg(Box::new(log_dropped.clone()));
         reg(Box::new(accept_errors.clone()));
         reg(Box::new(alerts.clone()));
         reg(Box::new(host_cpu.clone()));
@@ -521,6 +529,7 @@ impl Metrics {
             parked_connections,
             worker_connections,
             connections_handed_off,
+            log_dropped,
             accept_errors,
             alerts,
             host_cpu,

@@ -8,6 +8,7 @@
 //!   status page's section and chart).
 //! - [`html`]: HTML escaping for the pages the proxy renders.
 
+pub mod access_log;
 pub mod admin;
 pub mod analysis_page;
 pub mod events;

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::clock::now_ms;
 use crate::config::Sticky;
 use crate::http1::strip_hop_by_hop;
+use crate::observe::access_log;
 use crate::observe::events::{Level, Source};
 use crate::proxy::abandon::{RequestNote, TrackedBody, Unanswered};
 use crate::proxy::error::ProxyError;
@@ -65,7 +66,8 @@ pub async fn handle(
     let _in_flight = pool_metrics.in_flight_guard();
     let unanswered = Unanswered::new(&state.metrics, kind, &request_id, start);
     let method = req.method().clone();
-    let http1 = req.version() < Version::HTTP_2;
+    let version = req.version();
+    let http1 = version < Version::HTTP_2;
     // Path only, never the query: queries carry tokens and personal data.
     let path_and_query = req.uri().path_and_query().cloned();
     let ambiguous = peer.conn.next_request_is_bad();
@@ -182,6 +184,22 @@ pub async fn handle(
         duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
         "proxied"
     );
+    if let Some(log) = &state.access_log {
+        log.write(access_log::line(
+            peer.peer,
+            &method,
+            path_and_query
+                .as_ref()
+                .map_or("", http::uri::PathAndQuery::as_str),
+            version,
+            response.status().as_u16(),
+            kind.as_str(),
+            decision.reason.as_str(),
+            backend_addr,
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            request_id.to_str().unwrap_or(""),
+        ));
+    }
     let response_headers = response.headers_mut();
     response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
     response_headers.insert(REQUEST_ID, request_id);

@@ -69,8 +69,8 @@ impl Target {
         let (store, part_bytes): (Arc<dyn ObjectStore>, usize) = match kind {
             TargetKind::File => {
                 let dir = url.trim_start_matches("file://");
-                let local = LocalFileSystem::new_with_prefix(dir)
-                    .map_err(|e| fail(e.to_string()))?;
+                let local =
+                    LocalFileSystem::new_with_prefix(dir).map_err(|e| fail(e.to_string()))?;
                 (Arc::new(local), 8 << 20)
             }
             TargetKind::S3 => {
@@ -189,11 +189,7 @@ pub fn object_name(host: &str, inside: &std::path::Path, at: SystemTime) -> Obje
         .filter(|c| *c != '-' && *c != ':')
         .collect();
     let mut parts: Vec<String> = vec![host.to_owned()];
-    parts.extend(
-        inside
-            .iter()
-            .map(|p| p.to_string_lossy().into_owned()),
-    );
+    parts.extend(inside.iter().map(|p| p.to_string_lossy().into_owned()));
     if let Some(last) = parts.last_mut() {
         *last = format!("{last}.{stamp}.zst");
     }
@@ -236,7 +232,7 @@ pub fn archive(
             .block_on(writer.write_all(bytes))
             .map_err(|e| ArchiveError::Upload(e.to_string()))
     };
-    let result = (|| {
+    let streamed = (|| {
         while remaining > 0 {
             let want = usize::try_from(remaining.min(buf.len() as u64)).unwrap_or(buf.len());
             let n = file
@@ -262,15 +258,17 @@ pub fn archive(
             .finish()
             .map_err(|e| ArchiveError::Read(e.to_string()))?;
         stored += out.len() as u64;
-        upload(&mut writer, &out)?;
-        handle
-            .block_on(writer.shutdown())
-            .map_err(|e| ArchiveError::Upload(e.to_string()))
+        upload(&mut writer, &out)
     })();
-    if let Err(e) = result {
+    if let Err(e) = streamed {
+        // Parts already sent are discarded (a multipart upload is aborted).
         let _ = handle.block_on(writer.abort());
         return Err(e);
     }
+    // The upload completes (or fails) here; a failed one leaves nothing to abort.
+    handle
+        .block_on(writer.shutdown())
+        .map_err(|e| ArchiveError::Upload(e.to_string()))?;
     let sha256 = hex(&hasher.finalize());
     let length = end - start;
     if let Err(e) = verify(handle, target, object, &sha256, length) {
@@ -297,7 +295,8 @@ pub fn verify(
     length: u64,
 ) -> Result<(), ArchiveError> {
     let fail = |e: &dyn std::fmt::Display| ArchiveError::Verify(e.to_string());
-    let mut decoder = zstd::stream::write::Decoder::new(Digesting::default()).map_err(|e| fail(&e))?;
+    let mut decoder =
+        zstd::stream::write::Decoder::new(Digesting::default()).map_err(|e| fail(&e))?;
     handle.block_on(async {
         let mut stream = target
             .store
@@ -354,6 +353,44 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stored_copy_that_differs_fails_verification() {
+        let dir = std::env::temp_dir().join(format!("canarygate-verify-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = MaintenanceConfig {
+            target_url: Some(format!("file://{}", dir.display())),
+            ..MaintenanceConfig::default()
+        };
+        let target = Target::new(&config).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let handle = runtime.handle();
+        let object = ObjectPath::from("h/x.log.zst");
+        let original = b"line 1\nline 2\n";
+        let compressed = zstd::encode_all(&original[..], 3).unwrap();
+        handle
+            .block_on(target.store.put(&object, compressed.into()))
+            .unwrap();
+        let sha = hex(&Sha256::digest(original));
+        assert!(verify(handle, &target, &object, &sha, original.len() as u64).is_ok());
+        let wrong = verify(handle, &target, &object, &sha, 13).unwrap_err();
+        assert_eq!(wrong.stage(), "verify");
+        assert!(
+            wrong.to_string().contains("decompresses to 14 bytes"),
+            "{wrong}"
+        );
+        let other = hex(&Sha256::digest(b"line 1\nline 3\n"));
+        assert!(verify(handle, &target, &object, &other, 14).is_err());
+        // Not there at all: a verify failure too, never a success.
+        let missing = ObjectPath::from("h/none.zst");
+        assert_eq!(
+            verify(handle, &target, &missing, &sha, 14)
+                .unwrap_err()
+                .stage(),
+            "verify"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn object_names_carry_host_path_and_utc_time() {

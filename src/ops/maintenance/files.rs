@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustix::fs::{
-    AtFlags, Dir, FallocateFlags, FileType, Mode, OFlags, SeekFrom, Stat, fallocate, fstat,
-    openat, seek, statat, statvfs, unlinkat,
+    AtFlags, Dir, FallocateFlags, FileType, Mode, OFlags, SeekFrom, Stat, fallocate, fstat, openat,
+    seek, statat, statvfs, unlinkat,
 };
 use rustix::io::Errno;
 
@@ -96,7 +96,8 @@ impl Candidate {
         .map_err(|e| FileError::io("open", e))?;
         let stat = fstat(&fd).map_err(|e| FileError::io("fstat", e))?;
         let shape = Shape::of(&stat);
-        if shape.id != self.shape.id || FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile
+        if shape.id != self.shape.id
+            || FileType::from_raw_mode(stat.st_mode) != FileType::RegularFile
         {
             return Err(FileError::Replaced);
         }
@@ -106,8 +107,12 @@ impl Candidate {
     /// Removes the file if its name still holds the file archived and it has not
     /// changed since (`archived` is its shape when it was read).
     pub fn unlink_if_unchanged(&self, archived: &Shape) -> Result<(), FileError> {
-        let stat = statat(&*self.parent, self.name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| FileError::io("stat", e))?;
+        let stat = statat(
+            &*self.parent,
+            self.name.as_c_str(),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| FileError::io("stat", e))?;
         let now = Shape::of(&stat);
         if now.id != archived.id {
             return Err(FileError::Replaced);
@@ -185,7 +190,11 @@ impl Usage {
             .map_err(|e| FileError::io("stat", e))?
             .st_dev;
         let v = statvfs(path).map_err(|e| FileError::io("statvfs", e))?;
-        let unit = if v.f_frsize > 0 { v.f_frsize } else { v.f_bsize };
+        let unit = if v.f_frsize > 0 {
+            v.f_frsize
+        } else {
+            v.f_bsize
+        };
         let used = v.f_blocks.saturating_sub(v.f_bfree).saturating_mul(unit);
         let total_for_users = used.saturating_add(v.f_bavail.saturating_mul(unit));
         Ok(Self::new(dev, used, total_for_users))

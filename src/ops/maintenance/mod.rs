@@ -228,7 +228,9 @@ impl Maintenance {
                 if self.metrics.proxy_up.get() != 0 {
                     warn!(url = %self.url, %error, "proxy metrics unreadable; not deferring");
                 }
-                report.line(format!("proxy metrics unreadable ({error}): never deferring"));
+                report.line(format!(
+                    "proxy metrics unreadable ({error}): never deferring"
+                ));
                 self.last_scrape = None;
                 self.figures = None;
                 self.metrics.proxy_up.set(0);
@@ -349,10 +351,7 @@ impl Maintenance {
             .values()
             .any(|u| u.used_percent >= self.config.critical_percent);
         if picks.is_empty() {
-            report.line(format!(
-                "nothing to archive ({} candidates)",
-                seen.len()
-            ));
+            report.line(format!("nothing to archive ({} candidates)", seen.len()));
         } else if let Some(why) = self.busy().filter(|_| !critical) {
             self.metrics.deferred.inc();
             info!(files = picks.len(), %why, "maintenance deferred");
@@ -472,9 +471,8 @@ impl Maintenance {
                 Ok(()) => Ok("deleted"),
                 // Written to since it was read: it is live after all; free what is
                 // archived, in whole blocks.
-                Err(FileError::Changed) => {
-                    punch(done.end).map(|()| "written to meanwhile: its archived prefix punched out")
-                }
+                Err(FileError::Changed) => punch(done.end)
+                    .map(|()| "written to meanwhile: its archived prefix punched out"),
                 Err(e) => Err(e),
             }
         };
@@ -482,9 +480,7 @@ impl Maintenance {
         self.backoff.remove(&done.shape.id);
         self.metrics.archived_files.inc();
         self.metrics.archived_bytes.inc_by(bytes);
-        self.metrics
-            .stored_bytes
-            .inc_by(done.stored_bytes);
+        self.metrics.stored_bytes.inc_by(done.stored_bytes);
         report.archived += 1;
         match freed {
             Ok(how) => {
@@ -523,7 +519,10 @@ impl Maintenance {
                 self.alerts.notify(
                     Severity::Warning,
                     "maintenance_cannot_free",
-                    &format!("maintenance archived {} but could not free it: {e}", path.display()),
+                    &format!(
+                        "maintenance archived {} but could not free it: {e}",
+                        path.display()
+                    ),
                     &format!(
                         "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
                         done.object, done.start, done.end
@@ -599,8 +598,10 @@ impl Maintenance {
         if critical.is_empty() {
             if self.critical_alerted {
                 self.critical_alerted = false;
-                self.alerts
-                    .resolve("maintenance_disk_critical", "the disk is under critical_percent again");
+                self.alerts.resolve(
+                    "maintenance_disk_critical",
+                    "the disk is under critical_percent again",
+                );
             }
         } else {
             self.critical_alerted = true;
@@ -623,13 +624,23 @@ impl Maintenance {
 
 /// Runs maintenance until `shutdown`: its admin listener, its alert channels, a
 /// round every `interval_ms`. A file being archived at shutdown is finished.
-pub async fn run(file: MaintenanceFile, shutdown: CancellationToken) -> Result<(), MaintenanceError> {
+pub async fn run(
+    file: MaintenanceFile,
+    shutdown: CancellationToken,
+) -> Result<(), MaintenanceError> {
     let metrics = Arc::new(MaintenanceMetrics::new());
     let tasks = tokio_util::task::TaskTracker::new();
     let stop = CancellationToken::new();
     let addr = file.maintenance.admin_listen;
-    let alerts =
-        sidecar::start("maintenance", addr, &metrics.own, &file.alerts, &tasks, &stop).await?;
+    let alerts = sidecar::start(
+        "maintenance",
+        addr,
+        &metrics.own,
+        &file.alerts,
+        &tasks,
+        &stop,
+    )
+    .await?;
     let mut maintenance = Maintenance::new(&file, alerts, metrics)?;
     info!(
         admin = %addr,
@@ -667,19 +678,25 @@ pub async fn once(file: &MaintenanceFile, dry_run: bool) -> Result<String, Maint
     let metrics = Arc::new(MaintenanceMetrics::new());
     let alerts = sidecar::silent(&metrics.own);
     let mut maintenance = Maintenance::new(file, alerts, metrics)?;
-    let report = maintenance
-        .round(dry_run, &CancellationToken::new())
-        .await;
+    let report = maintenance.round(dry_run, &CancellationToken::new()).await;
     let mut out = format!(
         "maintenance --once{}: target {}\n",
-        if dry_run { " --dry-run (nothing touched)" } else { "" },
+        if dry_run {
+            " --dry-run (nothing touched)"
+        } else {
+            ""
+        },
         maintenance.target.url
     );
     for line in &report.lines {
         let _ = writeln!(out, "{line}");
     }
     if !dry_run {
-        let _ = writeln!(out, "archived {}, failed {}", report.archived, report.failed);
+        let _ = writeln!(
+            out,
+            "archived {}, failed {}",
+            report.archived, report.failed
+        );
     }
     Ok(out)
 }

@@ -139,7 +139,10 @@ mod tests {
             "it holds 501 bytes on disk"
         );
         assert_eq!(
-            Why::Disk { used_percent: 91.25 }.to_string(),
+            Why::Disk {
+                used_percent: 91.25
+            }
+            .to_string(),
             "its filesystem is 91.2% used"
         );
     }
