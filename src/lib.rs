@@ -5,7 +5,8 @@
 //! - [`run`] and [`serve_all`] (here): wire the state, the background tasks and the
 //!   listeners together; [`reload`] applies a new config file.
 //! - [`demo`]: the demo web app (`canarygate backend`) and `canarygate demo`.
-//! - [`ops`]: the operations half: tasks that look after the host and the proxy.
+//! - [`ops`]: the operations half: tasks that look after the host and the proxy, and
+//!   the co-located processes (`canarygate doctor`, `canarygate maintenance`).
 //! - [`observe`]: metrics, stats, the event funnel, the admin listener.
 //! - [`proxy`]: the request path: decide, check, rewrite headers, forward, answer.
 //! - [`server`]: the client side: accept loop, workers, limits, parking, idle
@@ -21,6 +22,7 @@
 //!   judge and the verdict (the task is `ops::analysis`).
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
 //! - [`http1`]: field rules both sides share (lists, hop-by-hop).
+//! - [`glob`]: shell-style file-name globs (maintenance's patterns).
 //! - [`clock`]: the process's monotonic millisecond clock.
 //! - [`worker`]: which worker thread this is (per-worker state is indexed by it).
 //!

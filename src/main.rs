@@ -173,49 +173,24 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
-        Command::Doctor { config, once } => {
-            use canarygate::config::doctor::DoctorFile;
-            match config::load_as::<DoctorFile>(config, DoctorFile::validate) {
-                Ok(file) if *once => exit_with(runtime().and_then(|rt| {
-                    let report = rt.block_on(canarygate::ops::doctor::once(&file))?;
-                    print!("{report}");
-                    Ok(())
-                })),
-                Ok(file) => exit_with(runtime().and_then(|rt| {
-                    rt.block_on(async {
-                        let shutdown = CancellationToken::new();
-                        spawn_signal_handler(shutdown.clone())?;
-                        canarygate::ops::doctor::run(file, shutdown).await?;
-                        Ok(())
-                    })
-                })),
-                Err(e) => config_failure(&e),
-            }
-        }
+        Command::Doctor { config, once } => co_located(
+            config,
+            canarygate::config::doctor::DoctorFile::validate,
+            once.then_some(|file| async move { Ok(canarygate::ops::doctor::once(&file).await?) }),
+            |file, shutdown| async move { Ok(canarygate::ops::doctor::run(file, shutdown).await?) },
+        ),
         Command::Maintenance {
             config,
             once,
             dry_run,
-        } => {
-            use canarygate::config::maintenance::MaintenanceFile;
-            match config::load_as::<MaintenanceFile>(config, MaintenanceFile::validate) {
-                Ok(file) if *once => exit_with(runtime().and_then(|rt| {
-                    let report =
-                        rt.block_on(canarygate::ops::maintenance::once(&file, *dry_run))?;
-                    print!("{report}");
-                    Ok(())
-                })),
-                Ok(file) => exit_with(runtime().and_then(|rt| {
-                    rt.block_on(async {
-                        let shutdown = CancellationToken::new();
-                        spawn_signal_handler(shutdown.clone())?;
-                        canarygate::ops::maintenance::run(file, shutdown).await?;
-                        Ok(())
-                    })
-                })),
-                Err(e) => config_failure(&e),
-            }
-        }
+        } => co_located(
+            config,
+            canarygate::config::maintenance::MaintenanceFile::validate,
+            once.then_some(|file| async move {
+                Ok(canarygate::ops::maintenance::once(&file, *dry_run).await?)
+            }),
+            |file, shutdown| async move { Ok(canarygate::ops::maintenance::run(file, shutdown).await?) },
+        ),
         Command::Canary {
             command: CanaryCommand::Status { config, json },
         } => match config::load(config) {
@@ -347,6 +322,37 @@ fn preflight(config: &Config) -> Result<(), String> {
 fn config_failure(error: &config::ConfigError) -> ExitCode {
     eprintln!("error: {error}");
     ExitCode::from(EXIT_CONFIG)
+}
+
+/// A co-located process (`doctor`, `maintenance`): reads its sections of `path`
+/// (exit 64 when they are wrong), then prints one report (`--once`) or runs until
+/// SIGTERM/SIGINT.
+fn co_located<F, O, R>(
+    path: &std::path::Path,
+    validate: fn(&F) -> Result<(), config::Violation>,
+    once: Option<impl FnOnce(F) -> O>,
+    run: impl FnOnce(F, CancellationToken) -> R,
+) -> ExitCode
+where
+    F: serde::de::DeserializeOwned,
+    O: std::future::Future<Output = anyhow::Result<String>>,
+    R: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let file = match config::load_as::<F>(path, validate) {
+        Ok(file) => file,
+        Err(e) => return config_failure(&e),
+    };
+    exit_with(runtime().and_then(|rt| {
+        rt.block_on(async {
+            if let Some(once) = once {
+                print!("{}", once(file).await?);
+                return Ok(());
+            }
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone())?;
+            run(file, shutdown).await
+        })
+    }))
 }
 
 fn exit_with(result: anyhow::Result<()>) -> ExitCode {

@@ -757,6 +757,25 @@ async fn a_disk_that_stays_past_critical_raises_a_critical_alert() {
     .await;
 }
 
+/// Requests to `url`, one every 10 ms or so, until the token is cancelled.
+fn steady_load(
+    url: String,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let stop = tokio_util::sync::CancellationToken::new();
+    let until = stop.clone();
+    let load = tokio::spawn(async move {
+        let c = client();
+        while !until.is_cancelled() {
+            let _ = try_get(&c, &url).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    (stop, load)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
     within(90, async {
@@ -771,18 +790,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
             )
         };
         let config = site.config(&format!("file://{}", site.backup.display()), &busy(""));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let load = {
-            let stop = stop.clone();
-            let url = proxy.url("/");
-            tokio::spawn(async move {
-                let c = client();
-                while !stop.is_cancelled() {
-                    let _ = try_get(&c, &url).await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (stop, load) = steady_load(proxy.url("/"));
         let mut daemon = Daemon::start(&config, &[]);
         eventually(Duration::from_secs(15), "rounds deferred", || async {
             daemon.metric("canarygate_maintenance_deferred_total").await >= 2.0
@@ -814,18 +822,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
             &busy("disk_percent = 1\ntarget_percent = 0.5\ncritical_percent = 2\nmax_file_bytes = 1000000000\n")
                 .replace("max_file_bytes = 1\n", ""),
         );
-        let stop = tokio_util::sync::CancellationToken::new();
-        let load = {
-            let stop = stop.clone();
-            let url = proxy.url("/");
-            tokio::spawn(async move {
-                let c = client();
-                while !stop.is_cancelled() {
-                    let _ = try_get(&c, &url).await;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        };
+        let (stop, load) = steady_load(proxy.url("/"));
         let mut daemon = Daemon::start(&config, &[]);
         eventually(Duration::from_secs(15), "archived at once", || async {
             !site.logs.join("app.log").exists()

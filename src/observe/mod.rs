@@ -7,6 +7,8 @@
 //! - [`analysis_page`]: the canary analysis on the admin listener (`/analysis`, the
 //!   status page's section and chart).
 //! - [`html`]: HTML escaping for the pages the proxy renders.
+//! - [`access_log`]: the optional access log file (`[server] access_log`), written
+//!   off the request path.
 
 pub mod access_log;
 pub mod admin;
