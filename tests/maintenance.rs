@@ -838,6 +838,60 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_disk_gauge_starts_a_round_before_the_interval() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let site = Site::new("maint-early");
+        site.log("app.log", 50_000);
+        // The proxy's resource watch reports the logs' filesystem, twice a second.
+        let proxy = Proxy::start(&config_toml(
+            &[prod.addr],
+            &[],
+            &format!(
+                "[resources]\ninterval_ms = 500\ndisk_paths = [\"{}\"]\n",
+                site.logs.display()
+            ),
+        ))
+        .await;
+        let metrics_url = format!("http://{}/metrics", proxy.admin_addr);
+        let c = client();
+        eventually(
+            Duration::from_secs(10),
+            "the proxy's disk gauge",
+            || async {
+                try_get(&c, &metrics_url)
+                    .await
+                    .is_ok_and(|page| page.text().contains("canarygate_host_disk_used_ratio{"))
+            },
+        )
+        .await;
+        // Rounds a minute apart: only the proxy's gauge (this disk is surely past 1%)
+        // can start one within the test.
+        let config = site.config(
+            &format!("file://{}", site.backup.display()),
+            &format!(
+                "disk_percent = 1\ntarget_percent = 0.5\ncritical_percent = 2\n\
+                 proxy_metrics_url = \"{metrics_url}\"\n"
+            ),
+        );
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("interval_ms = 300\n", "interval_ms = 60000\n");
+        std::fs::write(&config, text).unwrap();
+        let mut daemon = Daemon::start(&config, &[]);
+        eventually(Duration::from_secs(20), "archived early", || async {
+            !site.logs.join("app.log").exists()
+        })
+        .await;
+        let log = daemon.stop();
+        assert!(log.contains("crossed disk_percent: a round now"), "{log}");
+        assert_eq!(archives(&site.backup).len(), 1);
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_access_log_follows_a_move_and_a_truncation_without_losing_a_line() {
     within(60, async {
         let prod = TestBackend::start("production").await;

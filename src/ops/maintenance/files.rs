@@ -128,6 +128,10 @@ impl Candidate {
     /// keeping its size: a writer's offsets stay valid and its next line lands
     /// after the hole.
     pub fn punch(&self, start: u64, end: u64) -> Result<(), FileError> {
+        if end <= start {
+            // Less than a block archived: nothing whole to free.
+            return Ok(());
+        }
         let (file, _) = self.open(OFlags::WRONLY)?;
         fallocate(
             &file,

@@ -120,6 +120,20 @@ impl MaintenanceMetrics {
     }
 }
 
+/// The shortest span the proxy's rates are measured over.
+const MIN_SPAN: Duration = Duration::from_millis(250);
+
+/// How often the proxy's metrics are read between rounds (at most).
+const PROXY_WATCH: Duration = Duration::from_secs(5);
+
+/// Whether the proxy's `canarygate_host_disk_used_ratio{path}` shows, for a path that
+/// is one of `dirs` or holds one, a filesystem at or past `disk_percent`.
+fn proxy_sees_full(disks: &[(String, f64)], dirs: &[PathBuf], disk_percent: f64) -> bool {
+    disks.iter().any(|(path, ratio)| {
+        ratio * 100.0 >= disk_percent && dirs.iter().any(|d| d.starts_with(path))
+    })
+}
+
 /// A file's failed attempts: it waits until `until` before the next.
 #[derive(Debug, Clone, Copy)]
 struct Backoff {
@@ -156,6 +170,8 @@ struct Maintenance {
     cannot_free: HashSet<FileId>,
     last_scrape: Option<Scrape>,
     figures: Option<Figures>,
+    /// Whether the proxy's disk gauge showed a dir's filesystem past `disk_percent`.
+    proxy_full: bool,
     critical_alerted: bool,
     failure_alerted: bool,
 }
@@ -191,6 +207,7 @@ impl Maintenance {
             cannot_free: HashSet::new(),
             last_scrape: None,
             figures: None,
+            proxy_full: false,
             critical_alerted: false,
             failure_alerted: false,
         })
@@ -204,15 +221,18 @@ impl Maintenance {
         }
     }
 
-    /// The proxy's figures since the last round (none when its metrics cannot be
-    /// read, or at the first round).
-    async fn read_proxy(&mut self, report: &mut Report) {
+    /// Reads the proxy's metrics: its figures since the last scrape (none when they
+    /// cannot be read, or at the first scrape). True when the proxy's disk gauge for
+    /// a path holding one of the dirs has just crossed `disk_percent`: the early
+    /// signal to start a round now.
+    async fn read_proxy(&mut self, report: &mut Report) -> bool {
         match service::scrape(&self.http, &self.url).await {
             Ok(scrape) => {
-                self.figures = self
-                    .last_scrape
-                    .as_ref()
-                    .map(|older| Figures::between(older, &scrape));
+                self.metrics.proxy_up.set(1);
+                let full =
+                    proxy_sees_full(&scrape.disks, &self.config.dirs, self.config.disk_percent);
+                let crossed = full && !self.proxy_full;
+                self.proxy_full = full;
                 let disks: Vec<String> = scrape
                     .disks
                     .iter()
@@ -221,8 +241,17 @@ impl Maintenance {
                 if !disks.is_empty() {
                     report.line(format!("proxy sees disks: {}", disks.join(", ")));
                 }
-                self.last_scrape = Some(scrape);
-                self.metrics.proxy_up.set(1);
+                // Rates need a span: two scrapes milliseconds apart (a round right
+                // after the watch's) would say 0 req/s. The older one stays the
+                // baseline until MIN_SPAN has passed.
+                match &self.last_scrape {
+                    Some(older) if scrape.at.duration_since(older.at) < MIN_SPAN => {}
+                    older => {
+                        self.figures = older.as_ref().map(|o| Figures::between(o, &scrape));
+                        self.last_scrape = Some(scrape);
+                    }
+                }
+                crossed
             }
             Err(error) => {
                 if self.metrics.proxy_up.get() != 0 {
@@ -233,7 +262,9 @@ impl Maintenance {
                 ));
                 self.last_scrape = None;
                 self.figures = None;
+                self.proxy_full = false;
                 self.metrics.proxy_up.set(0);
+                false
             }
         }
     }
@@ -650,19 +681,39 @@ pub async fn run(
         "maintenance running"
     );
     // A first scrape now, so the first round knows the proxy's rate (two scrapes).
-    maintenance.read_proxy(&mut Report::default()).await;
+    // A disk already past the line at start is acted on at the next scrape.
+    let mut full_at_start = maintenance.read_proxy(&mut Report::default()).await;
     let interval = Duration::from_millis(file.maintenance.interval_ms);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Between rounds the proxy's metrics are read more often: its disk gauge crossing
+    // disk_percent starts a round at once, and the rate deferral judges is recent.
+    let every = interval.min(PROXY_WATCH);
+    let mut watch = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let early = tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                let report = maintenance.round(false, &shutdown).await;
-                if report.archived > 0 || report.failed > 0 {
-                    info!(archived = report.archived, failed = report.failed, "maintenance round");
+            _ = tick.tick() => false,
+            _ = watch.tick() => {
+                let crossed = maintenance.read_proxy(&mut Report::default()).await;
+                let still_full = std::mem::take(&mut full_at_start) && maintenance.proxy_full;
+                if !(crossed || still_full) {
+                    continue;
                 }
+                info!("the proxy's disk gauge crossed disk_percent: a round now");
+                tick.reset();
+                true
             }
+        };
+        let report = maintenance.round(false, &shutdown).await;
+        if early || report.archived > 0 || report.failed > 0 {
+            info!(
+                archived = report.archived,
+                failed = report.failed,
+                early,
+                "maintenance round"
+            );
         }
     }
     stop.cancel();
@@ -699,4 +750,23 @@ pub async fn once(file: &MaintenanceFile, dry_run: bool) -> Result<String, Maint
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_proxys_disk_gauge_signals_only_for_the_dirs_filesystems() {
+        let dirs = [PathBuf::from("/var/log/app")];
+        let disk = |path: &str, ratio: f64| vec![(path.to_owned(), ratio)];
+        assert!(proxy_sees_full(&disk("/var/log", 0.9), &dirs, 85.0));
+        assert!(proxy_sees_full(&disk("/", 0.85), &dirs, 85.0));
+        assert!(proxy_sees_full(&disk("/var/log/app", 0.99), &dirs, 85.0));
+        assert!(!proxy_sees_full(&disk("/var/log", 0.8), &dirs, 85.0));
+        // Another filesystem's path, or a sibling with a common prefix: no signal.
+        assert!(!proxy_sees_full(&disk("/data", 0.99), &dirs, 85.0));
+        assert!(!proxy_sees_full(&disk("/var/lo", 0.99), &dirs, 85.0));
+        assert!(!proxy_sees_full(&[], &dirs, 85.0));
+    }
 }
