@@ -39,6 +39,9 @@ pub struct AppIdentity {
     pub name: String,
     /// Shown in the page, e.g. `v1`.
     pub version: String,
+    /// Started broken (`canarygate backend --broken`): fails one page in three,
+    /// whatever its name and the flags (a bad release, for deploy tests).
+    pub broken: bool,
 }
 
 /// Serves the demo app on `listener` until `shutdown` is cancelled.
@@ -151,6 +154,15 @@ fn large_page() -> Bytes {
 /// `canarygate demo`'s key `b` (and `f`): the canary app fails without Redis too.
 static BROKEN_BY_KEY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Set when `canarygate backend` got SIGTERM: `/readyz` says 503 from then on, so the
+/// proxy's health checks take it out of rotation before it stops (`--drain-ms`).
+static DRAINING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `/readyz` answers 503 from now on (the process stops after its drain delay).
+pub fn start_draining() {
+    DRAINING.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Whether the flag `demo_canary_errors` is on in the flags the proxy sent.
 fn canary_errors_flag(req: &Request<Incoming>) -> bool {
     req.headers()
@@ -165,21 +177,31 @@ fn respond(
     served: &std::sync::atomic::AtomicU64,
 ) -> Response<Full<Bytes>> {
     use std::sync::atomic::Ordering;
-    let broken = identity.name == "canary"
-        && (BROKEN_BY_KEY.load(Ordering::Relaxed) || canary_errors_flag(req));
+    let broken = identity.broken
+        || (identity.name == "canary"
+            && (BROKEN_BY_KEY.load(Ordering::Relaxed) || canary_errors_flag(req)));
     // A broken canary fails one page in three (never /health: the proxy would
     // eject it, and the point is to watch the analysis, not the health checks).
     let fail = broken
         && req.uri().path() != "/health"
+        && req.uri().path() != "/readyz"
         && served.fetch_add(1, Ordering::Relaxed).is_multiple_of(3);
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         _ if fail => (
             StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            Bytes::from_static(b"500 the demo canary is broken (demo_canary_errors)\n"),
+            Bytes::from_static(b"500 the demo app is broken (demo_canary_errors or --broken)\n"),
         ),
         (&Method::GET | &Method::HEAD, "/health") => {
             (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") if DRAINING.load(Ordering::Relaxed) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            Bytes::from_static(b"draining\n"),
+        ),
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            (StatusCode::OK, "text/plain", Bytes::from_static(b"ready\n"))
         }
         (&Method::GET | &Method::HEAD, "/static") => (
             StatusCode::OK,
@@ -348,6 +370,7 @@ pub async fn demo(
         let identity = AppIdentity {
             name: name.to_owned(),
             version: version.to_owned(),
+            broken: false,
         };
         tokio::spawn(run(listener, identity, serve_options(), shutdown.clone()));
         backends.push(addr);

@@ -116,6 +116,14 @@ enum Command {
         /// Runtime worker threads (default: one per core).
         #[arg(long)]
         workers: Option<usize>,
+        /// Start broken: answer 500 to one page in three (never `/health` or
+        /// `/readyz`), as a bad release would; for canary analysis and deploy tests.
+        #[arg(long)]
+        broken: bool,
+        /// On SIGTERM, answer 503 on `/readyz` and go on serving this long before
+        /// stopping (a proxy checking `/readyz` stops sending first).
+        #[arg(long, default_value_t = 0)]
+        drain_ms: u64,
     },
 }
 
@@ -206,13 +214,17 @@ fn main() -> ExitCode {
             name,
             app_version,
             workers,
+            broken,
+            drain_ms,
         } => exit_with(runtime_with(*workers).and_then(|rt| {
             rt.block_on(serve_backend(
                 *listen,
                 AppIdentity {
                     name: name.clone(),
                     version: app_version.clone(),
+                    broken: *broken,
                 },
+                std::time::Duration::from_millis(*drain_ms),
             ))
         })),
     }
@@ -470,11 +482,25 @@ fn spawn_reload_handler(state: canarygate::state::AppState, path: PathBuf) -> an
     Ok(())
 }
 
-async fn serve_backend(listen: SocketAddr, identity: AppIdentity) -> anyhow::Result<()> {
+async fn serve_backend(
+    listen: SocketAddr,
+    identity: AppIdentity,
+    drain: std::time::Duration,
+) -> anyhow::Result<()> {
     let listener = bind(listen, "backend").await?;
     info!(addr = %listener.local_addr()?, name = %identity.name, "backend listening");
+    // SIGTERM: `/readyz` turns 503 at once, the app serves on for `drain`, then stops
+    // (a proxy checking /readyz takes it out of rotation meanwhile).
+    let signalled = CancellationToken::new();
+    spawn_signal_handler(signalled.clone())?;
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signalled.cancelled().await;
+        demo::start_draining();
+        tokio::time::sleep(drain).await;
+        stop.cancel();
+    });
     demo::run(listener, identity, demo::serve_options(), shutdown).await;
     Ok(())
 }

@@ -266,6 +266,7 @@ pub async fn demo_app(name: &str, version: &str) -> SocketAddr {
     let identity = canarygate::demo::AppIdentity {
         name: name.to_owned(),
         version: version.to_owned(),
+        broken: false,
     };
     let options = ServeOptions::basic(
         Duration::from_secs(10),
