@@ -126,7 +126,7 @@ impl Site {
                  \x20   redis_port: {redis}\n    redis_password: s3cret\n    canarygate_redis_password: s3cret\n\
                  \x20   canarygate_analysis_interval_ms: 500\n    canarygate_analysis_window_ms: 6000\n\
                  \x20   canarygate_analysis_min_requests: 20\n    canarygate_analysis_steps: [20, 50]\n\
-                 \x20   canarygate_analysis_step_ms: 2000\n    app_drain_ms: 2500\n\
+                 \x20   canarygate_analysis_step_ms: 2000\n    app_drain_ms: 4000\n\
                  \x20 children:\n    proxy:\n      hosts:\n        proxy-1: {{ansible_host: 127.0.0.1}}\n\
                  \x20   production:\n      hosts:\n        production-1: {{ansible_host: 127.0.0.1, app_port: {a0}}}\n\
                  \x20       production-2: {{ansible_host: 127.0.0.1, app_port: {a1}}}\n\
@@ -229,6 +229,8 @@ async fn site_installs_a_serving_stack_idempotently_and_deploy_promotes_or_rolls
             },
         )
         .await;
+        let ready = get(&c, &format!("http://127.0.0.1:{}/readyz", site.admin), &[]).await;
+        assert_eq!(ready.status, 200, "{}", ready.text());
         assert_eq!(
             version_of(&c, site.proxy, "production").await,
             "production (v1)"
@@ -259,7 +261,9 @@ async fn site_installs_a_serving_stack_idempotently_and_deploy_promotes_or_rolls
                 let mut failed = 0u32;
                 while !stop.is_cancelled() {
                     match try_get(&c, &url).await {
-                        Ok(g) if g.status.as_u16() < 500 || g.text().contains("demo app is broken") => {}
+                        Ok(g)
+                            if g.status.as_u16() < 500
+                                || g.text().contains("demo app is broken") => {}
                         _ => failed += 1,
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -417,6 +421,43 @@ async fn provision_creates_the_groups_instances_on_an_ec2_endpoint_and_writes_th
         }
         let _ = moto.kill();
         let _ = moto.wait();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_post_commit_hook_triggers_the_jenkins_build_of_the_branch() {
+    within(60, async {
+        let jenkins = Peer::start(Mode::Created).await;
+        let repo = TempDir::new("hook-repo");
+        let git = |args: &[&str]| {
+            let out = Command::new("git")
+                .args(args)
+                .current_dir(&repo.0)
+                .env("JENKINS_URL", format!("{}/job/canarygate", jenkins.url()))
+                .env("JENKINS_AUTH", "ci:token123")
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@example.com")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@example.com")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", text(&out));
+            text(&out)
+        };
+        git(&["init", "-q", "-b", "main"]);
+        // The README's one-liner, pointed at this checkout's hooks.
+        let hooks = Path::new(env!("CARGO_MANIFEST_DIR")).join(".githooks");
+        git(&["config", "core.hooksPath", hooks.to_str().unwrap()]);
+        std::fs::write(repo.0.join("f"), "x").unwrap();
+        git(&["add", "f"]);
+        let out = git(&["commit", "-q", "-m", "first"]);
+        assert!(out.contains("Jenkins build of main triggered"), "{out}");
+        let got = jenkins.received();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].path, "/job/canarygate/job/main/build");
+        // Basic auth with the user and API token.
+        assert_eq!(got[0].authorization, "Basic Y2k6dG9rZW4xMjM=");
     })
     .await;
 }
