@@ -288,13 +288,14 @@ async fn site_installs_a_serving_stack_idempotently_and_deploy_promotes_or_rolls
             version_of(&c, site.proxy, "production").await,
             "production (v2)"
         );
+        assert!(
+            out.contains("\"msg\": \"canary healthy: canary healthy at 50%"),
+            "{out}"
+        );
+        // The split reset; the analysis rests (canary_auto off) until the next deploy.
         let flags = site.redis_cli(&["HGETALL", "canarygate:flags"]);
         assert!(flags.contains("canary_percent\n33\n"), "{flags}");
-        assert_eq!(
-            site.redis_cli(&["HGET", "canarygate:analysis", "state"])
-                .trim(),
-            "healthy"
-        );
+        assert!(flags.contains("canary_auto\noff\n"), "{flags}");
 
         // A bad release: rolled back by the analysis, the play fails with the reason,
         // production stays on v2.
@@ -458,6 +459,70 @@ async fn the_post_commit_hook_triggers_the_jenkins_build_of_the_branch() {
         assert_eq!(got[0].path, "/job/canarygate/job/main/build");
         // Basic auth with the user and API token.
         assert_eq!(got[0].authorization, "Basic Y2k6dG9rZW4xMjM=");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
+    within(120, async {
+        let home = TempDir::new("ansible-units");
+        let units = home.0.join("units");
+        let root = home.0.join("root");
+        std::fs::create_dir_all(&units).unwrap();
+        // The units' ExecStart must point at an executable for verify.
+        let bin = root.join("usr/local/bin/canarygate");
+        std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+        std::fs::copy(binary(), &bin).unwrap();
+        let out = run(
+            "ansible-playbook",
+            &[
+                "tests/render_units.yml",
+                "-e",
+                &format!("render_dir={}", units.display()),
+                "-e",
+                &format!("canarygate_root={}", root.display()),
+            ],
+            &home.0,
+            &[],
+        );
+        assert!(out.status.success(), "{}", text(&out));
+        let unit = |name: &str| std::fs::read_to_string(units.join(name)).unwrap();
+        let proxy = unit("canarygate.service");
+        for line in [
+            "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "ExecReload=/bin/kill -HUP $MAINPID",
+            "UMask=0007",
+        ] {
+            assert!(proxy.contains(line), "{line}: {proxy}");
+        }
+        assert!(!proxy.contains("CAP_KILL"), "{proxy}");
+        let doctor = unit("canarygate-doctor.service");
+        assert!(doctor.contains("AmbientCapabilities=CAP_KILL\n"), "{doctor}");
+        let maintenance = unit("canarygate-maintenance.service");
+        assert!(maintenance.contains("CapabilityBoundingSet=\n"), "{maintenance}");
+        assert!(
+            maintenance.contains(&format!("ReadWritePaths={}", "/var/log/canarygate")),
+            "{maintenance}"
+        );
+        assert!(unit("canarygate-app.service").contains("--drain-ms 3000"));
+        // systemd's own check of every directive (no systemd needs to run).
+        let names = [
+            "canarygate.service",
+            "canarygate-doctor.service",
+            "canarygate-maintenance.service",
+            "canarygate-app.service",
+        ];
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .args(names.iter().map(|n| units.join(n)))
+            .output()
+            .expect("systemd-analyze (Debian's systemd package)");
+        let said = text(&verify);
+        assert!(verify.status.success(), "{said}");
+        assert!(!said.contains("canarygate"), "{said}");
     })
     .await;
 }
