@@ -500,9 +500,15 @@ async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
         }
         assert!(!proxy.contains("CAP_KILL"), "{proxy}");
         let doctor = unit("canarygate-doctor.service");
-        assert!(doctor.contains("AmbientCapabilities=CAP_KILL\n"), "{doctor}");
+        assert!(
+            doctor.contains("AmbientCapabilities=CAP_KILL\n"),
+            "{doctor}"
+        );
         let maintenance = unit("canarygate-maintenance.service");
-        assert!(maintenance.contains("CapabilityBoundingSet=\n"), "{maintenance}");
+        assert!(
+            maintenance.contains("CapabilityBoundingSet=\n"),
+            "{maintenance}"
+        );
         assert!(
             maintenance.contains(&format!("ReadWritePaths={}", "/var/log/canarygate")),
             "{maintenance}"
