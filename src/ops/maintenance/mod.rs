@@ -615,7 +615,7 @@ impl Maintenance {
                 "maintenance archives again without failures",
             );
         }
-        let (usage, per_dir) = self.usage();
+        let (_, per_dir) = self.usage();
         let critical: Vec<String> = per_dir
             .iter()
             .filter_map(|(dir, u)| {
@@ -625,7 +625,6 @@ impl Maintenance {
                     .map(|u| format!("{} {:.1}%", dir.display(), u.used_percent))
             })
             .collect();
-        drop(usage);
         if critical.is_empty() {
             if self.critical_alerted {
                 self.critical_alerted = false;
