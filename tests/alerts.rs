@@ -431,29 +431,6 @@ async fn alert_test_reports_each_channel_and_fails_if_one_does() {
     .await;
 }
 
-/// A child process killed by PID on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_port(port: u16) {
-    eventually(
-        Duration::from_secs(20),
-        "the peer listening",
-        || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        },
-    )
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_reaches_a_real_smtp_server() {
     within(60, async {
@@ -461,7 +438,7 @@ async fn email_reaches_a_real_smtp_server() {
         let maildir = dir.0.join("mail");
         let port = free_port();
         // aiosmtpd's Mailbox handler delivers each message into a Maildir.
-        let _smtp = Child(
+        let _smtp = KillOnDrop(
             std::process::Command::new("python3")
                 .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
                 .arg(&maildir)
@@ -509,7 +486,7 @@ async fn a_real_alertmanager_lists_the_alert_firing_then_resolved() {
             "route:\n  receiver: nobody\nreceivers:\n  - name: nobody\n",
         );
         let port = free_port();
-        let _am = Child(
+        let _am = KillOnDrop(
             std::process::Command::new("prometheus-alertmanager")
                 .arg(format!("--config.file={}", config_path.display()))
                 .arg(format!("--web.listen-address=127.0.0.1:{port}"))

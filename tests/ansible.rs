@@ -327,18 +327,13 @@ async fn provision_creates_the_groups_instances_on_an_ec2_endpoint_and_writes_th
     within(180, async {
         let home = TempDir::new("ansible-provision");
         let port = free_port();
-        let mut moto = Command::new("moto_server")
+        let _moto = KillOnDrop(Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("moto_server (pip install 'moto[server]')");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            .expect("moto_server (pip install 'moto[server]')"));
+        wait_port(port).await;
         let endpoint = format!("http://127.0.0.1:{port}");
         let aws = [
             ("AWS_ACCESS_KEY_ID", "testing"),
@@ -420,8 +415,6 @@ async fn provision_creates_the_groups_instances_on_an_ec2_endpoint_and_writes_th
                 "{group}: {list}"
             );
         }
-        let _ = moto.kill();
-        let _ = moto.wait();
     })
     .await;
 }

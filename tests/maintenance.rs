@@ -446,34 +446,11 @@ async fn a_live_log_loses_no_line_and_repeats_none() {
     .await;
 }
 
-/// A child process killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_port(port: u16) {
-    for _ in 0..300 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("nothing listens on {port}");
-}
-
 #[tokio::test]
 async fn s3_compatible_storage_holds_the_verified_archives() {
     within(90, async {
         let port = free_port();
-        let _moto = Server(
+        let _moto = KillOnDrop(
             Command::new("moto_server")
                 .args(["-H", "127.0.0.1", "-p", &port.to_string()])
                 .stdout(Stdio::null())
@@ -598,7 +575,7 @@ async fn webdav_storage_with_basic_auth_holds_the_verified_archives() {
                 share.display()
             ),
         );
-        let _dav = Server(
+        let _dav = KillOnDrop(
             Command::new("wsgidav")
                 .arg("--config")
                 .arg(&dav_config)

@@ -1029,3 +1029,27 @@ impl Drop for Peer {
         self.task.abort();
     }
 }
+
+/// A child process (a peer server a test started) killed by PID on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (up to 20 s) until something listens on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16) {
+    eventually(
+        Duration::from_secs(20),
+        "the peer listening",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
