@@ -9,6 +9,8 @@ use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use support::*;
@@ -734,22 +736,35 @@ async fn a_disk_that_stays_past_critical_raises_a_critical_alert() {
     .await;
 }
 
-/// Requests to `url`, one every 10 ms or so, until the token is cancelled.
-fn steady_load(
+/// Requests to `url` from two loops, each one every 10 ms or so, until the token is
+/// cancelled. Returns once 20 have been answered: a daemon started after it sees the
+/// proxy busy from its first scrape on (a slow machine's first requests can take
+/// longer than the daemon's first interval, which would then see a quiet proxy).
+async fn steady_load(
     url: String,
 ) -> (
     tokio_util::sync::CancellationToken,
-    tokio::task::JoinHandle<()>,
+    tokio::task::JoinSet<()>,
 ) {
     let stop = tokio_util::sync::CancellationToken::new();
-    let until = stop.clone();
-    let load = tokio::spawn(async move {
-        let c = client();
-        while !until.is_cancelled() {
-            let _ = try_get(&c, &url).await;
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    });
+    let answered = Arc::new(AtomicUsize::new(0));
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (until, url, answered) = (stop.clone(), url.clone(), answered.clone());
+        load.spawn(async move {
+            let c = client();
+            while !until.is_cancelled() {
+                if try_get(&c, &url).await.is_ok() {
+                    answered.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+    }
+    eventually(Duration::from_secs(15), "the load running", || async {
+        answered.load(Ordering::Relaxed) >= 20
+    })
+    .await;
     (stop, load)
 }
 
@@ -767,7 +782,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
             )
         };
         let config = site.config(&format!("file://{}", site.backup.display()), &busy(""));
-        let (stop, load) = steady_load(proxy.url("/"));
+        let (stop, load) = steady_load(proxy.url("/")).await;
         let mut daemon = Daemon::start(&config, &[]);
         eventually(Duration::from_secs(15), "rounds deferred", || async {
             daemon.metric("canarygate_maintenance_deferred_total").await >= 2.0
@@ -782,7 +797,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
         assert_eq!(std::fs::read(site.logs.join("app.log")).unwrap(), app);
         // The proxy goes quiet: the next rounds do the work.
         stop.cancel();
-        load.await.unwrap();
+        load.join_all().await;
         eventually(Duration::from_secs(15), "archived once quiet", || async {
             !site.logs.join("app.log").exists()
         })
@@ -799,7 +814,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
             &busy("disk_percent = 1\ntarget_percent = 0.5\ncritical_percent = 2\nmax_file_bytes = 1000000000\n")
                 .replace("max_file_bytes = 1\n", ""),
         );
-        let (stop, load) = steady_load(proxy.url("/"));
+        let (stop, load) = steady_load(proxy.url("/")).await;
         let mut daemon = Daemon::start(&config, &[]);
         eventually(Duration::from_secs(15), "archived at once", || async {
             !site.logs.join("app.log").exists()
@@ -807,7 +822,7 @@ async fn a_busy_proxy_defers_the_work_unless_the_disk_is_past_critical() {
         .await;
         assert_eq!(daemon.metric("canarygate_maintenance_deferred_total").await, 0.0);
         stop.cancel();
-        load.await.unwrap();
+        load.join_all().await;
         daemon.stop();
         proxy.stop().await;
     })
