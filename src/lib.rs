@@ -90,6 +90,11 @@ pub enum StartError {
     TlsListenerMissing,
     #[error("[alerts]: {0}")]
     Alerts(#[from] ops::alerts::channels::SendError),
+    #[error("cannot listen on [alerts.twilio] inbound_listen {addr}: {error}")]
+    Inbound {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
 }
 
 /// Runs the proxy and the admin listener until `shutdown` is cancelled, then drains
@@ -166,6 +171,23 @@ pub async fn serve_all(
         state.metrics.alerts.clone(),
         Arc::clone(&state.events),
     )?;
+    // SMS commands: on their own listener when one is configured (bound here, so a
+    // taken port stops the start), else on the admin listener.
+    let sms = ops::sms::Sms::new(state.clone(), alerts.clone(), instance.clone());
+    let inbound_addr = config
+        .alerts
+        .twilio
+        .as_ref()
+        .filter(|t| t.inbound())
+        .and_then(|t| t.inbound_listen);
+    let inbound = match inbound_addr {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|error| StartError::Inbound { addr, error })?,
+        ),
+        None => None,
+    };
     let mut background: Vec<_> = channels
         .into_iter()
         .map(|channel| {
@@ -214,22 +236,49 @@ pub async fn serve_all(
         options.idle_timeout,
         options.drain_timeout,
     );
+    let sms_on_admin = inbound.is_none();
+    let admin_sms = Arc::clone(&sms);
     let admin = tokio::spawn(
         server::serve(
             "admin",
             listeners.admin,
-            admin_options,
+            admin_options.clone(),
             admin_shutdown.clone(),
             move |_peer, _framing| {
-                let state = admin_state.clone();
+                let (state, sms) = (admin_state.clone(), Arc::clone(&admin_sms));
                 service_fn(move |req| {
-                    let response = admin::respond(&state, &req);
-                    async move { Ok::<_, Infallible>(response) }
+                    let (state, sms) = (state.clone(), Arc::clone(&sms));
+                    async move {
+                        let response = if sms_on_admin && req.uri().path() == ops::sms::PATH {
+                            sms.respond(req).await
+                        } else {
+                            admin::respond(&state, &req)
+                        };
+                        Ok::<_, Infallible>(response)
+                    }
                 })
             },
         )
         .instrument(info_span!("admin")),
     );
+    let inbound = inbound.map(|listener| {
+        tokio::spawn(
+            server::serve(
+                "sms",
+                listener,
+                admin_options,
+                admin_shutdown.clone(),
+                move |_peer, _framing| {
+                    let sms = Arc::clone(&sms);
+                    service_fn(move |req| {
+                        let sms = Arc::clone(&sms);
+                        async move { Ok::<_, Infallible>(sms.respond_inbound(req).await) }
+                    })
+                },
+            )
+            .instrument(info_span!("sms")),
+        )
+    });
 
     let proxy_shutdown = CancellationToken::new();
     let delay = Duration::from_millis(config.server.drain_delay_ms);
@@ -289,6 +338,9 @@ pub async fn serve_all(
 
     admin_shutdown.cancel();
     let _ = admin.await;
+    if let Some(inbound) = inbound {
+        let _ = inbound.await;
+    }
     tasks.cancel();
     for task in background {
         let _ = task.await;

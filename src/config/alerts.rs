@@ -4,6 +4,7 @@
 //! the key), never a surprise at 3 a.m.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +76,26 @@ pub struct TwilioConfig {
     pub api_base: String,
     #[serde(default = "critical")]
     pub min_severity: Severity,
+    /// Commands by SMS (`POST /twilio/sms`) are on when this is set: the exact URL
+    /// set as the number's messaging webhook in Twilio (scheme, host, path and any
+    /// query), which Twilio signs; behind TLS or a tunnel it is not the URL this
+    /// process sees.
+    pub inbound_public_url: Option<String>,
+    /// Serve `/twilio/sms` on this address (and nothing else there), so it can be
+    /// exposed through an ingress without exposing the admin port; unset: on the
+    /// admin listener. Read at start.
+    pub inbound_listen: Option<SocketAddr>,
+    /// The numbers (E.164, e.g. `+14155550123`) whose commands are obeyed; others
+    /// get a refusal, logged and alerted.
+    #[serde(default)]
+    pub allowed_numbers: Vec<String>,
+}
+
+impl TwilioConfig {
+    /// Whether SMS commands are served.
+    pub const fn inbound(&self) -> bool {
+        self.inbound_public_url.is_some()
+    }
 }
 
 /// `[alerts.email]`: SMTP.
@@ -150,6 +171,28 @@ impl AlertsConfig {
             if t.to.is_empty() {
                 return fail("twilio.to", "needs at least one number".to_owned());
             }
+            if let Some(url) = &t.inbound_public_url {
+                http_url(url).or_else(|m| fail("twilio.inbound_public_url", m))?;
+                if t.allowed_numbers.is_empty() {
+                    return fail(
+                        "twilio.allowed_numbers",
+                        "needs at least one number when inbound_public_url is set (nobody \
+                         could command)"
+                            .to_owned(),
+                    );
+                }
+            } else if t.inbound_listen.is_some() {
+                return fail(
+                    "twilio.inbound_listen",
+                    "needs inbound_public_url (the URL Twilio signs)".to_owned(),
+                );
+            }
+            if let Some(bad) = t.allowed_numbers.iter().find(|n| !e164(n)) {
+                return fail(
+                    "twilio.allowed_numbers",
+                    format!("{bad:?} is not an E.164 number (+ then 8 to 15 digits)"),
+                );
+            }
         }
         if let Some(e) = &self.email {
             if !(e.smtp_url.starts_with("smtp://") || e.smtp_url.starts_with("smtps://")) {
@@ -186,6 +229,13 @@ pub(crate) fn env_set(name: &str) -> Result<(), String> {
         Ok(_) => Err(format!("environment variable {name} is empty")),
         Err(_) => Err(format!("environment variable {name} is not set")),
     }
+}
+
+/// `+` then 8 to 15 digits, as Twilio writes `From`.
+fn e164(number: &str) -> bool {
+    number
+        .strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn http_url(url: &str) -> Result<(), String> {

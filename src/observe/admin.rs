@@ -117,6 +117,24 @@ pub fn flags_json(state: &AppState) -> serde_json::Value {
     })
 }
 
+/// Both pools (production, canary) over the last minute or what there is of it:
+/// the sample now, the window's length in seconds, and the windows.
+pub fn last_minute(state: &AppState) -> (Sample, f64, [PoolWindow; 2]) {
+    let now = Sample::read(&state.metrics);
+    let minute_ago = state.stats.at_least(Duration::from_secs(60), now.at);
+    let window_secs = minute_ago
+        .as_ref()
+        .map_or(0.0, |s| now.at.duration_since(s.at).as_secs_f64());
+    let windows = [PoolKind::Production, PoolKind::Canary].map(|kind| {
+        let older = minute_ago
+            .as_ref()
+            .map(|s| s.pool(kind).clone())
+            .unwrap_or_default();
+        stats::window(&older, now.pool(kind), window_secs)
+    });
+    (now, window_secs, windows)
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     respond_with(
         status,
@@ -156,18 +174,7 @@ fn status_page(state: &AppState) -> String {
     let snapshot = state.snapshot();
     let config = &snapshot.config;
     let flags = &snapshot.flags;
-    let now = Sample::read(&state.metrics);
-    let minute_ago = state.stats.at_least(Duration::from_secs(60), now.at);
-    let window_secs = minute_ago
-        .as_ref()
-        .map_or(0.0, |s| now.at.duration_since(s.at).as_secs_f64());
-    let windows = POOL_COLORS.map(|(kind, _)| {
-        let older = minute_ago
-            .as_ref()
-            .map(|s| s.pool(kind).clone())
-            .unwrap_or_default();
-        stats::window(&older, now.pool(kind), window_secs)
-    });
+    let (now, window_secs, windows) = last_minute(state);
     let total: u64 = windows.iter().map(|w| w.requests).sum();
     #[allow(clippy::cast_precision_loss)]
     let observed = if total > 0 {

@@ -21,6 +21,7 @@ pub enum Source {
     Config,
     Alerts,
     Analysis,
+    Sms,
 }
 
 impl Source {
@@ -32,6 +33,7 @@ impl Source {
             Self::Config => "config",
             Self::Alerts => "alerts",
             Self::Analysis => "analysis",
+            Self::Sms => "sms",
         }
     }
 }

@@ -145,6 +145,8 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     /// Alerts by channel and result (sent, failed, dropped, suppressed).
     pub alerts: IntCounterVec,
+    /// `canarygate_sms_commands_total{command,result}`.
+    pub sms_commands: IntCounterVec,
     host_cpu: Gauge,
     host_memory: Gauge,
     host_disk: GaugeVec,
@@ -322,6 +324,15 @@ impl Metrics {
             ),
             &["channel", "result"],
         ));
+        let sms_commands = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_sms_commands_total",
+                "SMS commands (POST /twilio/sms) by command (ack, rollback, canary_percent, \
+                 canary_on, canary_off, status, help; none: no command read) and result (ok, \
+                 invalid, failed, refused, replayed, bad_signature, malformed).",
+            ),
+            &["command", "result"],
+        ));
         let host_cpu = must(Gauge::new(
             "canarygate_host_cpu_ratio",
             "Host CPU busy, 0..1 over all cores, from the resource watch.",
@@ -464,6 +475,7 @@ impl Metrics {
         reg(Box::new(log_dropped.clone()));
         reg(Box::new(accept_errors.clone()));
         reg(Box::new(alerts.clone()));
+        reg(Box::new(sms_commands.clone()));
         reg(Box::new(host_cpu.clone()));
         reg(Box::new(host_memory.clone()));
         reg(Box::new(host_disk.clone()));
@@ -532,6 +544,7 @@ impl Metrics {
             log_dropped,
             accept_errors,
             alerts,
+            sms_commands,
             host_cpu,
             host_memory,
             host_disk,

@@ -220,8 +220,8 @@ fn levers(set: &FlagSet) -> Levers {
     }
 }
 
-/// Sets reserved flags in this instance's snapshot only.
-fn apply_locally(state: &AppState, flags: &[(&str, String)]) {
+/// Sets reserved flags in this instance's snapshot only (no Redis to write them to).
+pub fn apply_locally(state: &AppState, flags: &[(&str, String)]) {
     let current = std::sync::Arc::clone(&state.snapshot().flags);
     let mut set = current.set.clone();
     for (field, value) in flags {

@@ -8,6 +8,7 @@
 //! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
 //! - [`maintenance`]: `canarygate maintenance`, a process of its own: archives logs
 //!   to secondary storage, verified, before the disk fills.
+//! - [`sms`]: commands by SMS (Twilio's webhook): ACK, ROLLBACK, CANARY, STATUS.
 //! - [`service`], [`sidecar`]: what those two share (the proxy's metrics as they
 //!   read them; their own metrics, admin listener and alert channels).
 
@@ -19,3 +20,4 @@ pub mod memory;
 pub mod resources;
 pub mod service;
 pub mod sidecar;
+pub mod sms;

@@ -171,7 +171,12 @@ impl Spike {
             };
         }
         let since = *self.above_since.get_or_insert(now);
-        if !self.firing && now.duration_since(since) >= sustain {
+        if self.firing {
+            // Still firing: the dispatcher sends it again at most every repeat_ms
+            // (until someone acknowledges it).
+            return Verdict::Fire;
+        }
+        if now.duration_since(since) >= sustain {
             self.firing = true;
             return Verdict::Fire;
         }
@@ -306,7 +311,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_spike_fires_once_after_sustain_and_resolves_once() {
+    fn a_spike_fires_after_sustain_while_it_lasts_and_resolves_once() {
         let sustain = Duration::from_secs(30);
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
@@ -317,7 +322,7 @@ mod tests {
         assert_eq!(spike.judge(false, at(30), sustain), Verdict::Nothing);
         assert_eq!(spike.judge(true, at(31), sustain), Verdict::Nothing);
         assert_eq!(spike.judge(true, at(61), sustain), Verdict::Fire);
-        assert_eq!(spike.judge(true, at(90), sustain), Verdict::Nothing);
+        assert_eq!(spike.judge(true, at(90), sustain), Verdict::Fire);
         assert_eq!(spike.judge(false, at(95), sustain), Verdict::Resolve);
         assert_eq!(spike.judge(false, at(100), sustain), Verdict::Nothing);
     }

@@ -97,9 +97,15 @@ impl Alert {
     }
 
     /// At most `max` characters of [`Alert::text`]-like content for an SMS: the
-    /// subject, the id to quote, then as much of the details as fits.
-    pub fn short_text(&self, prefix: &str, max: usize) -> String {
-        let mut text = format!("{prefix}{} (id {})", self.subject(), self.id);
+    /// subject, the id to quote (with `reply_hint`, on a firing alert: `reply ACK
+    /// <id> or ROLLBACK`, for operators who can answer by SMS), then as much of the
+    /// details as fits.
+    pub fn short_text(&self, prefix: &str, max: usize, reply_hint: bool) -> String {
+        let hint = match self.state {
+            AlertState::Firing if reply_hint => format!("; reply ACK {} or ROLLBACK", self.id),
+            _ => String::new(),
+        };
+        let mut text = format!("{prefix}{} (id {}{hint})", self.subject(), self.id);
         if !self.details.is_empty() {
             let _ = write!(text, "\n{}", self.details);
         }
@@ -157,10 +163,17 @@ mod tests {
             assert!(text.contains(field), "{field} in {text}");
         }
         alert.details = "x".repeat(5000);
-        let sms = alert.short_text("(3 suppressed) ", 1600);
+        let sms = alert.short_text("(3 suppressed) ", 1600, false);
         assert_eq!(sms.chars().count(), 1600);
         assert!(sms.starts_with("(3 suppressed) [canarygate] CRITICAL"));
+        let id = alert.id.clone();
+        let hinted = alert.short_text("", 200, true);
+        assert!(
+            hinted.contains(&format!("(id {id}; reply ACK {id} or ROLLBACK)\nxxx")),
+            "{hinted}"
+        );
         alert.state = AlertState::Resolved;
+        assert!(!alert.short_text("", 200, true).contains("reply ACK"));
         assert!(
             alert
                 .subject()

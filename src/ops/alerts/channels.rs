@@ -186,7 +186,7 @@ impl Twilio {
         let Some(prefix) = self.cap.admit(Instant::now()) else {
             return Err(SendError::Suppressed);
         };
-        let body = alert.short_text(&prefix, SMS_MAX_CHARS);
+        let body = alert.short_text(&prefix, SMS_MAX_CHARS, self.config.inbound());
         let url = format!(
             "{}/2010-04-01/Accounts/{}/Messages.json",
             self.config.api_base.trim_end_matches('/'),

@@ -48,6 +48,8 @@ struct Inner {
 struct Episode {
     alert: Alert,
     sent_at: Instant,
+    /// Someone acknowledged it (`ACK <id>` by SMS): no more repeats this episode.
+    acked: bool,
 }
 
 struct Queue {
@@ -117,6 +119,10 @@ impl Dispatcher {
         let alert = {
             let mut episodes = lock(&inner.episodes);
             match episodes.get_mut(kind) {
+                Some(episode) if episode.acked => {
+                    debug!(kind, id = %episode.alert.id, "alert still firing; acknowledged");
+                    return;
+                }
                 Some(episode) if episode.sent_at.elapsed() < inner.repeat => {
                     debug!(kind, "alert still firing; repeat not due");
                     return;
@@ -136,6 +142,7 @@ impl Dispatcher {
                         Episode {
                             alert: alert.clone(),
                             sent_at: Instant::now(),
+                            acked: false,
                         },
                     );
                     alert
@@ -165,9 +172,34 @@ impl Dispatcher {
         self.enqueue(&alert);
     }
 
+    /// Silences the repeats of the firing episode whose id is `id` (an operator's
+    /// `ACK`); its resolved message still goes out. The episode's kind and summary,
+    /// or `None` when no firing alert has that id.
+    pub fn ack(&self, id: &str) -> Option<(String, String)> {
+        let mut episodes = lock(&self.inner.episodes);
+        let (kind, episode) = episodes
+            .iter_mut()
+            .find(|(_, e)| e.alert.id.eq_ignore_ascii_case(id))?;
+        episode.acked = true;
+        Some((kind.clone(), episode.alert.summary.clone()))
+    }
+
     /// A one-off event (an action taken, not a condition that lasts): sent every
     /// time, with no repeat suppression and no resolved message to follow.
     pub fn notify(&self, severity: Severity, kind: &str, summary: &str, details: &str) {
+        self.notify_except(None, severity, kind, summary, details);
+    }
+
+    /// [`Dispatcher::notify`] to every channel but `skip` (an SMS command's audit
+    /// goes to the other channels: the sender has the reply).
+    pub fn notify_except(
+        &self,
+        skip: Option<&str>,
+        severity: Severity,
+        kind: &str,
+        summary: &str,
+        details: &str,
+    ) {
         let inner = &self.inner;
         let alert = Alert::firing(severity, kind, summary, details, &inner.instance);
         inner.events.report(
@@ -180,7 +212,7 @@ impl Dispatcher {
             "alert sent",
             format_args!("{} [{}] {}", alert.kind, alert.id, alert.summary),
         );
-        self.enqueue(&alert);
+        self.enqueue_except(&alert, skip);
     }
 
     /// `kind` is no longer firing: one resolved message, if it was firing.
@@ -203,8 +235,12 @@ impl Dispatcher {
     }
 
     fn enqueue(&self, alert: &Alert) {
+        self.enqueue_except(alert, None);
+    }
+
+    fn enqueue_except(&self, alert: &Alert, skip: Option<&str>) {
         for queue in &self.inner.queues {
-            if alert.severity < queue.min_severity {
+            if alert.severity < queue.min_severity || skip == Some(queue.channel) {
                 continue;
             }
             let dropped = {

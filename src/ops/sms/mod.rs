@@ -1,0 +1,650 @@
+//! Commands by SMS: the on-call operator who gets "canary error ratio 7% vs 0.4%"
+//! at 3 a.m. answers `ROLLBACK` and the canary is out, with no laptop.
+//!
+//! Twilio posts each message the number receives to `POST /twilio/sms` (on the
+//! admin listener, or on `[alerts.twilio] inbound_listen` alone). Every request is
+//! checked before anything is read from it: size, form, then Twilio's signature
+//! over `inbound_public_url` ([`signature`]); a missing or wrong one is 403 and
+//! changes nothing. Only `allowed_numbers` may command. A command that changes the
+//! canary writes the reserved flags and the analysis record in Redis in one
+//! transaction, so every proxy follows and the analysis, whose writes compare the
+//! record first, cannot undo it with a write it prepared before. The reply goes
+//! back in the response as TwiML, so no second API call is needed. Each
+//! `MessageSid` acts once (remembered here for a day, and in Redis as
+//! `canarygate:sms:<MessageSid>` so a retry landing on another proxy does not act
+//! again).
+//!
+//! - [`command`], the pure half: form, command, TwiML, masked numbers.
+//! - [`signature`], the `X-Twilio-Signature` check.
+
+pub mod command;
+pub mod signature;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full, Limited};
+use tracing::{info, warn};
+
+use crate::config::alerts::{TwilioConfig, secret};
+use crate::config::{Config, FlagsConfig};
+use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT};
+use crate::flags::watcher::{connect, open_client};
+use crate::observe::admin::last_minute;
+use crate::observe::events::{Level, Source};
+use crate::ops::alerts::{Dispatcher, Severity};
+use crate::ops::analysis::apply_locally;
+use crate::state::AppState;
+use command::{COMMAND_LABELS, Command, HELP, masked, parse_form, twiml};
+
+/// Where Twilio posts.
+pub const PATH: &str = "/twilio/sms";
+/// The largest form body read. Twilio's parameters and a command fit in a few
+/// hundred bytes; a 1,600-character message of emoji, percent-encoded, in 19 KB.
+pub const MAX_BODY: usize = 16 * 1024;
+/// How long a `MessageSid` is remembered.
+const REMEMBER: Duration = Duration::from_secs(24 * 3600);
+/// `MessageSid`s remembered here at most (the oldest go first).
+const REMEMBER_MAX: usize = 4096;
+/// The longest reply (Twilio's limit for one message body).
+const REPLY_MAX_CHARS: usize = 1600;
+/// The Redis key prefix of remembered `MessageSid`s.
+const SEEN_KEY_PREFIX: &str = "canarygate:sms:";
+
+/// Why a request was refused before any command was read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("SMS commands are not configured here")]
+    NotConfigured,
+    #[error("only POST")]
+    Method,
+    #[error("body larger than {MAX_BODY} bytes")]
+    TooLarge,
+    #[error("malformed form body: {0}")]
+    Malformed(String),
+    #[error("missing or wrong X-Twilio-Signature")]
+    BadSignature,
+    #[error("AccountSid is not this account's")]
+    WrongAccount,
+}
+
+impl Rejection {
+    pub const fn status(&self) -> StatusCode {
+        match self {
+            Self::NotConfigured => StatusCode::NOT_FOUND,
+            Self::Method => StatusCode::METHOD_NOT_ALLOWED,
+            Self::TooLarge | Self::Malformed(_) => StatusCode::BAD_REQUEST,
+            Self::BadSignature | Self::WrongAccount => StatusCode::FORBIDDEN,
+        }
+    }
+
+    /// The `result` label (the `command` is `none`), or `None` when not counted.
+    const fn result(&self) -> Option<&'static str> {
+        match self {
+            Self::NotConfigured | Self::Method => None,
+            Self::TooLarge | Self::Malformed(_) => Some("malformed"),
+            Self::BadSignature | Self::WrongAccount => Some("bad_signature"),
+        }
+    }
+}
+
+/// Why a command could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("flags.redis_url: {0}")]
+    Settings(String),
+}
+
+/// Serves `POST /twilio/sms`; shared by the listeners that route to it.
+pub struct Sms {
+    state: AppState,
+    alerts: Dispatcher,
+    instance: String,
+    /// `MessageSid` -> when it was handled and the reply sent.
+    seen: Mutex<HashMap<String, (Instant, String)>>,
+}
+
+/// What a command did.
+struct Outcome {
+    /// The `result` label: ok, invalid, failed.
+    result: &'static str,
+    reply: String,
+    /// For the other channels, when something changed hands.
+    audit: Option<String>,
+}
+
+impl Outcome {
+    const fn new(result: &'static str, reply: String) -> Self {
+        Self {
+            result,
+            reply,
+            audit: None,
+        }
+    }
+}
+
+impl Sms {
+    pub fn new(state: AppState, alerts: Dispatcher, instance: String) -> Arc<Self> {
+        let counter = &state.metrics.sms_commands;
+        for command in COMMAND_LABELS {
+            counter.with_label_values(&[command, "ok"]);
+        }
+        for result in ["bad_signature", "malformed"] {
+            counter.with_label_values(&["none", result]);
+        }
+        Arc::new(Self {
+            state,
+            alerts,
+            instance,
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Answers a request to the dedicated listener (`inbound_listen`): [`PATH`], and
+    /// 404 for anything else there.
+    pub async fn respond_inbound<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if req.uri().path() == PATH {
+            self.respond(req).await
+        } else {
+            respond_with(
+                StatusCode::NOT_FOUND,
+                "text/plain; charset=utf-8",
+                "404 not found\n".to_owned(),
+            )
+        }
+    }
+
+    /// Answers one request to [`PATH`].
+    pub async fn respond<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let config = Arc::clone(&self.state.snapshot().config);
+        match self.check(&config, req).await {
+            Ok((twilio, params)) => {
+                let reply = self.obey(&config, twilio, &params).await;
+                respond_with(StatusCode::OK, "text/xml; charset=utf-8", twiml(&reply))
+            }
+            Err(rejection) => {
+                if let Some(result) = rejection.result() {
+                    self.count("none", result);
+                    warn!(%rejection, "sms request refused");
+                }
+                let mut response = respond_with(
+                    rejection.status(),
+                    "text/plain; charset=utf-8",
+                    format!("{} {rejection}\n", rejection.status().as_u16()),
+                );
+                if rejection == Rejection::Method {
+                    response
+                        .headers_mut()
+                        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+                }
+                response
+            }
+        }
+    }
+
+    /// The request's parameters, once it is shown to come from Twilio.
+    async fn check<'c, B>(
+        &self,
+        config: &'c Config,
+        req: Request<B>,
+    ) -> Result<(&'c TwilioConfig, Vec<(String, String)>), Rejection>
+    where
+        B: hyper::body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let twilio = config
+            .alerts
+            .twilio
+            .as_ref()
+            .filter(|t| t.inbound())
+            .ok_or(Rejection::NotConfigured)?;
+        let url = twilio.inbound_public_url.as_deref().unwrap_or_default();
+        if req.method() != Method::POST {
+            return Err(Rejection::Method);
+        }
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > MAX_BODY as u64) {
+            return Err(Rejection::TooLarge);
+        }
+        let form = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';').next().is_some_and(|t| {
+                    t.trim()
+                        .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+                })
+            });
+        if !form {
+            return Err(Rejection::Malformed(
+                "Content-Type is not application/x-www-form-urlencoded".to_owned(),
+            ));
+        }
+        let signature = req
+            .headers()
+            .get("x-twilio-signature")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(req.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    Rejection::TooLarge
+                } else {
+                    Rejection::Malformed(format!("body unreadable: {e}"))
+                }
+            })?
+            .to_bytes();
+        let params = parse_form(&body).map_err(|e| Rejection::Malformed(e.0))?;
+        let token = secret(&twilio.auth_token_env);
+        let signed = signature
+            .is_some_and(|s| !token.is_empty() && signature::verify(&token, url, &params, &s));
+        if !signed {
+            return Err(Rejection::BadSignature);
+        }
+        if param(&params, "AccountSid") != twilio.account_sid {
+            return Err(Rejection::WrongAccount);
+        }
+        if param(&params, "MessageSid").is_empty() {
+            return Err(Rejection::Malformed("no MessageSid".to_owned()));
+        }
+        Ok((twilio, params))
+    }
+
+    /// Carries out a signed message once; the reply's text.
+    async fn obey(
+        &self,
+        config: &Config,
+        twilio: &TwilioConfig,
+        params: &[(String, String)],
+    ) -> String {
+        let sid = param(params, "MessageSid");
+        let from = param(params, "From").trim();
+        let who = masked(from);
+        let command = Command::parse(param(params, "Body"));
+        let label = command.label();
+        if let Some(earlier) = self.replayed(&config.flags, sid).await {
+            info!(sid, command = label, from = %who, "sms replayed; not acted on again");
+            self.count(label, "replayed");
+            return earlier;
+        }
+        if !twilio.allowed_numbers.iter().any(|n| n == from) {
+            warn!(sid, from = %who, "sms from a number not allowed to command");
+            self.count(label, "refused");
+            let summary = format!("SMS command refused from {who} (not in allowed_numbers)");
+            self.state
+                .events
+                .report(Source::Sms, Level::Warn, "sms refused", &summary);
+            self.alerts.notify_except(
+                Some("twilio"),
+                Severity::Warning,
+                "sms_refused",
+                &summary,
+                &format!("message: {}", param(params, "Body")),
+            );
+            let reply = "Sorry: this number may not command canarygate. Ask the on-call team \
+                         to add it to allowed_numbers."
+                .to_owned();
+            self.remember(&config.flags, sid, &reply).await;
+            return reply;
+        }
+        let outcome = self.carry_out(config, &command, &who).await;
+        info!(sid, command = label, result = outcome.result, from = %who, "sms command");
+        self.count(label, outcome.result);
+        let level = match outcome.result {
+            "ok" => Level::Info,
+            _ => Level::Warn,
+        };
+        self.state.events.report(
+            Source::Sms,
+            level,
+            "sms command",
+            format_args!("{label} from {who}: {}", outcome.result),
+        );
+        if let Some(summary) = &outcome.audit {
+            self.alerts.notify_except(
+                Some("twilio"),
+                Severity::Warning,
+                "sms_command",
+                summary,
+                &format!("reply: {}", outcome.reply),
+            );
+        }
+        let reply = cut(&outcome.reply);
+        if outcome.result == "failed" {
+            // Nothing was done: the same message may try again.
+            self.forget(&config.flags, sid).await;
+        } else {
+            self.remember(&config.flags, sid, &reply).await;
+        }
+        reply
+    }
+
+    async fn carry_out(&self, config: &Config, command: &Command, who: &str) -> Outcome {
+        // The lever a change moves, the record's new state, and why (the record's
+        // reason and the audit's summary).
+        let (lever, state, why) = match command {
+            Command::Ack(id) => return self.ack(id, who),
+            Command::Status => return Outcome::new("ok", self.status()),
+            Command::Invalid(_, reason) | Command::Help(reason) => {
+                return Outcome::new("invalid", format!("{reason}. {HELP}"));
+            }
+            Command::Rollback => (
+                (CANARY_PERCENT, "0".to_owned()),
+                "rolled_back",
+                format!("canary rolled back by SMS from {who}"),
+            ),
+            Command::Percent(percent) => (
+                (CANARY_PERCENT, percent.to_string()),
+                "manual",
+                format!("canary_percent {percent} set by SMS from {who}"),
+            ),
+            Command::Switch(on) => {
+                let value = if *on { "on" } else { "off" };
+                (
+                    (CANARY, value.to_owned()),
+                    "manual",
+                    format!("canary switched {value} by SMS from {who}"),
+                )
+            }
+        };
+        // The analysis must not move it back: canary_auto off, as after its own
+        // rollback; `canary_auto on` hands it back.
+        let levers = [lever, (CANARY_AUTO, "off".to_owned())];
+        let switch_off = !self.state.snapshot().flags.set.canary_enabled;
+        match self.change(config, &levers, state, &why).await {
+            Err(error) => {
+                warn!(%error, "sms command failed");
+                Outcome::new(
+                    "failed",
+                    format!("Failed, nothing changed: {error}. Try again, or use redis-cli."),
+                )
+            }
+            Ok(everywhere) => {
+                let reply = match command {
+                    Command::Rollback => format!(
+                        "Rolled back: canary_percent 0 {everywhere}. The analysis will not undo \
+                         it (canary_auto off); CANARY <n> or canary_auto on to resume."
+                    ),
+                    Command::Percent(percent) if switch_off => format!(
+                        "canary_percent {percent} {everywhere} (canary_auto off). The kill switch \
+                         is off: no canary traffic until CANARY ON."
+                    ),
+                    Command::Percent(percent) => {
+                        format!("canary_percent {percent} {everywhere} (canary_auto off).")
+                    }
+                    Command::Switch(on) => format!(
+                        "Canary {} {everywhere} (canary_auto off).",
+                        if *on { "on" } else { "off" }
+                    ),
+                    Command::Ack(_) | Command::Status | Command::Invalid(..) | Command::Help(_) => {
+                        String::new()
+                    }
+                };
+                Outcome {
+                    result: "ok",
+                    reply,
+                    audit: Some(why),
+                }
+            }
+        }
+    }
+
+    /// `ACK <id>`: silences the repeats of this process's firing alert `id`.
+    fn ack(&self, id: &str, who: &str) -> Outcome {
+        match self.alerts.ack(id) {
+            Some((kind, summary)) => Outcome {
+                result: "ok",
+                reply: format!(
+                    "Acknowledged {id} ({kind}: {summary}). No repeats until it resolves."
+                ),
+                audit: Some(format!(
+                    "alert {id} ({kind}) acknowledged by SMS from {who}"
+                )),
+            },
+            None => Outcome::new(
+                "invalid",
+                format!(
+                    "No firing alert {id} on {}. (Ids are in the alert messages.)",
+                    self.instance
+                ),
+            ),
+        }
+    }
+
+    /// Writes the levers and the analysis record (`state`, `reason`) in one
+    /// transaction; without Redis, this instance's flags only. Where it took effect.
+    async fn change(
+        &self,
+        config: &Config,
+        levers: &[(&str, String)],
+        state: &str,
+        reason: &str,
+    ) -> Result<&'static str, CommandError> {
+        let Some(url) = &config.flags.redis_url else {
+            apply_locally(&self.state, levers);
+            return Ok("on this proxy (no Redis configured)");
+        };
+        let client = open_client(url, &config.flags).map_err(CommandError::Settings)?;
+        let mut conn = connect(&client).await?;
+        let record = [
+            ("state", state.to_owned()),
+            ("reason", reason.to_owned()),
+            ("at", crate::ops::alerts::alert::now_rfc3339()),
+            ("instance", self.instance.clone()),
+        ];
+        let () = redis::pipe()
+            .atomic()
+            .hset_multiple(&config.flags.key, levers)
+            .ignore()
+            .hset_multiple(&config.analysis.redis_key, &record)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok("on every proxy (Redis)")
+    }
+
+    /// The split, both pools, the analysis and the flags, as this proxy sees them.
+    fn status(&self) -> String {
+        let snapshot = self.state.snapshot();
+        let flags = &snapshot.flags;
+        let configured = snapshot.config.routing.canary_percent;
+        let (_, secs, windows) = last_minute(&self.state);
+        let mut text = format!(
+            "canarygate {}\nsplit: canary {}% (config {configured}%, canary {})",
+            self.instance,
+            flags.effective_percent(configured),
+            if flags.set.canary_enabled {
+                "on"
+            } else {
+                "off"
+            },
+        );
+        for (name, w) in ["production", "canary"].iter().zip(&windows) {
+            let p99 = w
+                .p99_s
+                .map_or_else(|| "-".to_owned(), |s| format!("{:.0} ms", s * 1000.0));
+            let _ = write!(
+                text,
+                "\n{name}: {:.1} req/s, 5xx {:.2}%, p99 {p99}",
+                w.rate_per_s,
+                w.error_ratio * 100.0
+            );
+        }
+        let _ = write!(text, " (last {secs:.0} s)");
+        let view = self.state.analysis.view();
+        let analysis = match (view.enabled, view.state) {
+            (false, _) => "off".to_owned(),
+            (true, None) => "starting".to_owned(),
+            (true, Some(state)) if view.record.reason.is_empty() => state.as_str().to_owned(),
+            (true, Some(state)) => format!("{}: {}", state.as_str(), view.record.reason),
+        };
+        let _ = write!(text, "\nanalysis: {analysis}\nflags v{}:", flags.version);
+        if flags.set.values.is_empty() {
+            text.push_str(" none");
+        }
+        for (name, value) in &flags.set.values {
+            let _ = write!(text, " {name}={}", value.as_str());
+        }
+        text
+    }
+
+    /// The reply given to `sid` before, if it was handled (here, or by any proxy on
+    /// the same Redis); otherwise claims it.
+    async fn replayed(&self, flags: &FlagsConfig, sid: &str) -> Option<String> {
+        {
+            let mut seen = lock(&self.seen);
+            seen.retain(|_, (at, _)| at.elapsed() < REMEMBER);
+            if let Some((_, reply)) = seen.get(sid) {
+                return Some(reply.clone());
+            }
+        }
+        let claimed: Result<Option<String>, CommandError> = async {
+            let Some(conn) = self.redis(flags).await? else {
+                return Ok(None);
+            };
+            let mut conn = conn;
+            let key = format!("{SEEN_KEY_PREFIX}{sid}");
+            // SET NX GET: the earlier value if there was one, and claims it if not.
+            let (won, earlier): (Option<String>, Option<String>) = redis::pipe()
+                .cmd("SET")
+                .arg(&key)
+                .arg("")
+                .arg("NX")
+                .arg("EX")
+                .arg(REMEMBER.as_secs())
+                .cmd("GET")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await?;
+            Ok(won.is_none().then(|| {
+                earlier
+                    .filter(|r| !r.is_empty())
+                    .unwrap_or_else(|| "Already being handled.".to_owned())
+            }))
+        }
+        .await;
+        claimed.unwrap_or_else(|error| {
+            // Remembered here all the same; a state change needs Redis and says so.
+            warn!(%error, "sms: cannot check MessageSid in Redis");
+            None
+        })
+    }
+
+    async fn remember(&self, flags: &FlagsConfig, sid: &str, reply: &str) {
+        {
+            let mut seen = lock(&self.seen);
+            if seen.len() >= REMEMBER_MAX
+                && let Some(oldest) = seen
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+            {
+                seen.remove(&oldest);
+            }
+            seen.insert(sid.to_owned(), (Instant::now(), reply.to_owned()));
+        }
+        self.seen_in_redis(flags, sid, Some(reply)).await;
+    }
+
+    async fn forget(&self, flags: &FlagsConfig, sid: &str) {
+        self.seen_in_redis(flags, sid, None).await;
+    }
+
+    /// Stores the reply for `sid` in Redis, or drops the claim (`None`).
+    async fn seen_in_redis(&self, flags: &FlagsConfig, sid: &str, reply: Option<&str>) {
+        let key = format!("{SEEN_KEY_PREFIX}{sid}");
+        let result: Result<(), CommandError> = async {
+            let Some(mut conn) = self.redis(flags).await? else {
+                return Ok(());
+            };
+            let mut cmd = redis::cmd(if reply.is_some() { "SET" } else { "DEL" });
+            cmd.arg(&key);
+            if let Some(reply) = reply {
+                cmd.arg(reply).arg("EX").arg(REMEMBER.as_secs());
+            }
+            let _: redis::Value = cmd.query_async(&mut conn).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(error) = result {
+            warn!(%error, "sms: cannot store MessageSid in Redis");
+        }
+    }
+
+    /// A connection to the flags' Redis, if there is one (commands are rare: one
+    /// connection per message, nothing kept open).
+    async fn redis(
+        &self,
+        flags: &FlagsConfig,
+    ) -> Result<Option<redis::aio::MultiplexedConnection>, CommandError> {
+        let Some(url) = &flags.redis_url else {
+            return Ok(None);
+        };
+        let client = open_client(url, flags).map_err(CommandError::Settings)?;
+        Ok(Some(connect(&client).await?))
+    }
+
+    fn count(&self, command: &str, result: &str) {
+        self.state
+            .metrics
+            .sms_commands
+            .with_label_values(&[command, result])
+            .inc();
+    }
+}
+
+/// The first value of `name`, or "".
+fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// At most [`REPLY_MAX_CHARS`] characters.
+fn cut(text: &str) -> String {
+    if text.chars().count() <= REPLY_MAX_CHARS {
+        return text.to_owned();
+    }
+    let mut out: String = text.chars().take(REPLY_MAX_CHARS - 3).collect();
+    out.push_str("...");
+    out
+}
+
+fn respond_with(
+    status: StatusCode,
+    content_type: &'static str,
+    body: String,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
