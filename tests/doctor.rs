@@ -376,6 +376,9 @@ async fn only_when_impacting_waits_for_the_proxys_p99_and_the_email_tells_before
             .stderr(Stdio::null())
             .spawn()
             .expect("python3 -m aiosmtpd (pip install aiosmtpd)");
+        // Listening before the doctor's first report (a slow start would spend that
+        // email's tries).
+        wait_port(smtp_port).await;
         // A real proxy in front of a backend whose latency the test sets per request.
         let backend = TestBackend::start("production").await;
         let proxy = Proxy::start(&config_toml(&[backend.addr], &[], "")).await;
@@ -414,20 +417,31 @@ async fn only_when_impacting_waits_for_the_proxys_p99_and_the_email_tells_before
         // Then the service recovers, and the email says both.
         slow.store(false, std::sync::atomic::Ordering::Relaxed);
         let new = mail.0.join("box").join("new");
-        let mut message = String::new();
-        eventually(Duration::from_secs(20), "the kill's email", || {
-            let found = std::fs::read_dir(&new).ok().and_then(|d| {
+        let kill_email = || {
+            std::fs::read_dir(&new).ok().and_then(|d| {
                 d.filter_map(Result::ok)
                     .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
                     .find(|m| m.contains("doctor stopped pid"))
-            });
-            let done = found.is_some();
-            if let Some(m) = found {
-                message = m;
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let message = loop {
+            if let Some(m) = kill_email() {
+                break m;
             }
-            async move { done }
-        })
-        .await;
+            // On failure, what the doctor did and said is the diagnosis.
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no kill email in 30 s; alerts {:?}; doctor log:\n{}",
+                ns.metrics()
+                    .await
+                    .into_iter()
+                    .filter(|(k, _)| k.starts_with("canarygate_alerts_total"))
+                    .collect::<Vec<_>>(),
+                ns.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let text = message.replace("=\r\n", "").replace("=\n", "");
         assert!(text.contains("CRITICAL"), "{text}");
         assert!(text.contains("before: production p99"), "{text}");
