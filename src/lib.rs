@@ -11,7 +11,8 @@
 //! - [`proxy`]: the request path: decide, check, rewrite headers, forward, answer.
 //! - [`server`]: the client side: accept loop, workers, limits, parking, idle
 //!   timeout, the smuggling guard, the drain.
-//! - [`flags`]: the pure flag model, and the watcher that follows Redis.
+//! - [`flags`]: the pure flag model, the Redis store (one server, Sentinel, Cluster)
+//!   and the watcher that follows it.
 //! - [`upstream`]: backend pools, health state, active checks, the retry budget.
 //! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`]
 //!   (config, flags, pools) behind one `ArcSwap`.
@@ -23,6 +24,7 @@
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
 //! - [`http1`]: field rules both sides share (lists, hop-by-hop).
 //! - [`glob`]: shell-style file-name globs (maintenance's patterns).
+//! - [`fleet`]: the fleet as this instance last read it (the heartbeats' model).
 //! - [`clock`]: the process's monotonic millisecond clock.
 //! - [`worker`]: which worker thread this is (per-worker state is indexed by it).
 //!
@@ -35,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod demo;
 pub mod flags;
+pub mod fleet;
 pub mod glob;
 pub mod http1;
 pub mod observe;
@@ -160,11 +163,10 @@ pub async fn serve_all(
 
     // Background tasks stop after every server has drained.
     let tasks = CancellationToken::new();
-    let instance = format!(
-        "{}:{}",
-        ops::alerts::alert::hostname(),
-        listeners.proxy.local_addr().map_or(0, |a| a.port())
-    );
+    let instance = state.set_instance(instance_id(
+        &config,
+        listeners.proxy.local_addr().map_or(0, |a| a.port()),
+    ));
     let (alerts, channels) = ops::alerts::Dispatcher::new(
         &config.alerts,
         &instance,
@@ -212,6 +214,7 @@ pub async fn serve_all(
         tokio::spawn(
             flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),
         ),
+        tokio::spawn(ops::fleet::run(state.clone(), tasks.clone()).instrument(info_span!("fleet"))),
         tokio::spawn(
             stats::run(
                 Arc::clone(&state.stats),
@@ -347,6 +350,16 @@ pub async fn serve_all(
     }
     info!("stopped");
     Ok(())
+}
+
+/// This instance's id: `server.instance_id`, else `hostname:port` of the proxy
+/// listener.
+pub fn instance_id(config: &Config, port: u16) -> String {
+    config
+        .server
+        .instance_id
+        .clone()
+        .unwrap_or_else(|| format!("{}:{port}", ops::alerts::alert::hostname()))
 }
 
 /// Starts one thread per extra listener, each with a single-threaded runtime serving

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{Instrument as _, error, info, warn};
 
 // mimalloc: measurably faster than glibc malloc for the proxy's many small,
 // short-lived allocations (headers, buffers) across threads. Built with `no_thp`:
@@ -430,19 +430,22 @@ async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
 fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("cannot install SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot install SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
-            _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                _ = term.recv() => info!(signal = "SIGTERM", "shutting down"),
+                _ = int.recv() => info!(signal = "SIGINT", "shutting down"),
+            }
+            token.cancel();
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            warn!("second signal; exiting without draining");
+            std::process::exit(130);
         }
-        token.cancel();
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        warn!("second signal; exiting without draining");
-        std::process::exit(130);
-    });
+        .in_current_span(),
+    );
     Ok(())
 }
 
@@ -460,25 +463,37 @@ async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> 
             None => None,
         },
     };
-    info!(config = %path.display(), "config loaded");
-    let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone())?;
-    let state = canarygate::state::AppState::new(config);
-    spawn_reload_handler(state.clone(), path.to_owned())?;
-    canarygate::serve_all(listeners, state, shutdown).await?;
-    Ok(())
+    // The proxy's log lines carry its fleet id: its tasks', listeners' and signal
+    // handlers' spans nest in this one. (Per-connection tasks do not enter it: a
+    // span entered on every poll of every connection costs the request path.)
+    let instance = canarygate::instance_id(&config, listeners.proxy.local_addr()?.port());
+    let span = tracing::info_span!("proxy", instance = %instance);
+    async move {
+        info!(config = %path.display(), "config loaded");
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone())?;
+        let state = canarygate::state::AppState::new(config);
+        spawn_reload_handler(state.clone(), path.to_owned())?;
+        canarygate::serve_all(listeners, state, shutdown).await?;
+        Ok(())
+    }
+    .instrument(span)
+    .await
 }
 
 /// Re-reads the config on SIGHUP; a bad one is logged and the running one kept.
 fn spawn_reload_handler(state: canarygate::state::AppState, path: PathBuf) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot install SIGHUP handler")?;
-    tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            info!(signal = "SIGHUP", "reloading config");
-            // The outcome is logged, counted and recorded as an event by reload().
-            let _ = canarygate::reload(&state, &path);
+    tokio::spawn(
+        async move {
+            while hup.recv().await.is_some() {
+                info!(signal = "SIGHUP", "reloading config");
+                // The outcome is logged, counted and recorded as an event by reload().
+                let _ = canarygate::reload(&state, &path);
+            }
         }
-    });
+        .in_current_span(),
+    );
     Ok(())
 }
 

@@ -60,6 +60,11 @@ pub struct AppState {
     flag_store: Arc<watch::Sender<u64>>,
     /// `[server] access_log`, when set.
     pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
+    /// This instance's id (`server.instance_id`, or `hostname:port`), set once the
+    /// proxy listener is bound.
+    instance: Arc<std::sync::OnceLock<String>>,
+    /// The fleet as the heartbeat task last read it (`/fleet`, the status page).
+    pub fleet: Arc<crate::fleet::Board>,
 }
 
 impl AppState {
@@ -98,7 +103,20 @@ impl AppState {
             events: Arc::default(),
             stats: Arc::default(),
             analysis: Arc::default(),
+            instance: Arc::default(),
+            fleet: Arc::default(),
         }
+    }
+
+    /// Names this instance (`serve_all`, once the proxy listener is bound). The
+    /// first call wins; returns the id in force.
+    pub fn set_instance(&self, id: String) -> String {
+        self.instance.get_or_init(|| id).clone()
+    }
+
+    /// This instance's id ("" before the proxy is listening).
+    pub fn instance(&self) -> &str {
+        self.instance.get().map_or("", String::as_str)
     }
 
     /// The current snapshot; hold it for the whole request.

@@ -426,30 +426,42 @@ async fn steps_advance_on_a_healthy_canary_and_a_hand_written_percent_pauses_the
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_proxies_on_one_redis_roll_back_once_and_both_obey() {
+async fn three_proxies_on_one_redis_roll_back_once_and_all_obey() {
     within(60, async {
         let redis = RedisServer::start();
         let production = AppBackend::start(0, 0).await;
         let canary = AppBackend::start(5, 0).await;
         let config = toml(production.addr, canary.addr, Some(&redis), "");
-        let (a, b) = (Proxy::start(&config).await, Proxy::start(&config).await);
-        let traffic = Traffic::start(&[a.url("/"), b.url("/")], 8);
+        let fleet = [
+            Proxy::start(&config).await,
+            Proxy::start(&config).await,
+            Proxy::start(&config).await,
+        ];
+        let urls: Vec<String> = fleet.iter().map(|p| p.url("/")).collect();
+        let traffic = Traffic::start(&urls, 8);
         eventually(Duration::from_secs(20), "rolled back", || async {
             redis.cli(&["HGET", "canarygate:analysis", "state"]) == "rolled_back"
         })
         .await;
-        for proxy in [&a, &b] {
-            eventually(Duration::from_secs(5), "both follow", || async {
+        for proxy in &fleet {
+            eventually(Duration::from_secs(5), "all follow", || async {
                 proxy.state.snapshot().flags.set.canary_percent == Some(0)
             })
             .await;
         }
-        // No flapping: for 8 more checks nothing moves on either instance.
-        let versions = [&a, &b].map(|p| p.state.snapshot().flags.version);
+        // No flapping: for 8 more checks nothing moves on any instance.
+        let versions: Vec<u64> = fleet
+            .iter()
+            .map(|p| p.state.snapshot().flags.version)
+            .collect();
         let at = redis.cli(&["HGET", "canarygate:analysis", "at"]);
         tokio::time::sleep(Duration::from_millis(2_000)).await;
         drop(traffic);
-        assert_eq!(versions, [&a, &b].map(|p| p.state.snapshot().flags.version));
+        let after: Vec<u64> = fleet
+            .iter()
+            .map(|p| p.state.snapshot().flags.version)
+            .collect();
+        assert_eq!(versions, after);
         assert_eq!(
             redis.cli(&["HGET", "canarygate:flags", "canary_percent"]),
             "0"
@@ -459,7 +471,7 @@ async fn two_proxies_on_one_redis_roll_back_once_and_both_obey() {
             at,
             "record unchanged"
         );
-        // Exactly one instance rolled back; the other followed it.
+        // Exactly one instance rolled back; the others followed it.
         let rollbacks = |p: &Proxy| {
             p.state
                 .events
@@ -468,12 +480,13 @@ async fn two_proxies_on_one_redis_roll_back_once_and_both_obey() {
                 .filter(|e| e.message.starts_with("canary rolled back:"))
                 .count()
         };
-        assert_eq!(rollbacks(&a) + rollbacks(&b), 1);
-        for p in [&a, &b] {
+        assert_eq!(fleet.iter().map(rollbacks).sum::<usize>(), 1);
+        for p in &fleet {
             assert_eq!(analysis(p).await["state"], "rolled_back");
         }
-        a.stop().await;
-        b.stop().await;
+        for p in fleet {
+            p.stop().await;
+        }
     })
     .await;
 }

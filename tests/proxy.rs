@@ -77,12 +77,7 @@ async fn cookie_keeps_a_client_on_one_pool() {
         }
         // A client whose cookie is among others still keeps its pool.
         let first = get(&c, &proxy.url("/"), &[]).await;
-        let cookie = first
-            .header("set-cookie")
-            .split(';')
-            .next()
-            .unwrap()
-            .to_owned();
+        let cookie = first.cookie();
         let got = get(
             &c,
             &proxy.url("/"),

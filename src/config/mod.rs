@@ -23,6 +23,7 @@ pub mod alerts;
 pub mod analysis;
 pub mod doctor;
 pub mod maintenance;
+pub mod redis_url;
 pub mod sidecar;
 
 use crate::config::alerts::AlertsConfig;
@@ -102,6 +103,33 @@ pub struct Config {
     /// Read by `canarygate maintenance` (its own process); validated here too.
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
+    #[serde(default)]
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`: the heartbeats every instance writes to the flags' Redis, and what
+/// `/fleet` lists (see `ops::fleet`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetConfig {
+    /// A heartbeat this often.
+    pub heartbeat_ms: u64,
+    /// An instance is listed while its last heartbeat is younger than this; it is
+    /// also the heartbeat key's TTL.
+    pub seen_ms: u64,
+    /// The index (a sorted set of instance ids by last heartbeat); each heartbeat is
+    /// the string `<key>:<instance id>`.
+    pub key: String,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 2_000,
+            seen_ms: 30_000,
+            key: "canarygate:fleet".to_owned(),
+        }
+    }
 }
 
 /// `[resources]`: the host resource watch (see `ops::resources`).
@@ -170,6 +198,9 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// One line per proxied request appended to this file (read at start).
     pub access_log: Option<PathBuf>,
+    /// This instance's name in the fleet (heartbeats, /fleet, /flags, /analysis,
+    /// alerts, logs); default `hostname:listen port`. Read at start.
+    pub instance_id: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -181,6 +212,7 @@ impl Default for ServerConfig {
             drain_timeout_ms: 10_000,
             tls: None,
             access_log: None,
+            instance_id: None,
         }
     }
 }
@@ -636,6 +668,7 @@ impl Config {
         self.analysis.validate()?;
         self.doctor.validate()?;
         self.maintenance.validate()?;
+        self.validate_fleet()?;
         let t = &self.timeouts;
         for (key, value) in [
             ("timeouts.connect_ms", t.connect_ms),
@@ -654,16 +687,84 @@ impl Config {
 }
 
 impl Config {
+    fn validate_fleet(&self) -> Result<(), Violation> {
+        let fleet = &self.fleet;
+        let fail = |key: &str, message: String| {
+            Err(Violation {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        if fleet.heartbeat_ms == 0 {
+            return fail("fleet.heartbeat_ms", "must be greater than 0".to_owned());
+        }
+        if fleet.seen_ms < fleet.heartbeat_ms.saturating_mul(2) {
+            return fail(
+                "fleet.seen_ms",
+                format!(
+                    "{} must be at least twice fleet.heartbeat_ms ({}): one late heartbeat \
+                     would drop a live instance",
+                    fleet.seen_ms, fleet.heartbeat_ms
+                ),
+            );
+        }
+        if fleet.key.is_empty() {
+            return fail("fleet.key", "must not be empty".to_owned());
+        }
+        if let Some(id) = &self.server.instance_id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control() || c == ' '))
+        {
+            return fail(
+                "server.instance_id",
+                format!("{id:?} must be 1 to 128 characters without spaces or controls"),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_flags(&self) -> Result<(), Violation> {
         let f = &self.flags;
         let fail = |key: String, message: String| Err(Violation { key, message });
         if let Some(url) = &f.redis_url {
-            let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
-            if !scheme_ok {
-                return fail(
-                    "flags.redis_url".to_owned(),
-                    format!("`{url}` must start with redis:// or rediss://"),
-                );
+            match redis_url::parse(url) {
+                Err(message) => {
+                    return fail("flags.redis_url".to_owned(), format!("`{url}`: {message}"));
+                }
+                Ok(redis_url::RedisUrl::Cluster { .. }) => {
+                    // Keys written together (one script, one transaction) must be in
+                    // one slot: the same hash tag.
+                    let tag = redis_url::hash_tag(&f.key);
+                    if tag.is_none() {
+                        return fail(
+                            "flags.key".to_owned(),
+                            format!(
+                                "`{}` needs a hash tag on a Redis Cluster, e.g. \"{{canarygate}}:flags\"",
+                                f.key
+                            ),
+                        );
+                    }
+                    if redis_url::hash_tag(&self.fleet.key) != tag {
+                        return fail(
+                            "fleet.key".to_owned(),
+                            format!(
+                                "`{}` needs flags.key's hash tag on a Redis Cluster, e.g. \"{{{}}}:fleet\"",
+                                self.fleet.key,
+                                tag.unwrap_or_default()
+                            ),
+                        );
+                    }
+                    if redis_url::hash_tag(&self.analysis.redis_key) != tag {
+                        return fail(
+                            "analysis.redis_key".to_owned(),
+                            format!(
+                                "`{}` needs flags.key's hash tag on a Redis Cluster, e.g. \"{{{}}}:analysis\"",
+                                self.analysis.redis_key,
+                                tag.unwrap_or_default()
+                            ),
+                        );
+                    }
+                }
+                Ok(_) => {}
             }
         }
         if f.key.is_empty() {

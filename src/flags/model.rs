@@ -106,6 +106,36 @@ pub struct FlagSet {
     pub canary_auto: bool,
 }
 
+impl FlagSet {
+    /// See [`Flags::digest`].
+    pub fn digest(&self) -> String {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut eat = |bytes: &[u8]| {
+            for b in bytes {
+                hash ^= u64::from(*b);
+                hash = hash.wrapping_mul(PRIME);
+            }
+        };
+        for (name, value) in &self.values {
+            eat(name.as_bytes());
+            eat(b"=");
+            eat(value.as_str().as_bytes());
+            eat(b";");
+        }
+        let percent = self
+            .canary_percent
+            .map_or_else(|| "-".to_owned(), |p| p.to_string());
+        eat(format!(
+            "canary_percent={percent};canary={};canary_auto={}",
+            self.canary_enabled, self.canary_auto
+        )
+        .as_bytes());
+        format!("{hash:016x}")
+    }
+}
+
 impl Default for FlagSet {
     fn default() -> Self {
         Self {
@@ -236,6 +266,13 @@ impl Flags {
         }
     }
 
+    /// What the flags say, as 16 hex digits (FNV-1a 64 over every flag and the
+    /// reserved fields): equal on two instances exactly when they apply the same
+    /// flags, unlike `version`, which counts this process's changes.
+    pub fn digest(&self) -> String {
+        self.set.digest()
+    }
+
     /// The canary share requests see: 0 while the kill switch is off.
     pub fn effective_percent(&self, configured: u8) -> u8 {
         if self.set.canary_enabled {
@@ -252,6 +289,27 @@ mod tests {
 
     fn set(pairs: &[(&str, &str)]) -> (FlagSet, Vec<Rejected>) {
         build(pairs.iter().copied(), &FlagSet::default())
+    }
+
+    #[test]
+    fn the_digest_changes_with_any_flag_and_only_then() {
+        let (a, _) = set(&[("beta", "on"), ("theme", "dark")]);
+        let (b, _) = set(&[("theme", "dark"), ("beta", "true")]);
+        assert_eq!(a.digest(), b.digest(), "same flags, any order or spelling");
+        assert_eq!(a.digest().len(), 16);
+        for other in [
+            set(&[("beta", "off"), ("theme", "dark")]).0,
+            set(&[("beta", "on")]).0,
+            set(&[("beta", "on"), ("theme", "dark"), ("canary_percent", "5")]).0,
+            set(&[("beta", "on"), ("theme", "dark"), ("canary", "off")]).0,
+            set(&[("beta", "on"), ("theme", "dark"), ("canary_auto", "off")]).0,
+        ] {
+            assert_ne!(a.digest(), other.digest(), "{other:?}");
+        }
+        // Fixed across releases and machines (FNV-1a 64 of
+        // "beta=on;theme=dark;canary_percent=-;canary=true;canary_auto=true",
+        // computed independently), so mixed versions in a fleet compare.
+        assert_eq!(a.digest(), "1db9932b14672fbb");
     }
 
     #[test]

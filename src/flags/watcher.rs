@@ -14,8 +14,9 @@ use redis::AsyncCommands as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{FlagsConfig, expand_env};
+use crate::config::FlagsConfig;
 use crate::flags::model::{Rejected, Source as FlagSource, build};
+use crate::flags::store::{COMMAND_TIMEOUT, Conn, Store};
 use crate::observe::events::{Level, Source};
 use crate::state::AppState;
 
@@ -30,9 +31,7 @@ pub enum FlagStoreError {
     Closed,
 }
 
-/// How long one Redis command may take before the session is considered broken.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Reconnect backoff: doubles from the first value up to the cap.
+/// Reconnect backoff: doubles from the first value up to the cap (or `poll_ms`).
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
@@ -68,8 +67,8 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
         debug!("no redis_url; flags come from [flags.static]");
         return std::future::pending().await;
     };
-    let client = match open_client(url, config) {
-        Ok(client) => client,
+    let store = match Store::open(url, config) {
+        Ok(store) => store,
         Err(error) => {
             warn!(%error, "cannot use flags.redis_url; serving static flags");
             return std::future::pending().await;
@@ -84,38 +83,17 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
     };
     let mut backoff = BACKOFF_FIRST;
     loop {
-        if let Err(error) = watcher.session(&client).await {
+        if let Err(error) = watcher.session(&store).await {
             if watcher.session_reached_redis() {
                 backoff = BACKOFF_FIRST;
             }
             watcher.set_up(false, Some(&error));
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_CAP);
-    }
-}
-
-/// Builds the Redis client: the URL with `${VAR}` expanded, and a private CA if set.
-/// (The canary analysis writes to the same Redis with it.)
-pub fn open_client(url: &str, config: &FlagsConfig) -> Result<redis::Client, String> {
-    // rustls needs a process-wide crypto provider for rediss://; a second install
-    // (another proxy in the same process) is refused harmlessly.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let url = expand_env(url)?;
-    match &config.tls_ca_path {
-        None => redis::Client::open(url.as_str()).map_err(|e| e.to_string()),
-        Some(path) => {
-            let root_cert = std::fs::read(path)
-                .map_err(|e| format!("cannot read flags.tls_ca_path {}: {e}", path.display()))?;
-            redis::Client::build_with_tls(
-                url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-            .map_err(|e| e.to_string())
-        }
+        // Never longer than poll_ms: after a Sentinel failover a flip must arrive
+        // within poll_ms of the new master taking writes.
+        let cap = BACKOFF_CAP.min(Duration::from_millis(config.poll_ms).max(BACKOFF_FIRST));
+        backoff = (backoff * 2).min(cap);
     }
 }
 
@@ -160,14 +138,20 @@ impl Watcher {
     }
 
     /// One connection's life: subscribe, read, then re-read on every notification
-    /// and every poll tick. Returns on the first error.
-    async fn session(&mut self, client: &redis::Client) -> Result<(), FlagStoreError> {
-        let mut conn = connect(client).await?;
-        self.enable_notifications(&mut conn).await;
-        let db = client.get_connection_info().redis_settings().db();
-        let mut pubsub = timed(client.get_async_pubsub()).await?;
-        timed(pubsub.subscribe(format!("__keyspace@{db}__:{}", self.settings.key))).await?;
-        let mut messages = pubsub.into_on_message();
+    /// and every poll tick. Returns on the first error. (A Redis Cluster sends
+    /// keyspace notifications from the node holding the key only: there, polling.)
+    async fn session(&mut self, store: &Store) -> Result<(), FlagStoreError> {
+        let mut conn = timed(store.connect()).await?;
+        let mut messages = if store.is_cluster() {
+            futures_util::stream::pending().boxed()
+        } else {
+            self.enable_notifications(&mut conn).await;
+            let client = timed(store.node_client()).await?;
+            let db = client.get_connection_info().redis_settings().db();
+            let mut pubsub = timed(client.get_async_pubsub()).await?;
+            timed(pubsub.subscribe(format!("__keyspace@{db}__:{}", self.settings.key))).await?;
+            pubsub.into_on_message().map(|_| ()).boxed()
+        };
 
         self.refresh(&mut conn).await?;
         self.set_up(true, None);
@@ -177,7 +161,7 @@ impl Watcher {
         loop {
             tokio::select! {
                 message = messages.next() => match message {
-                    Some(_) => self.refresh(&mut conn).await?,
+                    Some(()) => self.refresh(&mut conn).await?,
                     None => return Err(FlagStoreError::Closed),
                 },
                 _ = tick.tick() => self.refresh(&mut conn).await?,
@@ -187,7 +171,7 @@ impl Watcher {
 
     /// Turns on keyspace notifications for hashes ("Kh"), keeping the classes already
     /// set. Managed Redis often refuses CONFIG: then polling alone carries changes.
-    async fn enable_notifications(&mut self, conn: &mut redis::aio::MultiplexedConnection) {
+    async fn enable_notifications(&mut self, conn: &mut Conn) {
         let result: Result<(), redis::RedisError> = async {
             let (_, current): (String, String) = redis::cmd("CONFIG")
                 .arg("GET")
@@ -224,10 +208,7 @@ impl Watcher {
     }
 
     /// Reads the whole hash and swaps in a new snapshot if anything changed.
-    async fn refresh(
-        &mut self,
-        conn: &mut redis::aio::MultiplexedConnection,
-    ) -> Result<(), FlagStoreError> {
+    async fn refresh(&mut self, conn: &mut Conn) -> Result<(), FlagStoreError> {
         let raw: Vec<(String, String)> = timed(conn.hgetall(&self.settings.key)).await?;
         let snapshot = self.state.snapshot();
         if snapshot.config.flags.store_differs(&self.settings) {
@@ -263,18 +244,6 @@ impl Watcher {
             );
         }
     }
-}
-
-/// A connection whose every command gives up after 2 s (`COMMAND_TIMEOUT`).
-pub async fn connect(
-    client: &redis::Client,
-) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(Some(COMMAND_TIMEOUT));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
 }
 
 async fn timed<T, E>(fut: impl Future<Output = Result<T, E>>) -> Result<T, FlagStoreError>

@@ -37,6 +37,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
             | "/flags"
             | "/events"
             | "/analysis"
+            | "/fleet"
             | "/favicon.ico"
     );
     if !known {
@@ -58,7 +59,12 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         },
         "/flags" => json_response(&flags_json(state)),
         "/events" => json_response(&json!({ "events": state.events.recent(RECENT_EVENTS) })),
-        "/analysis" => json_response(&analysis_page::json(&state.analysis.view())),
+        "/analysis" => {
+            let mut analysis = analysis_page::json(&state.analysis.view());
+            analysis["instance"] = json!(state.instance());
+            json_response(&analysis)
+        }
+        "/fleet" => json_response(&fleet_json(state)),
         "/favicon.ico" => respond_with(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),
         _ => respond_with(
             StatusCode::OK,
@@ -101,7 +107,9 @@ pub fn flags_json(state: &AppState) -> serde_json::Value {
         .map(|(field, n)| (field, json!(n)))
         .collect();
     json!({
+        "instance": state.instance(),
         "version": flags.version,
+        "digest": flags.digest(),
         "source": flags.source.as_str(),
         "updated_at": humantime::format_rfc3339_millis(flags.updated_at).to_string(),
         "store_connected": state.flag_store_up(),
@@ -133,6 +141,84 @@ pub fn last_minute(state: &AppState) -> (Sample, f64, [PoolWindow; 2]) {
         stats::window(&older, now.pool(kind), window_secs)
     });
     (now, window_secs, windows)
+}
+
+/// The fleet as this instance last read it.
+pub fn fleet_json(state: &AppState) -> serde_json::Value {
+    let view = state.fleet.view();
+    let seen_ms = state.snapshot().config.fleet.seen_ms;
+    let now = crate::clock::unix_ms();
+    let instances: Vec<serde_json::Value> = view
+        .members
+        .iter()
+        .map(|m| {
+            let mut member = serde_json::to_value(m).unwrap_or_default();
+            member["age_ms"] = json!(now.saturating_sub(m.at_ms));
+            member["this"] = json!(m.id == view.instance);
+            member
+        })
+        .collect();
+    json!({
+        "instance": view.instance,
+        "shared": view.shared,
+        "store_connected": view.connected,
+        "as_of": humantime::format_rfc3339_millis(unix(view.read_at_ms)).to_string(),
+        "seen_ms": seen_ms,
+        "count": view.members.len(),
+        "flags_in_sync": view.in_sync(),
+        "instances": instances,
+    })
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn seconds(ms: u64) -> f64 {
+    ms as f64 / 1000.0
+}
+
+fn unix(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+fn fleet_section(state: &AppState) -> String {
+    let view = state.fleet.view();
+    let now = crate::clock::unix_ms();
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<section><h2>Fleet</h2><p class=\"muted\">{} instance{} &middot; flags {} &middot; {}</p>\
+         <table><tr><th>instance</th><th>version</th><th>flags</th><th>canary</th><th>analysis</th><th>heartbeat</th></tr>",
+        view.members.len(),
+        if view.members.len() == 1 { "" } else { "s" },
+        if view.in_sync() {
+            "in sync"
+        } else {
+            "<span class=\"bad\">NOT in sync</span>"
+        },
+        match (view.shared, view.connected) {
+            (false, _) => "no Redis: this instance alone".to_owned(),
+            (true, true) => "from Redis".to_owned(),
+            (true, false) => format!(
+                "<span class=\"bad\">Redis unreachable: as of {} s ago</span>",
+                now.saturating_sub(view.read_at_ms) / 1000
+            ),
+        },
+    );
+    for m in &view.members {
+        let _ = write!(
+            html,
+            "<tr><td>{}{}</td><td>{}</td><td>v{} {}</td><td>{}%</td><td>{}</td><td>{:.1} s ago</td></tr>",
+            escape_html(&m.id),
+            if m.id == view.instance { " (this)" } else { "" },
+            escape_html(&m.version),
+            m.flags_version,
+            escape_html(&m.flags_digest),
+            m.effective_canary_percent,
+            escape_html(&m.analysis_state),
+            seconds(now.saturating_sub(m.at_ms)),
+        );
+    }
+    html.push_str("</table></section>");
+    html
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -262,6 +348,7 @@ fn status_page(state: &AppState) -> String {
         crate::clock::unix_ms(),
     ));
 
+    html.push_str(&fleet_section(state));
     let _ = write!(
         html,
         "<section><h2>Flags</h2><p class=\"muted\">version {} from {} &middot; store {} &middot; updated {}</p><table><tr><th>flag</th><th>value</th></tr>",

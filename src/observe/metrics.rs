@@ -134,6 +134,9 @@ pub struct Metrics {
     flag_enabled: IntGaugeVec,
     flag_rejected: IntCounterVec,
     pub client_connections: IntGauge,
+    /// `canarygate_fleet_instances`, `canarygate_fleet_flags_in_sync`.
+    pub fleet_instances: IntGauge,
+    pub fleet_flags_in_sync: IntGauge,
     pub parked_connections: IntGauge,
     /// Open plain-HTTP client connections per worker thread (`--workers`).
     pub worker_connections: IntGaugeVec,
@@ -283,6 +286,15 @@ impl Metrics {
                 "Requests being proxied now, by pool.",
             ),
             &["pool"],
+        ));
+        let fleet_instances = must(IntGauge::new(
+            "canarygate_fleet_instances",
+            "Instances whose heartbeat this one read in the last fleet.seen_ms (itself \
+             included; without Redis, 1).",
+        ));
+        let fleet_flags_in_sync = must(IntGauge::new(
+            "canarygate_fleet_flags_in_sync",
+            "1 when every instance seen applies the same flags (same digest), else 0.",
         ));
         let client_connections = must(IntGauge::new(
             "canarygate_client_connections",
@@ -469,6 +481,8 @@ impl Metrics {
         reg(Box::new(client_resets.clone()));
         reg(Box::new(in_flight.clone()));
         reg(Box::new(client_connections.clone()));
+        reg(Box::new(fleet_instances.clone()));
+        reg(Box::new(fleet_flags_in_sync.clone()));
         reg(Box::new(parked_connections.clone()));
         reg(Box::new(worker_connections.clone()));
         reg(Box::new(connections_handed_off.clone()));
@@ -538,6 +552,8 @@ impl Metrics {
             flag_enabled,
             flag_rejected,
             client_connections,
+            fleet_instances,
+            fleet_flags_in_sync,
             parked_connections,
             worker_connections,
             connections_handed_off,

@@ -26,7 +26,7 @@ use crate::config::FlagsConfig;
 use crate::config::alerts::Severity;
 use crate::config::analysis::AnalysisConfig;
 use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT, FlagSet, build};
-use crate::flags::watcher::{connect, open_client};
+use crate::flags::store::{Conn, Store as RedisDeployment};
 use crate::observe::events::{Level, Source};
 use crate::ops::alerts::Dispatcher;
 use crate::state::AppState;
@@ -68,8 +68,8 @@ enum Store {
 }
 
 struct RedisStore {
-    client: redis::Client,
-    conn: Option<redis::aio::MultiplexedConnection>,
+    deployment: RedisDeployment,
+    conn: Option<Conn>,
     /// The settings it was opened with (the flag hash is `flags.key`): others
     /// mean a new store.
     flags: FlagsConfig,
@@ -84,7 +84,7 @@ impl Store {
             });
         };
         Ok(Self::Redis(Box::new(RedisStore {
-            client: open_client(url, flags).map_err(StoreError::Settings)?,
+            deployment: RedisDeployment::open(url, flags).map_err(StoreError::Settings)?,
             conn: None,
             flags: flags.clone(),
             record_key: record_key.to_owned(),
@@ -107,7 +107,7 @@ impl Store {
         match self {
             Self::Local { record } => Ok((record.clone(), levers(&current.set))),
             Self::Redis(redis) => {
-                let conn = connection(&redis.client, &mut redis.conn).await?;
+                let conn = connection(&redis.deployment, &mut redis.conn).await?;
                 let (record, raw) = read_raw(conn, &redis.flags.key, &redis.record_key).await?;
                 let (set, _) = build(raw.iter().map(|(k, v)| (*k, v.as_str())), &current.set);
                 Ok((record, levers(&set)))
@@ -134,7 +134,7 @@ impl Store {
                 Ok(true)
             }
             Self::Redis(redis) => {
-                let conn = connection(&redis.client, &mut redis.conn).await?;
+                let conn = connection(&redis.deployment, &mut redis.conn).await?;
                 let script = redis::Script::new(WRITE_SCRIPT);
                 let mut invocation = script.key(&redis.flags.key);
                 invocation
@@ -164,7 +164,7 @@ impl Store {
 
 /// The record and the reserved flags' raw values, in one atomic read.
 async fn read_raw(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut Conn,
     flags_key: &str,
     record_key: &str,
 ) -> Result<(Record, Vec<(&'static str, String)>), StoreError> {
@@ -197,17 +197,17 @@ pub async fn shared_status(
                 .to_owned(),
         )
     })?;
-    let client = open_client(url, flags).map_err(StoreError::Settings)?;
-    let mut conn = connect(&client).await?;
+    let deployment = RedisDeployment::open(url, flags).map_err(StoreError::Settings)?;
+    let mut conn = deployment.connect().await?;
     read_raw(&mut conn, &flags.key, record_key).await
 }
 
 async fn connection<'a>(
-    client: &redis::Client,
-    conn: &'a mut Option<redis::aio::MultiplexedConnection>,
-) -> Result<&'a mut redis::aio::MultiplexedConnection, StoreError> {
+    deployment: &RedisDeployment,
+    conn: &'a mut Option<Conn>,
+) -> Result<&'a mut Conn, StoreError> {
     if conn.is_none() {
-        *conn = Some(connect(client).await?);
+        *conn = Some(deployment.connect().await?);
     }
     Ok(conn.as_mut().unwrap_or_else(|| unreachable!("set above")))
 }

@@ -5,6 +5,7 @@
 //! - [`resources`]: the host resource watch (CPU, memory, disks) and its alerts.
 //! - [`memory`]: returns the memory idle connections hold.
 //! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
+//! - [`fleet`]: heartbeats to Redis and the fleet view (`/fleet`).
 //! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
 //! - [`maintenance`]: `canarygate maintenance`, a process of its own: archives logs
 //!   to secondary storage, verified, before the disk fills.
@@ -15,6 +16,7 @@
 pub mod alerts;
 pub mod analysis;
 pub mod doctor;
+pub mod fleet;
 pub mod maintenance;
 pub mod memory;
 pub mod resources;

@@ -637,6 +637,15 @@ impl Got {
     pub fn pool(&self) -> &str {
         self.header("x-canarygate-pool")
     }
+
+    /// The `name=value` of the `Set-Cookie` it carries, to send back as `Cookie`.
+    pub fn cookie(&self) -> String {
+        self.header("set-cookie")
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .to_owned()
+    }
 }
 
 /// GET `url` with extra headers.

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::config::alerts::{TwilioConfig, secret};
 use crate::config::{Config, FlagsConfig};
 use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT};
-use crate::flags::watcher::{connect, open_client};
+use crate::flags::store::{Conn, Store};
 use crate::observe::admin::last_minute;
 use crate::observe::events::{Level, Source};
 use crate::ops::alerts::{Dispatcher, Severity};
@@ -445,8 +445,8 @@ impl Sms {
             apply_locally(&self.state, levers);
             return Ok("on this proxy (no Redis configured)");
         };
-        let client = open_client(url, &config.flags).map_err(CommandError::Settings)?;
-        let mut conn = connect(&client).await?;
+        let store = Store::open(url, &config.flags).map_err(CommandError::Settings)?;
+        let mut conn = store.connect().await?;
         let record = [
             ("state", state.to_owned()),
             ("reason", reason.to_owned()),
@@ -594,15 +594,12 @@ impl Sms {
 
     /// A connection to the flags' Redis, if there is one (commands are rare: one
     /// connection per message, nothing kept open).
-    async fn redis(
-        &self,
-        flags: &FlagsConfig,
-    ) -> Result<Option<redis::aio::MultiplexedConnection>, CommandError> {
+    async fn redis(&self, flags: &FlagsConfig) -> Result<Option<Conn>, CommandError> {
         let Some(url) = &flags.redis_url else {
             return Ok(None);
         };
-        let client = open_client(url, flags).map_err(CommandError::Settings)?;
-        Ok(Some(connect(&client).await?))
+        let store = Store::open(url, flags).map_err(CommandError::Settings)?;
+        Ok(Some(store.connect().await?))
     }
 
     fn count(&self, command: &str, result: &str) {
