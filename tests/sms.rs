@@ -168,10 +168,14 @@ impl Stack {
             Peer::start(Mode::Created).await,
         );
         let backends = two_pools().await;
+        // A fleet name: it is in the STATUS reply and in every alert.
         let proxy = Proxy::start(&config_toml(
             &[backends.0.addr],
             &[backends.1.addr],
-            &sms_toml(Some(&redis.url()), &twilio, &hook, ""),
+            &format!(
+                "[server]\ninstance_id = \"edge-sms\"\n{}",
+                sms_toml(Some(&redis.url()), &twilio, &hook, "")
+            ),
         ))
         .await;
         Self {
@@ -344,6 +348,7 @@ async fn rollback_by_sms_moves_every_request_to_production_and_tells_the_team() 
         // event, the counter.
         let audit = heard(hook, "canary rolled back by SMS from +1...6789").await;
         assert!(audit.contains("\"kind\":\"sms_command\""), "{audit}");
+        assert!(audit.contains("\"instance\":\"edge-sms\""), "{audit}");
         assert_eq!(sms_metric(proxy, "rollback", "ok"), 1);
         let events = get_json(&client(), &format!("http://{}/events", proxy.admin_addr)).await;
         assert!(
@@ -440,7 +445,7 @@ async fn status_answers_with_the_split_both_pools_the_analysis_and_the_flags() {
         let status = text(proxy, ON_CALL, "status").await;
         let lines: Vec<&str> = status.lines().collect();
         assert_eq!(lines.len(), 6, "{status}");
-        assert!(lines[0].starts_with("canarygate "), "{status}");
+        assert_eq!(lines[0], "canarygate edge-sms");
         assert_eq!(lines[1], "split: canary 33% (config 33%, canary on)");
         assert!(lines[2].starts_with("production: "), "{status}");
         assert!(lines[3].starts_with("canary: "), "{status}");
