@@ -179,6 +179,7 @@ async fn a_proxy_cut_off_from_redis_keeps_its_flags_says_so_and_catches_up() {
         assert_eq!(fleet["count"], 2, "the last fleet seen: {fleet}");
         let scrape = scrape_metrics(&client(), a.admin_addr).await;
         assert_eq!(scrape["canarygate_flag_store_up"], 0.0);
+        assert!(scrape["canarygate_fleet_heartbeat_errors_total"] >= 1.0);
         let page = get(&client(), &format!("http://{}/", a.admin_addr), &[]).await;
         assert!(
             page.text().contains("Redis unreachable: as of"),

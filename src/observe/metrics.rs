@@ -137,6 +137,8 @@ pub struct Metrics {
     /// `canarygate_fleet_instances`, `canarygate_fleet_flags_in_sync`.
     pub fleet_instances: IntGauge,
     pub fleet_flags_in_sync: IntGauge,
+    /// `canarygate_fleet_heartbeat_errors_total`.
+    pub fleet_heartbeat_errors: IntCounter,
     pub parked_connections: IntGauge,
     /// Open plain-HTTP client connections per worker thread (`--workers`).
     pub worker_connections: IntGaugeVec,
@@ -291,6 +293,11 @@ impl Metrics {
             "canarygate_fleet_instances",
             "Instances whose heartbeat this one read in the last fleet.seen_ms (itself \
              included; without Redis, 1).",
+        ));
+        let fleet_heartbeat_errors = must(IntCounter::new(
+            "canarygate_fleet_heartbeat_errors_total",
+            "Heartbeat rounds that could not reach Redis (the fleet view then shows the \
+             last one read).",
         ));
         let fleet_flags_in_sync = must(IntGauge::new(
             "canarygate_fleet_flags_in_sync",
@@ -483,6 +490,7 @@ impl Metrics {
         reg(Box::new(client_connections.clone()));
         reg(Box::new(fleet_instances.clone()));
         reg(Box::new(fleet_flags_in_sync.clone()));
+        reg(Box::new(fleet_heartbeat_errors.clone()));
         reg(Box::new(parked_connections.clone()));
         reg(Box::new(worker_connections.clone()));
         reg(Box::new(connections_handed_off.clone()));
@@ -554,6 +562,7 @@ impl Metrics {
             client_connections,
             fleet_instances,
             fleet_flags_in_sync,
+            fleet_heartbeat_errors,
             parked_connections,
             worker_connections,
             connections_handed_off,

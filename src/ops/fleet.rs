@@ -102,6 +102,7 @@ impl Fleet {
             }
             Err(error) => {
                 self.conn = None;
+                self.state.metrics.fleet_heartbeat_errors.inc();
                 self.note_connected(false, Some(&error));
                 let mut view = self.state.fleet.view();
                 view.instance = instance;
