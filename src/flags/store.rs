@@ -96,6 +96,8 @@ impl Store {
                     .iter()
                     .map(|h| info(auth.as_deref(), h, 0))
                     .collect::<Result<Vec<_>, _>>()?;
+                // Only the master's credentials and db are taken from this: its
+                // address comes from the sentinels on every connection.
                 let master_settings = info(userinfo, "127.0.0.1:6379", db)?
                     .redis_settings()
                     .clone();
