@@ -183,16 +183,25 @@ async fn two_hundred_sockets_split_two_to_one() {
         let proxy = Proxy::start(&config_toml(
             &[prod.addr],
             &[canary.addr],
-            "[routing]\nsticky = \"none\"\n",
+            "[routing]\nsticky = \"header:X-User\"\n",
         ))
         .await;
+        // 200 users with fixed keys: each socket must land where its bucket says
+        // (33% canary by default), so the count is exact, not a chance.
+        let users: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
         let mut sockets = Vec::new();
-        for _ in 0..200 {
-            sockets.push(connect(proxy.addr, &[]).await.0);
+        for user in &users {
+            sockets.push(connect(proxy.addr, &[("x-user", user)]).await.0);
         }
         let mut canaries = 0;
-        for ws in &mut sockets {
-            canaries += usize::from(say(ws, "x").await.starts_with("canary"));
+        for (ws, user) in sockets.iter_mut().zip(&users) {
+            let on_canary = say(ws, "x").await.starts_with("canary");
+            assert_eq!(
+                on_canary,
+                canarygate::routing::bucket(user.as_bytes()) < 33,
+                "{user}"
+            );
+            canaries += usize::from(on_canary);
         }
         let c = client();
         let open = metric(
