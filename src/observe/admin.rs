@@ -15,7 +15,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::json;
 
-use crate::observe::analysis_page;
+use crate::observe::analysis_page::{self, unix};
 use crate::observe::html::escape_html;
 use crate::observe::stats::{self, PoolWindow, Sample};
 use crate::routing::PoolKind;
@@ -175,10 +175,6 @@ fn seconds(ms: u64) -> f64 {
     ms as f64 / 1000.0
 }
 
-fn unix(ms: u64) -> std::time::SystemTime {
-    std::time::UNIX_EPOCH + Duration::from_millis(ms)
-}
-
 fn fleet_section(state: &AppState) -> String {
     let view = state.fleet.view();
     let now = crate::clock::unix_ms();
@@ -235,7 +231,9 @@ fn json_response(value: &serde_json::Value) -> Response<Full<Bytes>> {
     respond_with(StatusCode::OK, "application/json", Bytes::from(body))
 }
 
-fn respond_with(
+/// A response with `Cache-Control: no-store` (the admin listener's, and the SMS
+/// webhook's).
+pub fn respond_with(
     status: StatusCode,
     content_type: &'static str,
     body: Bytes,

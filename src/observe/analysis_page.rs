@@ -58,7 +58,8 @@ pub fn json(view: &View) -> serde_json::Value {
     })
 }
 
-fn unix(ms: u64) -> std::time::SystemTime {
+/// Unix milliseconds as a time to format.
+pub fn unix(ms: u64) -> std::time::SystemTime {
     std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 

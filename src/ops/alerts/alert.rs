@@ -109,12 +109,18 @@ impl Alert {
         if !self.details.is_empty() {
             let _ = write!(text, "\n{}", self.details);
         }
-        if text.chars().count() > max {
-            text = text.chars().take(max.saturating_sub(3)).collect();
-            text.push_str("...");
-        }
-        text
+        ellipsize(text, max)
     }
+}
+
+/// `text` cut to at most `max` characters, ending in `...` when cut (an SMS body).
+pub fn ellipsize(text: String, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text;
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(3)).collect();
+    cut.push_str("...");
+    cut
 }
 
 /// Six characters from an alphabet without look-alikes (no 0/o, 1/l/i).

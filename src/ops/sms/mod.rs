@@ -35,8 +35,9 @@ use crate::config::alerts::{TwilioConfig, secret};
 use crate::config::{Config, FlagsConfig};
 use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT};
 use crate::flags::store::{Conn, Store};
-use crate::observe::admin::last_minute;
+use crate::observe::admin::{last_minute, respond_with};
 use crate::observe::events::{Level, Source};
+use crate::ops::alerts::alert::ellipsize;
 use crate::ops::alerts::{Dispatcher, Severity};
 use crate::ops::analysis::apply_locally;
 use crate::state::AppState;
@@ -102,6 +103,28 @@ pub enum CommandError {
     Settings(String),
 }
 
+/// The flags' Redis for one message: connected at its first use and reused for the
+/// rest of the message (the replay mark, the change, the reply), closed after it.
+/// SMS commands are rare: nothing is kept open between messages.
+struct MessageRedis<'a> {
+    flags: &'a FlagsConfig,
+    conn: Option<Conn>,
+}
+
+impl MessageRedis<'_> {
+    /// The connection; `None` without a Redis configured.
+    async fn conn(&mut self) -> Result<Option<&mut Conn>, CommandError> {
+        let Some(url) = &self.flags.redis_url else {
+            return Ok(None);
+        };
+        if self.conn.is_none() {
+            let store = Store::open(url, self.flags).map_err(CommandError::Settings)?;
+            self.conn = Some(store.connect().await?);
+        }
+        Ok(self.conn.as_mut())
+    }
+}
+
 /// Serves `POST /twilio/sms`; shared by the listeners that route to it.
 pub struct Sms {
     state: AppState,
@@ -160,7 +183,7 @@ impl Sms {
             respond_with(
                 StatusCode::NOT_FOUND,
                 "text/plain; charset=utf-8",
-                "404 not found\n".to_owned(),
+                Bytes::from_static(b"404 not found\n"),
             )
         }
     }
@@ -175,7 +198,11 @@ impl Sms {
         match self.check(&config, req).await {
             Ok((twilio, params)) => {
                 let reply = self.obey(&config, twilio, &params).await;
-                respond_with(StatusCode::OK, "text/xml; charset=utf-8", twiml(&reply))
+                respond_with(
+                    StatusCode::OK,
+                    "text/xml; charset=utf-8",
+                    Bytes::from(twiml(&reply)),
+                )
             }
             Err(rejection) => {
                 if let Some(result) = rejection.result() {
@@ -185,7 +212,7 @@ impl Sms {
                 let mut response = respond_with(
                     rejection.status(),
                     "text/plain; charset=utf-8",
-                    format!("{} {rejection}\n", rejection.status().as_u16()),
+                    Bytes::from(format!("{} {rejection}\n", rejection.status().as_u16())),
                 );
                 if rejection == Rejection::Method {
                     response
@@ -283,7 +310,11 @@ impl Sms {
         let who = masked(from);
         let command = Command::parse(param(params, "Body"));
         let label = command.label();
-        if let Some(earlier) = self.replayed(&config.flags, sid).await {
+        let mut redis = MessageRedis {
+            flags: &config.flags,
+            conn: None,
+        };
+        if let Some(earlier) = self.replayed(&mut redis, sid).await {
             info!(sid, command = label, from = %who, "sms replayed; not acted on again");
             self.count(label, "replayed");
             return earlier;
@@ -305,10 +336,10 @@ impl Sms {
             let reply = "Sorry: this number may not command canarygate. Ask the on-call team \
                          to add it to allowed_numbers."
                 .to_owned();
-            self.remember(&config.flags, sid, &reply).await;
+            self.remember(&mut redis, sid, &reply).await;
             return reply;
         }
-        let outcome = self.carry_out(config, &command, &who).await;
+        let outcome = self.carry_out(config, &mut redis, &command, &who).await;
         info!(sid, command = label, result = outcome.result, from = %who, "sms command");
         self.count(label, outcome.result);
         let level = match outcome.result {
@@ -330,17 +361,25 @@ impl Sms {
                 &format!("reply: {}", outcome.reply),
             );
         }
-        let reply = cut(&outcome.reply);
+        let reply = ellipsize(outcome.reply, REPLY_MAX_CHARS);
         if outcome.result == "failed" {
-            // Nothing was done: the same message may try again.
-            self.forget(&config.flags, sid).await;
+            // Nothing was done: the same message may try again. (On a fresh
+            // connection: the one that failed may be broken.)
+            redis.conn = None;
+            Self::seen_in_redis(&mut redis, sid, None).await;
         } else {
-            self.remember(&config.flags, sid, &reply).await;
+            self.remember(&mut redis, sid, &reply).await;
         }
         reply
     }
 
-    async fn carry_out(&self, config: &Config, command: &Command, who: &str) -> Outcome {
+    async fn carry_out(
+        &self,
+        config: &Config,
+        redis: &mut MessageRedis<'_>,
+        command: &Command,
+        who: &str,
+    ) -> Outcome {
         // The lever a change moves, the record's new state, and why (the record's
         // reason and the audit's summary).
         let (lever, state, why) = match command {
@@ -372,7 +411,7 @@ impl Sms {
         // rollback; `canary_auto on` hands it back.
         let levers = [lever, (CANARY_AUTO, "off".to_owned())];
         let switch_off = !self.state.snapshot().flags.set.canary_enabled;
-        match self.change(config, &levers, state, &why).await {
+        match self.change(config, redis, &levers, state, &why).await {
             Err(error) => {
                 warn!(%error, "sms command failed");
                 Outcome::new(
@@ -437,16 +476,15 @@ impl Sms {
     async fn change(
         &self,
         config: &Config,
+        redis: &mut MessageRedis<'_>,
         levers: &[(&str, String)],
         state: &str,
         reason: &str,
     ) -> Result<&'static str, CommandError> {
-        let Some(url) = &config.flags.redis_url else {
+        let Some(conn) = redis.conn().await? else {
             apply_locally(&self.state, levers);
             return Ok("on this proxy (no Redis configured)");
         };
-        let store = Store::open(url, &config.flags).map_err(CommandError::Settings)?;
-        let mut conn = store.connect().await?;
         let record = [
             ("state", state.to_owned()),
             ("reason", reason.to_owned()),
@@ -459,7 +497,7 @@ impl Sms {
             .ignore()
             .hset_multiple(&config.analysis.redis_key, &record)
             .ignore()
-            .query_async(&mut conn)
+            .query_async(conn)
             .await?;
         Ok("on every proxy (Redis)")
     }
@@ -511,7 +549,7 @@ impl Sms {
 
     /// The reply given to `sid` before, if it was handled (here, or by any proxy on
     /// the same Redis); otherwise claims it.
-    async fn replayed(&self, flags: &FlagsConfig, sid: &str) -> Option<String> {
+    async fn replayed(&self, redis: &mut MessageRedis<'_>, sid: &str) -> Option<String> {
         {
             let mut seen = lock(&self.seen);
             seen.retain(|_, (at, _)| at.elapsed() < REMEMBER);
@@ -520,10 +558,9 @@ impl Sms {
             }
         }
         let claimed: Result<Option<String>, CommandError> = async {
-            let Some(conn) = self.redis(flags).await? else {
+            let Some(conn) = redis.conn().await? else {
                 return Ok(None);
             };
-            let mut conn = conn;
             let key = format!("{SEEN_KEY_PREFIX}{sid}");
             // SET NX GET: the earlier value if there was one, and claims it if not.
             let (won, earlier): (Option<String>, Option<String>) = redis::pipe()
@@ -535,7 +572,7 @@ impl Sms {
                 .arg(REMEMBER.as_secs())
                 .cmd("GET")
                 .arg(&key)
-                .query_async(&mut conn)
+                .query_async(conn)
                 .await?;
             Ok(won.is_none().then(|| {
                 earlier
@@ -551,7 +588,7 @@ impl Sms {
         })
     }
 
-    async fn remember(&self, flags: &FlagsConfig, sid: &str, reply: &str) {
+    async fn remember(&self, redis: &mut MessageRedis<'_>, sid: &str, reply: &str) {
         {
             let mut seen = lock(&self.seen);
             if seen.len() >= REMEMBER_MAX
@@ -564,18 +601,14 @@ impl Sms {
             }
             seen.insert(sid.to_owned(), (Instant::now(), reply.to_owned()));
         }
-        self.seen_in_redis(flags, sid, Some(reply)).await;
-    }
-
-    async fn forget(&self, flags: &FlagsConfig, sid: &str) {
-        self.seen_in_redis(flags, sid, None).await;
+        Self::seen_in_redis(redis, sid, Some(reply)).await;
     }
 
     /// Stores the reply for `sid` in Redis, or drops the claim (`None`).
-    async fn seen_in_redis(&self, flags: &FlagsConfig, sid: &str, reply: Option<&str>) {
+    async fn seen_in_redis(redis: &mut MessageRedis<'_>, sid: &str, reply: Option<&str>) {
         let key = format!("{SEEN_KEY_PREFIX}{sid}");
         let result: Result<(), CommandError> = async {
-            let Some(mut conn) = self.redis(flags).await? else {
+            let Some(conn) = redis.conn().await? else {
                 return Ok(());
             };
             let mut cmd = redis::cmd(if reply.is_some() { "SET" } else { "DEL" });
@@ -583,23 +616,13 @@ impl Sms {
             if let Some(reply) = reply {
                 cmd.arg(reply).arg("EX").arg(REMEMBER.as_secs());
             }
-            let _: redis::Value = cmd.query_async(&mut conn).await?;
+            let _: redis::Value = cmd.query_async(conn).await?;
             Ok(())
         }
         .await;
         if let Err(error) = result {
             warn!(%error, "sms: cannot store MessageSid in Redis");
         }
-    }
-
-    /// A connection to the flags' Redis, if there is one (commands are rare: one
-    /// connection per message, nothing kept open).
-    async fn redis(&self, flags: &FlagsConfig) -> Result<Option<Conn>, CommandError> {
-        let Some(url) = &flags.redis_url else {
-            return Ok(None);
-        };
-        let store = Store::open(url, flags).map_err(CommandError::Settings)?;
-        Ok(Some(store.connect().await?))
     }
 
     fn count(&self, command: &str, result: &str) {
@@ -617,29 +640,6 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
         .iter()
         .find(|(k, _)| k == name)
         .map_or("", |(_, v)| v.as_str())
-}
-
-/// At most [`REPLY_MAX_CHARS`] characters.
-fn cut(text: &str) -> String {
-    if text.chars().count() <= REPLY_MAX_CHARS {
-        return text.to_owned();
-    }
-    let mut out: String = text.chars().take(REPLY_MAX_CHARS - 3).collect();
-    out.push_str("...");
-    out
-}
-
-fn respond_with(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
