@@ -71,7 +71,12 @@ impl Sampler {
     }
 
     /// The top five processes by CPU and by memory: pid, user, CPU %, RSS, command.
+    /// CPU shares are measured over a fresh window of `sysinfo`'s minimum interval
+    /// (two reads): a process started since the last round has no earlier read and
+    /// would show 0% however hard it spins, hiding the very hog that fired the alert.
     fn top_processes(&mut self) -> String {
+        self.refresh_processes();
+        std::thread::sleep(sysinfo::MINIMUM_CPU_UPDATE_INTERVAL);
         self.refresh_processes();
         let users = Users::new_with_refreshed_list().ok();
         let mut processes: Vec<_> = self.system.processes().values().collect();
