@@ -17,16 +17,18 @@ start_backends() {
 }
 
 # write_config FILE LISTEN_PORT ADMIN_PORT: the 66/33 unsticky split over the backends;
-# more TOML (flags, timeouts, limits) is read from standard input and appended.
+# more TOML (flags, timeouts, limits) is read from standard input and appended, and
+# $SERVER_EXTRA (lines) goes into [server]. Access log off unless it says otherwise.
 write_config() {
   cat > "$1" <<TOML
 [server]
 listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:$3"
+${SERVER_EXTRA:-access_log = "off"}
 [pools.production]
-backends = ["127.0.0.1:$P1"]
+backends = [${PROD_BACKENDS:-"127.0.0.1:$P1"}]
 [pools.canary]
-backends = ["127.0.0.1:$P2"]
+backends = [${CANARY_BACKENDS:-"127.0.0.1:$P2"}]
 [routing]
 canary_percent = 33
 sticky = "none"

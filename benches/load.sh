@@ -1,28 +1,37 @@
 #!/usr/bin/env bash
 # End-to-end load benchmark: canarygate vs nginx vs HAProxy as 66/33 proxies, on this
-# machine, in one run. Everything listens on 127.0.0.1 and every wrk run is bounded
+# machine, in one run. Everything listens on 127.0.0.1 and every load run is bounded
 # in time; all processes started here are killed on exit.
 #
-#   bash benches/load.sh                 # 3 rounds of A B C D at 64 and 512 connections
+#   bash benches/load.sh                 # MODE=plain: 3 rounds at 64 and 512 connections
+#   MODE=log bash benches/load.sh        # each proxy with its access log off, then on (to a file)
+#   MODE=tls bash benches/load.sh        # TLS: full and resumed handshakes, keep-alive HTTP/1.1
+#                                        # and HTTP/2, on ECDSA P-256 and RSA 2048 certificates
+#   MODE=h2 bash benches/load.sh         # HTTP/2 from clients (h2load, 100 streams), cleartext and TLS
+#   MODE=growth bash benches/load.sh     # 64/512/4096 connections, idle RSS, 1/100/1000 flags,
+#                                        # 2/200 backends per pool
 #   ROUNDS=1 DURATION=5 bash benches/load.sh
+#   ALT_BIN=target/aws-lc/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt"
 #
-# Contenders, in turn each round (A B C D):
-#   direct     wrk straight to one backend
-#   canarygate 66/33 split, flags from a real redis-server, metrics on, RUST_LOG=warn
+# Contenders, in turn each round:
+#   direct     wrk straight to one backend (plain mode)
+#   canarygate 66/33 split, flags from a real redis-server, metrics on
 #   nginx      split_clients 66%, keepalive upstreams (benches/nginx.conf)
 #   haproxy    weights 2:1, http-reuse always (benches/haproxy.cfg)
 # The backends are the same for all: two `canarygate backend --workers 1` processes
-# serving a fixed 100-byte page on /static. Per run it prints req/s, p50, p99, the
-# proxy's CPU seconds per 100k requests and its peak RSS; then per-round ratios
-# canarygate/nginx and canarygate/haproxy and their medians. Last, the RSS of each
-# proxy holding 10,000 idle keep-alive client connections.
+# serving a fixed 100-byte page on /static. Logging is off on every side unless the
+# mode says otherwise (MODE=log), and canarygate runs at the default log level.
+# The certificates are made at run time with openssl; every TLS contender uses the
+# same one. Per run it prints the figures; then per-round ratios canarygate/other and
+# their medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+MODE=${MODE:-plain}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNECTIONS=${CONNECTIONS:-"64 512"}
 IDLE_CONNECTIONS=${IDLE_CONNECTIONS:-10000}
-BIN=target/release/canarygate
+BIN=${BIN:-target/release/canarygate}
 work=$(mktemp -d /tmp/canarygate-load.XXXXXX)
 pids=()
 cleanup() {
@@ -36,41 +45,88 @@ trap cleanup EXIT
 need() { command -v "$1" >/dev/null || missing+=("$2"); }
 missing=()
 need wrk wrk; need nginx nginx; need haproxy haproxy; need redis-server redis-server
+need h2load nghttp2-client; need openssl openssl
 if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
-cargo build --release --quiet
+[ "$BIN" = target/release/canarygate ] && cargo build --release --quiet
 . benches/common.sh
 
-# --- Backends, Redis -----------------------------------------------------------------
+# --- Backends, Redis, certificates ---------------------------------------------------
 start_backends "$BIN"
 RP=$(free_port)
 redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!)
 wait_port "$RP"
 redis-cli -p "$RP" HSET canarygate:flags new_checkout on dark_mode off theme blue >/dev/null
+# One certificate of each kind for 127.0.0.1 and localhost, shared by every contender.
+for kind in ecdsa rsa; do
+  if [ $kind = ecdsa ]; then keyopt=(-newkey ec -pkeyopt ec_paramgen_curve:P-256); else keyopt=(-newkey rsa:2048); fi
+  openssl req -x509 "${keyopt[@]}" -nodes -days 2 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$work/$kind.key" -out "$work/$kind.pem" 2>/dev/null
+  cat "$work/$kind.pem" "$work/$kind.key" > "$work/$kind.haproxy.pem"
+done
 
 # --- Contenders ----------------------------------------------------------------------
-CG=$(free_port); CG_ADMIN=$(free_port); NG=$(free_port); HA=$(free_port)
-write_config "$work/canarygate.toml" "$CG" "$CG_ADMIN" <<EOF
+# start_set SET LOG CERT [extra canarygate TOML] : canarygate, nginx and haproxy as
+# "<name>/SET", logging on or off, TLS with certificate CERT (ecdsa or rsa). Ports in
+# PORT, H2C, TLS; PIDs in PID; canarygate's admin port in ADMIN.
+declare -A PORT H2C TLS PID ADMIN
+start_set() {
+  local set=$1 log=$2 cert=$3 extra=${4:-} n dir
+  local only=${ONLY:-canarygate nginx haproxy}
+  n=canarygate/$set; PORT[$n]=$(free_port); H2C[$n]=${PORT[$n]}; TLS[$n]=$(free_port); ADMIN[$n]=$(free_port)
+  local access_log='"off"'; [ "$log" = on ] && access_log="\"$work/$set.canarygate-access.log\""
+  SERVER_EXTRA="access_log = $access_log" write_config "$work/$set.canarygate.toml" "${PORT[$n]}" "${ADMIN[$n]}" <<TOML
+[server.tls]
+listen = "127.0.0.1:${TLS[$n]}"
+cert_path = "$work/$cert.pem"
+key_path = "$work/$cert.key"
 [timeouts]
 client_header_read_ms = 120000
 idle_ms = 300000
 [flags]
 redis_url = "redis://127.0.0.1:$RP/0"
+key = "${FLAGS_KEY:-canarygate:flags}"
 [limits]
 max_connections = 20000
-EOF
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-sed -e "s/@P1@/$P1/g; s/@P2@/$P2/g; s/@LISTEN@/$NG/g" benches/nginx.conf > "$work/nginx/nginx.conf"
-sed -e "s/@P1@/$P1/g; s/@P2@/$P2/g; s/@LISTEN@/$HA/g" benches/haproxy.cfg > "$work/haproxy.cfg"
+$extra
+TOML
+  $BIN run --config "$work/$set.canarygate.toml" >/dev/null 2>"$work/$set.canarygate.log" & PID[$n]=$!; pids+=($!)
+  if [ -n "${ALT_BIN:-}" ]; then
+    # The same config from another build (ALT_BIN, e.g. with --features aws-lc) on ports
+    # of its own: contender "alt".
+    local m=alt/$set; PORT[$m]=$(free_port); H2C[$m]=${PORT[$m]}; TLS[$m]=$(free_port); ADMIN[$m]=$(free_port)
+    sed -e "s|127.0.0.1:${PORT[$n]}\"|127.0.0.1:${PORT[$m]}\"|; s|127.0.0.1:${ADMIN[$n]}\"|127.0.0.1:${ADMIN[$m]}\"|; s|127.0.0.1:${TLS[$n]}\"|127.0.0.1:${TLS[$m]}\"|" \
+      "$work/$set.canarygate.toml" > "$work/$set.alt.toml"
+    "$ALT_BIN" run --config "$work/$set.alt.toml" >/dev/null 2>"$work/$set.alt.log" & PID[$m]=$!; pids+=($!)
+    wait_port "${PORT[$m]}"; wait_port "${TLS[$m]}"
+  fi
 
-RUST_LOG=warn $BIN run --config "$work/canarygate.toml" 2>"$work/canarygate.log" & CG_PID=$!; pids+=($CG_PID)
-nginx -c "$work/nginx/nginx.conf" -p "$work/nginx/" & NG_PID=$!; pids+=($NG_PID)
-haproxy -f "$work/haproxy.cfg" -q & HA_PID=$!; pids+=($HA_PID)
-wait_port "$CG"; wait_port "$NG"; wait_port "$HA"
-sleep 1
+  if [[ " $only " == *" nginx "* ]]; then
+  n=nginx/$set; PORT[$n]=$(free_port); H2C[$n]=$(free_port); TLS[$n]=$(free_port)
+  dir="$work/nginx-$set"; mkdir -p "$dir/logs" "$dir/tmp"
+  local nlog="access_log off;"; [ "$log" = on ] && nlog="access_log logs/access.log combined buffer=64k flush=1s;"
+  sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
+      -e "s|@CERT@|$work/$cert.pem|; s|@KEY@|$work/$cert.key|; s|@ACCESS_LOG@|$nlog|" \
+      -e "s|@PROD_SERVERS@|${NGINX_PROD:-server 127.0.0.1:$P1;}|; s|@CANARY_SERVERS@|${NGINX_CANARY:-server 127.0.0.1:$P2;}|" \
+      benches/nginx.conf > "$dir/nginx.conf"
+  nginx -c "$dir/nginx.conf" -p "$dir/" & PID[$n]=$!; pids+=($!)
+  fi
+  if [[ " $only " == *" haproxy "* ]]; then
+
+  n=haproxy/$set; PORT[$n]=$(free_port); H2C[$n]=$(free_port); TLS[$n]=$(free_port)
+  local hlog="" hhttp=""; [ "$log" = on ] && { hlog="log stdout format raw local0 info"; hhttp=$'log global\n    option httplog'; }
+  sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
+      -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|" benches/haproxy.cfg \
+    | awk -v r="$hhttp" '{ sub(/@HTTPLOG@/, r) } 1' > "$work/$set.haproxy.cfg"
+  haproxy -f "$work/$set.haproxy.cfg" -q >"$work/$set.haproxy-access.log" 2>&1 & PID[$n]=$!; pids+=($!)
+  fi
+
+  for c in $only; do n=$c/$set; wait_port "${PORT[$n]}"; wait_port "${TLS[$n]}"; done
+}
 
 # All PIDs of a contender (nginx: the master and its workers).
 family() { echo "$1 $(pgrep -P "$1" | tr '\n' ' ')"; }
@@ -79,130 +135,162 @@ peak_rss_kib() { local t=0; for p in $(family "$1"); do t=$((t + $(awk '/VmHWM/ 
 HZ=$(getconf CLK_TCK)
 
 results="$work/results.tsv"
-echo -e "round\tconns\tname\treq_s\tp50_ms\tp99_ms\tcpu_s_per_100k\tpeak_rss_mib" > "$results"
+echo -e "round\ttest\tname\treq_s\tp50_ms\tp99_ms\tcpu_s_per_100k\tpeak_rss_mib" > "$results"
 
 to_ms() { # wrk latency like 812.00us / 1.23ms / 2.01s -> ms
   awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
 }
 
-measure() { # measure ROUND CONNS NAME PORT PID
-  local round=$1 conns=$2 name=$3 port=$4 pid=$5 out before after
-  before=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
-  local log_at; log_at=$(wc -l < "$work/canarygate.log")
-  out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "http://127.0.0.1:$port/static")
-  after=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
-  local rps p50 p99 total cpu rss
-  rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
-  p50=$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")
-  p99=$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")
-  total=$(awk '/requests in/ {print $1}' <<<"$out")
+# record ROUND TEST NAME PID BEFORE_TICKS COUNT RATE P50 P99: one row of results.
+record() {
+  local round=$1 test=$2 name=$3 pid=$4 before=$5 total=$6 rate=$7 p50=$8 p99=$9 cpu rss
   if [ "$pid" = - ]; then cpu=-; rss=-; else
-    cpu=$(awk -v d=$((after - before)) -v hz="$HZ" -v n="$total" 'BEGIN { printf "%.2f", d / hz / (n / 100000) }')
+    cpu=$(awk -v d=$(( $(cpu_ticks "$pid") - before )) -v hz="$HZ" -v n="$total" 'BEGIN { printf "%.2f", n ? d / hz / (n / 100000) : 0 }')
     rss=$(awk -v k="$(peak_rss_kib "$pid")" 'BEGIN { printf "%.1f", k / 1024 }')
   fi
-  if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
-    echo "  note ($name): $(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ')"
-    # Why, in canarygate's own words (its log is at warn: errors only).
-    if [ "$name" = canarygate ]; then tail -n "+$((log_at + 1))" "$work/canarygate.log" | head -n 5 | cut -c1-300 | sed 's/^/    /'; fi
-  fi
-  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$round" "$conns" "$name" "$rps" "$p50" "$p99" "$cpu" "$rss" | tee -a "$results"
+  printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$round" "$test" "${name%%/*}" "$rate" "$p50" "$p99" "$cpu" "$rss" | tee -a "$results"
 }
 
-echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); wrk -t1 -d${DURATION}s, GET /static (100-byte page)"
-for round in $(seq "$ROUNDS"); do
-  for conns in $CONNECTIONS; do
-    measure "$round" "$conns" direct "$P1" -
-    measure "$round" "$conns" canarygate "$CG" "$CG_PID"
-    measure "$round" "$conns" nginx "$NG" "$NG_PID"
-    measure "$round" "$conns" haproxy "$HA" "$HA_PID"
-  done
-done
+# wrk_run ROUND TEST NAME PID URL CONNS [wrk args]
+wrk_run() {
+  local round=$1 test=$2 name=$3 pid=$4 url=$5 conns=$6 out before; shift 6
+  before=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
+  out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" "$url")
+  if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
+    echo "  note ($name, $test): $(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ')"
+  fi
+  record "$round" "$test" "$name" "$pid" "$before" "$(awk '/requests in/ {print $1}' <<<"$out")" \
+    "$(awk '/^Requests\/sec/ {print $2}' <<<"$out")" \
+    "$(to_ms "$(awk '$1=="50%" {print $2}' <<<"$out")")" "$(to_ms "$(awk '$1=="99%" {print $2}' <<<"$out")")"
+}
 
-python3 - "$results" <<'EOF'
+# h2load_run ROUND TEST NAME PID URL: 4 connections x 100 concurrent streams; p50/p99
+# from h2load's per-request log.
+h2load_run() {
+  local round=$1 test=$2 name=$3 pid=$4 url=$5 out before; shift 5
+  before=$( [ "$pid" = - ] && echo 0 || cpu_ticks "$pid")
+  out=$(h2load -c4 -m100 -t1 -D "$DURATION" --log-file "$work/h2load.log" "$@" "$url" 2>&1)
+  local done_n errored pct
+  done_n=$(awk '/^requests:/ {print $8}' <<<"$out"); errored=$(awk '/^requests:/ {print $12}' <<<"$out")
+  [ "${errored:-0}" != 0 ] && echo "  note ($name, $test): $(grep '^requests:' <<<"$out")"
+  pct=$(python3 - "$work/h2load.log" <<'PY'
+import sys
+d = sorted(int(l.split()[2]) for l in open(sys.argv[1]) if l.strip())
+q = lambda p: d[min(len(d) - 1, int(p * len(d)))] / 1000
+print(f"{q(0.5):.3f} {q(0.99):.3f}")
+PY
+)
+  record "$round" "$test" "$name" "$pid" "$before" "$done_n" \
+    "$(awk '/^finished in/ {print $4}' <<<"$out")" ${pct}
+}
+
+# handshakes ROUND TEST NAME PID PORT new|reuse: TLS handshakes per second, from 4
+# openssl s_time clients at once (each: connect, handshake, GET /static, close;
+# -reuse resumes the first session on every later connection).
+handshakes() {
+  local round=$1 test=$2 name=$3 pid=$4 port=$5 how=$6 before i total=0 secs
+  before=$(cpu_ticks "$pid")
+  for i in 1 2 3 4; do
+    openssl s_time -connect "127.0.0.1:$port" -www /static "-$how" -time "$DURATION" > "$work/s_time.$i" 2>&1 &
+  done
+  wait $(jobs -p | tail -4) 2>/dev/null || true
+  for i in 1 2 3 4; do
+    total=$((total + $(awk '/connections in/ && /real seconds/ {print $1; exit}' "$work/s_time.$i" || echo 0)))
+  done
+  record "$round" "$test" "$name" "$pid" "$before" "$total" \
+    "$(awk -v n="$total" -v s="$DURATION" 'BEGIN { printf "%.1f", n / s }')" - -
+}
+
+ratios() { # ratios REFERENCE_NAME: per-round ratios canarygate/other and medians
+python3 - "$results" <<'EOF2'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 def f(v):
     try: return float(v)
     except ValueError: return None
 print("\nratios per round (canarygate / other; req/s higher is better, p99 and CPU lower is better)")
-for conns in sorted({r["conns"] for r in rows}, key=int):
+for test in dict.fromkeys(r["test"] for r in rows):
     ratios = {}
-    for rnd in sorted({r["round"] for r in rows}):
-        by = {r["name"]: r for r in rows if r["conns"] == conns and r["round"] == rnd}
-        cg = by["canarygate"]
-        for other in ("nginx", "haproxy"):
-            o = by[other]
+    for rnd in dict.fromkeys(r["round"] for r in rows):
+        by = {r["name"]: r for r in rows if r["test"] == test and r["round"] == rnd}
+        cg = by.get("canarygate")
+        if not cg: continue
+        for other in ("nginx", "haproxy", "alt"):
+            o = by.get(other)
+            if not o: continue
             for key in ("req_s", "p99_ms", "cpu_s_per_100k"):
                 a, b = f(cg[key]), f(o[key])
                 if a is not None and b:
                     ratios.setdefault((other, key), []).append(a / b)
     for (other, key), values in sorted(ratios.items()):
-        print(f"  c={conns:>3} {key:<15} canarygate/{other:<8} " + " ".join(f"{v:.2f}" for v in values) + f"   median {statistics.median(values):.2f}")
-EOF
-
-# --- Memory with idle keep-alive connections ------------------------------------------
-# Clients arrive in waves of 100 (each connects, makes one request, reads the answer
-# and stays open), as keep-alive clients do; sending all 10,000 requests at once
-# would measure a 10,000-connection burst into two single-threaded backends instead
-# (their backlogs overflow and connects time out). RSS is read once every connection
-# is parked (canarygate_parked_connections equals the count; nginx and HAProxy: after
-# the same wait) and the allocator has returned the freed buffers, and again 10 s
-# later. RSS is summed over a contender's processes (nginx: master and workers).
-idle_memory() { # idle_memory NAME PORT PID ADMIN_PORT|-
-python3 - "$1" "$2" "$IDLE_CONNECTIONS" "$4" $(family "$3") <<'EOF'
-import re, socket, sys, time, urllib.request
-name, port, n, admin, pids = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5:]
-def rss():
-    total = 0
-    for pid in pids:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS"):
-                total += int(line.split()[1])
-    return total / 1024
-def parked():
-    if admin == "-":
-        return n
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
-    return int(re.search(r"^canarygate_parked_connections (\d+)", text, re.M).group(1))
-def read_response(s):
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        if not chunk:
-            raise SystemExit("connection closed before a response")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
-    while len(body) < length:
-        body += s.recv(65536)
-    return head.split(b" ")[1].decode()
-before = rss()
-socks, statuses = [], {}
-for start in range(0, n, 100):
-    wave = [socket.create_connection(("127.0.0.1", port)) for _ in range(min(100, n - start))]
-    for s in wave:
-        s.sendall(b"GET /static HTTP/1.1\r\nHost: x\r\n\r\n")
-    for s in wave:
-        s.settimeout(10)
-        code = read_response(s)
-        statuses[code] = statuses.get(code, 0) + 1
-    socks += wave
-time.sleep(1)
-deadline = time.time() + 30
-while parked() < len(socks) and time.time() < deadline:
-    time.sleep(0.2)
-time.sleep(2)  # mimalloc returns freed pages after a short delay
-settled = rss()
-parked_note = f", {parked()} parked" if admin != "-" else ""
-time.sleep(10)
-print(f"memory: {name:<10} RSS {before:6.1f} MiB before, {settled:6.1f} MiB with {len(socks)} idle "
-      f"keep-alive client connections (statuses {statuses}{parked_note}), {rss():6.1f} MiB 10 s later")
-for s in socks:
-    s.close()
-EOF
+        print(f"  {test:<22} {key:<15} canarygate/{other:<8} " + " ".join(f"{v:.2f}" for v in values) + f"   median {statistics.median(values):.2f}")
+EOF2
 }
-echo
-idle_memory canarygate "$CG" "$CG_PID" "$CG_ADMIN"
-idle_memory nginx "$NG" "$NG_PID" -
-# Not HAProxy: its maxconn stays below 10,000 under this machine's 20,000 open-file
-# limit (it needs two descriptors per connection).
+
+echo "machine: $(nproc) cores, $(uname -r); $(date -u +%Y-%m-%dT%H:%MZ); MODE=$MODE, ${DURATION}s per run, ${ROUNDS} rounds"
+case "$MODE" in
+plain)
+  start_set a off ecdsa; sleep 1
+  for round in $(seq "$ROUNDS"); do
+    for conns in $CONNECTIONS; do
+      wrk_run "$round" "c$conns" direct - "http://127.0.0.1:$P1/static" "$conns"
+      for n in canarygate/a nginx/a haproxy/a; do
+        wrk_run "$round" "c$conns" "$n" "${PID[$n]}" "http://127.0.0.1:${PORT[$n]}/static" "$conns"
+      done
+    done
+  done
+  ratios ;;
+log)
+  # The same contenders twice: their logs off, and on (canarygate's access log to a
+  # file; nginx's combined access log with buffer=64k flush=1s; HAProxy's HTTP log
+  # to standard output, a file).
+  start_set off off ecdsa; start_set on on ecdsa; sleep 1
+  for round in $(seq "$ROUNDS"); do
+    for set in off on; do
+      for n in canarygate/$set nginx/$set haproxy/$set; do
+        wrk_run "$round" "log-$set" "$n" "${PID[$n]}" "http://127.0.0.1:${PORT[$n]}/static" 64
+      done
+    done
+  done
+  for n in canarygate nginx haproxy; do
+    echo "  access log lines written by $n: $(cat "$work"/on.$n-access.log "$work"/nginx-on/logs/access.log 2>/dev/null | grep -c . || true) (all files together)"
+    break
+  done
+  python3 - "$results" <<'EOF2'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+print("\nwhat the log costs each proxy (req/s with it on / off), per round and median")
+for name in ("canarygate", "nginx", "haproxy"):
+    v = []
+    for rnd in dict.fromkeys(r["round"] for r in rows):
+        by = {r["test"]: float(r["req_s"]) for r in rows if r["name"] == name and r["round"] == rnd}
+        v.append(by["log-on"] / by["log-off"])
+    print(f"  {name:<10} " + " ".join(f"{x:.3f}" for x in v) + f"   median {statistics.median(v):.3f}")
+EOF2
+  ratios ;;
+tls)
+  start_set ecdsa off ecdsa; start_set rsa off rsa; sleep 1
+  for round in $(seq "$ROUNDS"); do
+    for cert in ecdsa rsa; do
+      for n in canarygate/$cert ${ALT_BIN:+alt/$cert} nginx/$cert haproxy/$cert; do
+        handshakes "$round" "$cert-full" "$n" "${PID[$n]}" "${TLS[$n]}" new
+        handshakes "$round" "$cert-resumed" "$n" "${PID[$n]}" "${TLS[$n]}" reuse
+        wrk_run "$round" "$cert-keepalive-h1" "$n" "${PID[$n]}" "https://127.0.0.1:${TLS[$n]}/static" 64
+        h2load_run "$round" "$cert-keepalive-h2" "$n" "${PID[$n]}" "https://127.0.0.1:${TLS[$n]}/static"
+      done
+    done
+  done
+  ratios ;;
+h2)
+  start_set a off ecdsa; sleep 1
+  for round in $(seq "$ROUNDS"); do
+    for n in canarygate/a nginx/a haproxy/a; do
+      h2load_run "$round" h2c "$n" "${PID[$n]}" "http://127.0.0.1:${H2C[$n]}/static"
+      h2load_run "$round" h2-tls "$n" "${PID[$n]}" "https://127.0.0.1:${TLS[$n]}/static"
+    done
+  done
+  ratios ;;
+growth)
+  . benches/growth.sh ;;
+*) echo "MODE must be plain, log, tls, h2 or growth" >&2; exit 64 ;;
+esac

@@ -387,9 +387,10 @@ pub async fn demo(
         }
     };
     // The demo config goes through the same parser and validation as a real one.
-    // The analysis runs with short intervals so a newcomer sees it act in seconds.
+    // The analysis runs with short intervals so a newcomer sees it act in seconds. No
+    // access log: the demo's own 25 requests a second would bury its instructions.
     let toml = format!(
-        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\n\
+        "[server]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\naccess_log = \"off\"\n\
          [pools.production]\nbackends = [\"{}\"]\n[pools.canary]\nbackends = [\"{}\"]\n\
          [analysis]\nenabled = true\ninterval_ms = 2000\nwindow_ms = 20000\nmin_requests = 20\n\
          [flags]\n{}\n[flags.static]\nnew_banner = \"off\"\ndark_mode = \"off\"\n",

@@ -18,7 +18,7 @@
 //!   (config, flags, pools) behind one `ArcSwap`.
 //! - [`client`]: the HTTP/1.1 client to the backends and its connection pool.
 //! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
-//! - [`tls`]: TLS termination config from PEM files.
+//! - [`tls`]: TLS termination: config from PEM files, session tickets, the provider.
 //! - [`canary`]: canary analysis, the pure half: request windows, statistics, the
 //!   judge and the verdict (the task is `ops::analysis`).
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
@@ -60,7 +60,6 @@ use tracing::{Instrument, info, info_span};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tracing::warn;
 
 use crate::config::Config;
@@ -78,6 +77,9 @@ pub struct Listeners {
     pub admin: TcpListener,
     /// The HTTPS listener of `[server.tls]`, if configured.
     pub tls: Option<TcpListener>,
+    /// More sockets on the HTTPS address, one per extra worker thread like
+    /// `workers` (the same count, or none: then worker 0 serves all of HTTPS).
+    pub tls_workers: Vec<std::net::TcpListener>,
     /// More sockets on the proxy address (`SO_REUSEPORT`), one per extra worker
     /// thread: each runs its own single-threaded runtime, so a client connection, its
     /// upstream connections and their tasks stay on one core (no cross-thread wakeups).
@@ -123,6 +125,7 @@ pub async fn run_with_state(
         proxy: listener,
         admin: admin_listener,
         tls: None,
+        tls_workers: Vec::new(),
         workers: Vec::new(),
     };
     if let Err(error) = serve_all(listeners, state, shutdown).await {
@@ -143,8 +146,7 @@ pub async fn serve_all(
         (None, _) => None,
         (Some(_), None) => return Err(StartError::TlsListenerMissing),
         (Some(tls_config), Some(_)) => {
-            let source: TlsSource =
-                Arc::new(ArcSwap::from_pointee(tls::server_config(tls_config)?));
+            let source: TlsSource = Arc::new(tls::Tls::new(tls_config)?);
             state.set_tls(Arc::clone(&source));
             Some(source)
         }
@@ -296,8 +298,13 @@ pub async fn serve_all(
             proxy_shutdown.cancel();
         }
     };
+    // One balance per address (a connection is handed to the same listener kind on
+    // another worker); both count into the same per-worker gauges, so a worker's
+    // load is its plain and TLS connections together.
     let balance = (!listeners.workers.is_empty())
         .then(|| Balance::new(listeners.workers.len() + 1, &state.metrics));
+    let tls_balance = (!listeners.tls_workers.is_empty())
+        .then(|| Balance::new(listeners.tls_workers.len() + 1, &state.metrics));
     let plain = proxy_server(
         "proxy",
         listeners.proxy,
@@ -309,9 +316,10 @@ pub async fn serve_all(
         proxy_shutdown.clone(),
     );
     let https = async {
-        if let (Some(listener), Some(source)) = (listeners.tls, tls_source) {
+        if let (Some(listener), Some(source)) = (listeners.tls, tls_source.clone()) {
             let options = ServeOptions {
                 tls: Some(source),
+                balance: tls_balance.as_ref().map(|b| b.worker(0)),
                 ..options.clone()
             };
             proxy_server(
@@ -324,11 +332,20 @@ pub async fn serve_all(
             .await;
         }
     };
+    let mut tls_workers = listeners.tls_workers.into_iter();
+    let worker_listeners = listeners
+        .workers
+        .into_iter()
+        .map(|plain| {
+            let tls = tls_workers.next().zip(tls_source.clone());
+            (plain, tls)
+        })
+        .collect();
     let workers = spawn_workers(
-        listeners.workers,
+        worker_listeners,
         &state,
         &options,
-        balance.as_ref(),
+        (balance.as_ref(), tls_balance.as_ref()),
         &proxy_shutdown,
     );
     let workers_done = async {
@@ -362,19 +379,30 @@ pub fn instance_id(config: &Config, port: u16) -> String {
         .unwrap_or_else(|| format!("{}:{port}", ops::alerts::alert::hostname()))
 }
 
-/// Starts one thread per extra listener, each with a single-threaded runtime serving
-/// the proxy; the returned receivers complete when a thread has drained.
+/// One extra worker's sockets: the proxy address, and the HTTPS address with its
+/// TLS settings when configured.
+type WorkerListeners = (
+    std::net::TcpListener,
+    Option<(std::net::TcpListener, TlsSource)>,
+);
+
+/// Starts one thread per extra worker, each with a single-threaded runtime serving
+/// the proxy (and HTTPS); the returned receivers complete when a thread has drained.
 fn spawn_workers(
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<WorkerListeners>,
     state: &AppState,
     options: &ServeOptions,
-    balance: Option<&Arc<Balance>>,
+    (balance, tls_balance): (Option<&Arc<Balance>>, Option<&Arc<Balance>>),
     shutdown: &CancellationToken,
 ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
     let mut done = Vec::new();
-    for (i, listener) in listeners.into_iter().enumerate() {
+    for (i, (listener, tls)) in listeners.into_iter().enumerate() {
         let options = ServeOptions {
             balance: balance.map(|b| b.worker(i + 1)),
+            ..options.clone()
+        };
+        let tls_options = ServeOptions {
+            balance: tls_balance.map(|b| b.worker(i + 1)),
             ..options.clone()
         };
         let (state, shutdown) = (state.clone(), shutdown.clone());
@@ -388,23 +416,21 @@ fn spawn_workers(
                     .build();
                 match runtime {
                     Ok(runtime) => runtime.block_on(async {
-                        match TcpListener::from_std(listener) {
-                            Ok(listener) => {
-                                let drain = options.drain_timeout;
-                                let tunnels = drain_tunnels_on(&state, &shutdown, drain);
-                                let serve = proxy_server(
-                                    "proxy",
-                                    listener,
-                                    &state,
-                                    options,
-                                    shutdown.clone(),
-                                );
-                                // This runtime also runs the tunnels it accepted: it
-                                // lives until they have drained too.
-                                tokio::join!(serve, tunnels);
+                        let drain = options.drain_timeout;
+                        let tunnels = drain_tunnels_on(&state, &shutdown, drain);
+                        let plain = serve_std("proxy", listener, &state, options, &shutdown);
+                        let https = async {
+                            if let Some((listener, source)) = tls {
+                                let options = ServeOptions {
+                                    tls: Some(source),
+                                    ..tls_options
+                                };
+                                serve_std("proxy-tls", listener, &state, options, &shutdown).await;
                             }
-                            Err(error) => tracing::error!(%error, "worker cannot use its listener"),
-                        }
+                        };
+                        // This runtime also runs the tunnels it accepted: it lives
+                        // until they have drained too.
+                        tokio::join!(plain, https, tunnels);
                     }),
                     Err(error) => tracing::error!(%error, "worker cannot start its runtime"),
                 }
@@ -416,6 +442,20 @@ fn spawn_workers(
         }
     }
     done
+}
+
+/// [`proxy_server`] on a worker's `std` socket, registered with this thread's runtime.
+async fn serve_std(
+    name: &'static str,
+    listener: std::net::TcpListener,
+    state: &AppState,
+    options: ServeOptions,
+    shutdown: &CancellationToken,
+) {
+    match TcpListener::from_std(listener) {
+        Ok(listener) => proxy_server(name, listener, state, options, shutdown.clone()).await,
+        Err(error) => tracing::error!(listener = name, %error, "worker cannot use its listener"),
+    }
 }
 
 /// Once `shutdown` fires, waits for the upgraded tunnels (WebSockets) to end, at most
@@ -511,14 +551,14 @@ pub fn reload(state: &AppState, path: &std::path::Path) -> Result<(), config::Co
         if let Some(source) = state.tls()
             && let Some(tls_config) = &new.server.tls
         {
-            let server =
-                tls::server_config(tls_config).map_err(|e| config::ConfigError::Invalid {
+            source
+                .reload(tls_config)
+                .map_err(|e| config::ConfigError::Invalid {
                     file: path.display().to_string(),
                     line: 0,
                     key: "server.tls".to_owned(),
                     message: e.to_string(),
                 })?;
-            source.store(Arc::new(server));
         }
         Ok(new)
     });

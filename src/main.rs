@@ -326,7 +326,7 @@ fn preflight(config: &Config) -> Result<(), String> {
         .check_environment()
         .map_err(|v| format!("key `{}`: {}", v.key, v.message))?;
     if let Some(tls) = &config.server.tls {
-        canarygate::tls::server_config(tls).map_err(|e| e.to_string())?;
+        canarygate::tls::server_config(tls, None).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -454,14 +454,23 @@ async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> 
     let mut proxy_sockets = canarygate::reuseport_listeners(config.server.listen, workers)
         .with_context(|| format!("cannot bind the proxy listener on {}", config.server.listen))?;
     let first = proxy_sockets.remove(0);
+    // HTTPS the same way: a socket per worker, so TLS work spreads over the cores.
+    let mut tls_sockets = match &config.server.tls {
+        Some(tls) => canarygate::reuseport_listeners(tls.listen, workers)
+            .with_context(|| format!("cannot bind the TLS listener on {}", tls.listen))?,
+        None => Vec::new(),
+    }
+    .into_iter();
     let listeners = canarygate::Listeners {
         proxy: TcpListener::from_std(first).context("proxy listener")?,
         workers: proxy_sockets,
         admin: bind(config.server.admin_listen, "admin listener").await?,
-        tls: match &config.server.tls {
-            Some(tls) => Some(bind(tls.listen, "TLS listener").await?),
-            None => None,
-        },
+        tls: tls_sockets
+            .next()
+            .map(TcpListener::from_std)
+            .transpose()
+            .context("TLS listener")?,
+        tls_workers: tls_sockets.collect(),
     };
     // The proxy's log lines carry its fleet id: its tasks', listeners' and signal
     // handlers' spans nest in this one. (Per-connection tasks do not enter it: a

@@ -58,7 +58,7 @@ pub struct AppState {
     tls: Arc<std::sync::OnceLock<TlsSource>>,
     /// Bumped when a reload changes where flags are read from: the watcher restarts.
     flag_store: Arc<watch::Sender<u64>>,
-    /// `[server] access_log`, when set.
+    /// `[server] access_log`, unless it is `"off"`.
     pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
     /// This instance's id (`server.instance_id`, or `hostname:port`), set once the
     /// proxy listener is bound.
@@ -83,12 +83,13 @@ impl AppState {
             .recorder
             .configure(analysis.enabled, analysis.window_ms);
         metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
-        let access_log = snapshot.config.server.access_log.as_ref().map(|path| {
-            Arc::new(crate::observe::access_log::AccessLog::new(
-                path,
-                metrics.log_dropped.clone(),
-            ))
-        });
+        let server = &snapshot.config.server;
+        let access_log = crate::observe::access_log::AccessLog::new(
+            &server.access_log,
+            server.access_log_format,
+            metrics.log_dropped.clone(),
+        )
+        .map(Arc::new);
         Self {
             access_log,
             snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),

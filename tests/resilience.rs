@@ -447,6 +447,98 @@ async fn tls_termination_with_h2_and_http11_by_alpn() {
     .await;
 }
 
+/// A TLS client connection that stays open after one request on it; and whether its
+/// handshake resumed a session.
+async fn tls_session(
+    addr: std::net::SocketAddr,
+    config: &Arc<rustls::ClientConfig>,
+) -> (
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    bool,
+) {
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server_name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(server_name, tcp).await.unwrap();
+    let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("https://localhost/")
+        .header("host", "localhost")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = send.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // Reading the answer also takes in the session tickets sent after the handshake.
+    response.into_body().collect().await.unwrap();
+    (send, resumed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_spreads_over_the_workers_and_tickets_resume_on_any_of_them_across_a_reload() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let dir = TempDir::new("tls-workers");
+        let (cert, key, roots) = test_certificates(&dir);
+        let mut proxy = ProxyProcess::spawn_with_workers_and(
+            &config_toml(&[prod.addr], &[], ""),
+            &format!(
+                "[server.tls]\nlisten = \"127.0.0.1:0\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+                cert.display(),
+                key.display()
+            ),
+            2,
+        );
+        let tls_addr = proxy.tls_addr.expect("TLS listener reported");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let config = Arc::new(config);
+
+        // Eight connections held open: the first a full handshake, the rest resumed
+        // with a ticket from the one before, whichever worker issued it.
+        let mut open = Vec::new();
+        let mut resumed = Vec::new();
+        for _ in 0..8 {
+            let (conn, was_resumed) = tls_session(tls_addr, &config).await;
+            open.push(conn);
+            resumed.push(was_resumed);
+        }
+        assert_eq!(
+            resumed,
+            [false, true, true, true, true, true, true, true],
+            "full handshake first, then resumption"
+        );
+        // Both workers serve TLS connections (they were on the first one only).
+        let m = scrape_metrics(&client(), proxy.admin_addr).await;
+        let per_worker = |w: &str| {
+            m.get(&format!("canarygate_worker_connections{{worker=\"{w}\"}}"))
+                .copied()
+                .unwrap_or(0.0)
+        };
+        assert_eq!(
+            (per_worker("0"), per_worker("1")),
+            (4.0, 4.0),
+            "eight TLS connections even over two workers"
+        );
+
+        // A reload builds a new TLS config; the ticket keys stay.
+        proxy.signal("HUP");
+        proxy.wait_log("config reloaded", Duration::from_secs(10));
+        let (_conn, was_resumed) = tls_session(tls_addr, &config).await;
+        assert!(
+            was_resumed,
+            "a ticket issued before the reload resumes after it"
+        );
+        drop(open);
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_refuses_an_unreadable_certificate() {
     within(30, async {

@@ -196,8 +196,11 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// `[server.tls]`: optional TLS termination on its own listener.
     pub tls: Option<TlsConfig>,
-    /// One line per proxied request appended to this file (read at start).
-    pub access_log: Option<PathBuf>,
+    /// Where the one line per proxied request goes: standard output (`"-"`, the
+    /// default), a file, or `"off"` (read at start).
+    pub access_log: AccessLogTarget,
+    /// How that line is written: `"canarygate"`, `"combined"` or `"json"`.
+    pub access_log_format: AccessLogFormat,
     /// This instance's name in the fleet (heartbeats, /fleet, /flags, /analysis,
     /// alerts, logs); default `hostname:listen port`. Read at start.
     pub instance_id: Option<String>,
@@ -211,10 +214,43 @@ impl Default for ServerConfig {
             drain_delay_ms: 0,
             drain_timeout_ms: 10_000,
             tls: None,
-            access_log: None,
+            access_log: AccessLogTarget::Stdout,
+            access_log_format: AccessLogFormat::Canarygate,
             instance_id: None,
         }
     }
+}
+
+/// `server.access_log`: `"-"` (standard output), `"off"`, or a file path.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum AccessLogTarget {
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+impl TryFrom<String> for AccessLogTarget {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        match s.as_str() {
+            "-" => Ok(Self::Stdout),
+            "off" => Ok(Self::Off),
+            "" => Err("empty: use \"-\" (standard output), \"off\" or a file path".to_owned()),
+            path => Ok(Self::File(PathBuf::from(path))),
+        }
+    }
+}
+
+/// `server.access_log_format`: canarygate's own line (with pool, routing reason and
+/// backend), the Apache/nginx `combined` line, or one JSON object per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    Canarygate,
+    Combined,
+    Json,
 }
 
 /// `[server.tls]`: HTTPS (HTTP/1.1 and HTTP/2 by ALPN) on `listen`, with a PEM
@@ -226,6 +262,13 @@ pub struct TlsConfig {
     pub listen: SocketAddr,
     pub cert_path: std::path::PathBuf,
     pub key_path: std::path::PathBuf,
+    /// Session resumption by tickets (keys rotate every 6 h; a restart makes new ones).
+    #[serde(default = "default_true")]
+    pub session_tickets: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_tls_listen() -> SocketAddr {

@@ -314,7 +314,7 @@ impl Metrics {
         let worker_connections = must(IntGaugeVec::new(
             Opts::new(
                 "canarygate_worker_connections",
-                "Open plain-HTTP client connections per worker thread.",
+                "Open client connections (plain and TLS) per worker thread.",
             ),
             &["worker"],
         ));

@@ -7,8 +7,9 @@
 //! - [`analysis_page`]: the canary analysis on the admin listener (`/analysis`, the
 //!   status page's section and chart).
 //! - [`html`]: HTML escaping for the pages the proxy renders.
-//! - [`access_log`]: the optional access log file (`[server] access_log`), written
-//!   off the request path.
+//! - [`access_log`]: the access log (`[server] access_log`: stdout, a file or off;
+//!   canarygate, combined or JSON lines), formatted per worker and written off the
+//!   request path.
 
 pub mod access_log;
 pub mod admin;

@@ -16,7 +16,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
 use crate::clock::now_ms;
 use crate::config::Sticky;
@@ -77,6 +77,18 @@ pub async fn handle(
         Ok(Some(upgrade)) => Some((upgrade.clone(), hyper::upgrade::on(&mut req))),
         Ok(None) | Err(_) => None,
     };
+    // Kept only for a log format that writes them (a reference count each).
+    let agent = state
+        .access_log
+        .as_ref()
+        .filter(|log| log.wants_agent())
+        .map(|_| {
+            let headers = req.headers();
+            (
+                headers.get(header::REFERER).cloned(),
+                headers.get(header::USER_AGENT).cloned(),
+            )
+        });
     let extra = UpstreamHeaders {
         request_id: &request_id,
         flags_header: &config.flags.header.0,
@@ -173,7 +185,8 @@ pub async fn handle(
     let elapsed = start.elapsed();
     pool_metrics.record(&method, response.status(), elapsed);
     state.metrics.recorder.record(kind, now, elapsed, failed);
-    info!(
+    let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    debug!(
         request_id = request_id.to_str().unwrap_or(""),
         method = %method,
         path = path_and_query.as_ref().map_or("", http::uri::PathAndQuery::path),
@@ -181,24 +194,36 @@ pub async fn handle(
         reason = decision.reason.as_str(),
         backend = backend_addr,
         status = response.status().as_u16(),
-        duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+        duration_us,
         "proxied"
     );
     if let Some(log) = &state.access_log {
-        log.write(access_log::line(
-            peer.peer,
-            &method,
-            path_and_query
+        let (referer, user_agent) = agent.as_ref().map_or((None, None), |(r, u)| {
+            (
+                r.as_ref().map(HeaderValue::as_bytes),
+                u.as_ref().map(HeaderValue::as_bytes),
+            )
+        });
+        log.record(&access_log::Entry {
+            peer: peer.peer.ip(),
+            method: &method,
+            target: path_and_query
                 .as_ref()
                 .map_or("", http::uri::PathAndQuery::as_str),
             version,
-            response.status().as_u16(),
-            kind.as_str(),
-            decision.reason.as_str(),
-            backend_addr,
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            request_id.to_str().unwrap_or(""),
-        ));
+            status: response.status().as_u16(),
+            bytes: response
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok()),
+            pool: kind.as_str(),
+            reason: decision.reason.as_str(),
+            backend: backend.map_or("", |b| b.authority.as_str()),
+            duration_us,
+            request_id: request_id.to_str().unwrap_or(""),
+            referer,
+            user_agent,
+        });
     }
     let response_headers = response.headers_mut();
     response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));

@@ -20,7 +20,6 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -252,10 +251,7 @@ pub async fn serve<F, S, B>(
             drain: drain.clone(),
             force_close: force_close.clone(),
         };
-        let tls = options
-            .tls
-            .as_ref()
-            .map(|t| TlsAcceptor::from(t.load_full()));
+        let tls = options.tls.as_ref().map(|t| t.acceptor());
         let handshake_timeout = options.header_read_timeout;
         tracker.spawn(async move {
             let _held = (permit, counted, serving);

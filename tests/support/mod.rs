@@ -320,7 +320,11 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(toml: &str) -> Self {
-        let config = config::from_toml(toml, "test.toml").expect("test config is valid");
+        let mut config = config::from_toml(toml, "test.toml").expect("test config is valid");
+        // The default access log is standard output: the test's own, not captured.
+        if !toml.contains("access_log") {
+            config.server.access_log = config::AccessLogTarget::Off;
+        }
         let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
             .await
             .unwrap();
@@ -464,7 +468,17 @@ impl ProxyProcess {
 
     /// [`Self::spawn`] with `run --workers N`.
     pub fn spawn_with_workers(toml: &str, workers: usize) -> Self {
-        Self::start(toml, "", &[], &["--workers", &workers.to_string()])
+        Self::spawn_with_workers_and(toml, "", workers)
+    }
+
+    /// [`Self::spawn`] with `run --workers N` and more `[server]` settings.
+    pub fn spawn_with_workers_and(toml: &str, server_extra: &str, workers: usize) -> Self {
+        Self::start(
+            toml,
+            server_extra,
+            &[],
+            &["--workers", &workers.to_string()],
+        )
     }
 
     fn start(toml: &str, server_extra: &str, env: &[(&str, &str)], run_args: &[&str]) -> Self {
