@@ -20,15 +20,17 @@ start_backends() {
 # more TOML (flags, timeouts, limits) is read from standard input and appended, and
 # $SERVER_EXTRA (lines) goes into [server]. Access log off unless it says otherwise.
 write_config() {
+  local prod=${PROD_BACKENDS:-'"'127.0.0.1:$P1'"'} canary=${CANARY_BACKENDS:-'"'127.0.0.1:$P2'"'}
+  local server_extra=${SERVER_EXTRA:-'access_log = "off"'}
   cat > "$1" <<TOML
 [server]
 listen = "127.0.0.1:$2"
 admin_listen = "127.0.0.1:$3"
-${SERVER_EXTRA:-access_log = "off"}
+$server_extra
 [pools.production]
-backends = [${PROD_BACKENDS:-"127.0.0.1:$P1"}]
+backends = [$prod]
 [pools.canary]
-backends = [${CANARY_BACKENDS:-"127.0.0.1:$P2"}]
+backends = [$canary]
 [routing]
 canary_percent = 33
 sticky = "none"

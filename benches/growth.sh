@@ -11,7 +11,6 @@ for round in $(seq "$ROUNDS"); do
     done
   done
 done
-ratios
 
 # 2. Memory with idle keep-alive connections (10,000, and the most this machine
 # allows: its open-file limit is 20,000 per process, so 50,000 cannot be opened here).
@@ -104,8 +103,11 @@ done
 # 100-byte page on 400 ports (two single-threaded demo apps cannot listen on 400),
 # the same for both contenders and both counts.
 echo
-bports=()
-for _ in $(seq 400); do bports+=("$(free_port)"); done
+# 400 distinct free ports (held open together while chosen).
+mapfile -t bports < <(python3 -c 'import socket
+socks = [socket.socket() for _ in range(400)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print("\n".join(str(s.getsockname()[1]) for s in socks))')
 mkdir -p "$work/nginx-backends/logs" "$work/nginx-backends/tmp"
 {
   echo "worker_processes 1; daemon off; pid ./nginx.pid; error_log ./logs/error.log warn;"

@@ -6,6 +6,7 @@
 #
 #   bash benches/instructions.sh                  # builds release, measures it
 #   bash benches/instructions.sh path/to/canarygate   # another build, for an A/B
+#   SERVER_EXTRA='access_log = "/tmp/a.log"' bash benches/instructions.sh   # [server] settings
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
@@ -33,4 +34,6 @@ wait_port "$CG"
 requests=$(wrk -t1 -c8 -d"${DURATION}s" "http://127.0.0.1:$CG/static" | awk '/requests in/ {print $1}')
 kill -INT "$VG"; wait "$VG" 2>/dev/null || true
 total=$(callgrind_annotate "$work/callgrind.out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+# CALLGRIND_OUT=FILE keeps the profile (callgrind_annotate FILE shows where they go).
+[ -n "${CALLGRIND_OUT:-}" ] && cp "$work/callgrind.out" "$CALLGRIND_OUT"
 echo "$BIN: $requests requests, $total instructions in all (start-up included), $((total / requests)) per request"

@@ -11,7 +11,8 @@
 #   MODE=growth bash benches/load.sh     # 64/512/4096 connections, idle RSS, 1/100/1000 flags,
 #                                        # 2/200 backends per pool
 #   ROUNDS=1 DURATION=5 bash benches/load.sh
-#   ALT_BIN=target/aws-lc/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt"
+#   ALT_BIN=/tmp/ring/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt",
+#     e.g. the *ring* provider: CARGO_TARGET_DIR=/tmp/ring cargo build --release --no-default-features
 #
 # Contenders, in turn each round:
 #   direct     wrk straight to one backend (plain mode)
@@ -122,10 +123,11 @@ TOML
   sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
       -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|" benches/haproxy.cfg \
     | awk -v r="$hhttp" '{ sub(/@HTTPLOG@/, r) } 1' > "$work/$set.haproxy.cfg"
-  haproxy -f "$work/$set.haproxy.cfg" -q >"$work/$set.haproxy-access.log" 2>&1 & PID[$n]=$!; pids+=($!)
+  # (Not -q: it silences the HTTP log on standard output too.)
+  haproxy -f "$work/$set.haproxy.cfg" >"$work/$set.haproxy-access.log" 2>"$work/$set.haproxy.err" & PID[$n]=$!; pids+=($!)
   fi
 
-  for c in $only; do n=$c/$set; wait_port "${PORT[$n]}"; wait_port "${TLS[$n]}"; done
+  for c in $only; do n=$c/$set; wait_port "${PORT[$n]}" || { echo "$n did not start:"; for f in "$work/$set".*.err "$work/$set".*.log "$work/nginx-$set/logs/error.log"; do [ -f "$f" ] && tail -n 5 "$f"; done; exit 1; }; wait_port "${TLS[$n]}"; done
 }
 
 # All PIDs of a contender (nginx: the master and its workers).
@@ -158,6 +160,10 @@ wrk_run() {
   out=$(wrk -t1 -c"$conns" -d"${DURATION}s" --latency "$@" "$url")
   if grep -qE "Non-2xx|Socket errors" <<<"$out"; then
     echo "  note ($name, $test): $(grep -E 'Non-2xx|Socket errors' <<<"$out" | tr -s ' ')"
+    # Why, in canarygate's own words (its log at the default level: no line per request).
+    if [ "${name%%/*}" = canarygate ]; then
+      grep -hE '"level":"(WARN|ERROR)"|WARN|ERROR' "$work/${name#*/}.canarygate.log" | tail -n 3 | cut -c1-300 | sed 's/^/    /'
+    fi
   fi
   record "$round" "$test" "$name" "$pid" "$before" "$(awk '/requests in/ {print $1}' <<<"$out")" \
     "$(awk '/^Requests\/sec/ {print $2}' <<<"$out")" \
@@ -184,17 +190,18 @@ PY
     "$(awk '/^finished in/ {print $4}' <<<"$out")" ${pct}
 }
 
-# handshakes ROUND TEST NAME PID PORT new|reuse: TLS handshakes per second, from 4
-# openssl s_time clients at once (each: connect, handshake, GET /static, close;
-# -reuse resumes the first session on every later connection).
+# handshakes ROUND TEST NAME PID PORT new|reuse: TLS handshakes per second, from
+# HANDSHAKE_CLIENTS (8) openssl s_time clients at once (each: connect, handshake,
+# GET /static, close; -reuse resumes the first session on every later connection).
+# The clients' own CPU is in the rate; CPU per handshake is the proxy's alone.
 handshakes() {
-  local round=$1 test=$2 name=$3 pid=$4 port=$5 how=$6 before i total=0 secs
+  local round=$1 test=$2 name=$3 pid=$4 port=$5 how=$6 before i total=0 clients=${HANDSHAKE_CLIENTS:-8}
   before=$(cpu_ticks "$pid")
-  for i in 1 2 3 4; do
+  for i in $(seq "$clients"); do
     openssl s_time -connect "127.0.0.1:$port" -www /static "-$how" -time "$DURATION" > "$work/s_time.$i" 2>&1 &
   done
-  wait $(jobs -p | tail -4) 2>/dev/null || true
-  for i in 1 2 3 4; do
+  wait $(jobs -p | tail -n "$clients") 2>/dev/null || true
+  for i in $(seq "$clients"); do
     total=$((total + $(awk '/connections in/ && /real seconds/ {print $1; exit}' "$work/s_time.$i" || echo 0)))
   done
   record "$round" "$test" "$name" "$pid" "$before" "$total" \
@@ -252,10 +259,8 @@ log)
       done
     done
   done
-  for n in canarygate nginx haproxy; do
-    echo "  access log lines written by $n: $(cat "$work"/on.$n-access.log "$work"/nginx-on/logs/access.log 2>/dev/null | grep -c . || true) (all files together)"
-    break
-  done
+  sleep 1.5 # nginx flushes its buffer every second
+  echo "  access log lines written: canarygate $(wc -l < "$work/on.canarygate-access.log"), nginx $(wc -l < "$work/nginx-on/logs/access.log"), haproxy $(wc -l < "$work/on.haproxy-access.log")"
   python3 - "$results" <<'EOF2'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))

@@ -61,8 +61,9 @@ impl Tls {
     }
 }
 
-/// The crypto provider, chosen at build time by measurement (README, Performance):
-/// *ring* by default, aws-lc-rs with the `aws-lc` feature.
+/// The server's crypto provider, chosen at build time by measurement (README,
+/// Performance): aws-lc-rs (the default `aws-lc` feature; its RSA signatures make
+/// full handshakes on an RSA certificate 1.3x *ring*'s), else *ring*.
 mod provider {
     use std::sync::Arc;
 

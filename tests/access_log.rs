@@ -5,55 +5,17 @@
 mod support;
 
 use std::io::{BufRead as _, BufReader};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
-/// The binary with `toml`, its stdout piped to the test (`read_stdout`) or to a pipe
-/// nobody reads; the listening line tells the ports.
-struct Run {
-    child: KillOnDrop,
-    addr: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
-    stdout: Option<std::process::ChildStdout>,
-    _dir: TempDir,
-}
-
-fn run(toml: &str, server_extra: &str) -> Run {
-    let dir = TempDir::new("access-log-run");
-    let path = dir.write("config.toml", &server_toml(server_extra, toml));
-    let mut child = Command::new(binary())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let child = KillOnDrop(child);
-    let mut addrs = None;
-    for line in stderr.lines().map_while(Result::ok) {
-        if line.contains("\"listening\"") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            addrs = Some((
-                v["proxy"].as_str().unwrap().parse().unwrap(),
-                v["admin"].as_str().unwrap().parse().unwrap(),
-            ));
-            break;
-        }
-    }
-    let (addr, admin) = addrs.expect("the proxy says where it listens");
-    Run {
-        child,
-        addr,
-        admin,
-        stdout,
-        _dir: dir,
-    }
+/// The binary with `toml`, standard output piped to the test, its log drained.
+fn run(toml: &str, server_extra: &str) -> PipedProxy {
+    let mut proxy = PipedProxy::spawn(toml, server_extra);
+    // Drained, so the proxy's own log never waits on the test.
+    let stderr = proxy.stderr.take().unwrap();
+    std::thread::spawn(move || for _ in stderr.lines() {});
+    proxy
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +79,7 @@ async fn combined_and_json_lines_to_a_file() {
             let c = client();
             let got = get(
                 &c,
-                &proxy.url("/a%20b?x=\"1\""),
+                &proxy.url("/a%20b?x=1"),
                 &[
                     ("user-agent", "agent \"007\""),
                     ("referer", "https://example.com/from"),
@@ -149,12 +111,12 @@ async fn combined_and_json_lines_to_a_file() {
                 assert_eq!(
                     rest,
                     format!(
-                        "\"GET /a%20b?x=\\x221\\x22 HTTP/1.1\" 200 {length} \"https://example.com/from\" \"agent\\x20\\x22007\\x22\""
+                        "\"GET /a%20b?x=1 HTTP/1.1\" 200 {length} \"https://example.com/from\" \"agent\\x20\\x22007\\x22\""
                     )
                 );
             } else {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                assert_eq!(v["target"], "/a%20b?x=\"1\"");
+                assert_eq!(v["target"], "/a%20b?x=1");
                 assert_eq!(v["method"], "GET");
                 assert_eq!(v["protocol"], "HTTP/1.1");
                 assert_eq!(v["status"], 200);
@@ -200,29 +162,9 @@ async fn a_writer_that_cannot_write_drops_counted_lines_and_no_request_waits() {
             "lines dropped, not waited for: {dropped}"
         );
         // And the shutdown is not held by the blocked writer.
-        let pid = proxy.child.0.id();
-        let started = std::time::Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let mut child = proxy.child;
-        let exited = tokio::task::spawn_blocking(move || {
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while std::time::Instant::now() < deadline {
-                if let Some(status) = child.0.try_wait().unwrap() {
-                    return Some(status);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            None
-        })
-        .await
-        .unwrap();
-        let status = exited.expect("the proxy exits though its stdout is stuck");
+        let status = terminate(proxy.child, Duration::from_secs(20)).await;
+        let status = status.expect("the proxy exits though its stdout is stuck");
         assert_eq!(status.code(), Some(0));
-        assert!(started.elapsed() < Duration::from_secs(20));
         drop(proxy.stdout);
     })
     .await;

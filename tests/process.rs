@@ -394,3 +394,24 @@ fn logs_to_a_pipe_carry_no_colour_codes() {
         "colour codes in a piped log: {line:?}"
     );
 }
+
+/// A log that can no longer be written (journald restarted, the pipe's reader gone)
+/// loses its lines and nothing else: tracing-subscriber's complaint about a failed
+/// write panicked the task that logged, the SIGTERM handler among them, and the proxy
+/// never stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_stderr_loses_log_lines_but_not_requests_or_the_shutdown() {
+    within(60, async {
+        let prod = TestBackend::start("production").await;
+        let mut proxy = PipedProxy::spawn(&config_toml(&[prod.addr], &[], ""), "");
+        drop(proxy.stderr.take());
+        let addr = proxy.addr;
+        let c = client();
+        for _ in 0..5 {
+            assert_eq!(get(&c, &format!("http://{addr}/"), &[]).await.status, 200);
+        }
+        let exited = terminate(proxy.child, Duration::from_secs(20)).await;
+        assert_eq!(exited.and_then(|s| s.code()), Some(0), "stopped, cleanly");
+    })
+    .await;
+}

@@ -458,6 +458,10 @@ impl TryFrom<String> for OverrideHeader {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TimeoutsConfig {
+    /// Default 2 s: Linux resends an unanswered SYN after 1 s, so a 1 s timeout
+    /// turned every SYN a busy backend's full accept queue dropped into a 502 (seen
+    /// at 512 client connections, benches/load.sh growth); 2 s lets that one resend
+    /// through.
     pub connect_ms: u64,
     pub response_header_ms: u64,
     pub client_header_read_ms: u64,
@@ -472,7 +476,7 @@ pub struct TimeoutsConfig {
 impl Default for TimeoutsConfig {
     fn default() -> Self {
         Self {
-            connect_ms: 1_000,
+            connect_ms: 2_000,
             response_header_ms: 30_000,
             client_header_read_ms: 10_000,
             idle_ms: 60_000,

@@ -144,7 +144,7 @@ pub struct Metrics {
     pub worker_connections: IntGaugeVec,
     /// Client connections a worker handed to a less loaded one.
     pub connections_handed_off: IntCounter,
-    /// Access log lines dropped because the writer was behind (or the file unwritable).
+    /// Access log lines dropped because the writer was 4 MiB behind (or the file unwritable).
     pub log_dropped: IntCounter,
     /// Failed accepts on the proxy listeners, by `kind`.
     pub accept_errors: IntCounterVec,
@@ -320,8 +320,8 @@ impl Metrics {
         ));
         let log_dropped = must(IntCounter::new(
             "canarygate_log_dropped_total",
-            "Access log lines dropped: the writer was behind (its queue full) or the file \
-             could not be opened.",
+            "Access log lines dropped: the writer was 4 MiB behind, or the file could not be \
+             opened or written.",
         ));
         let connections_handed_off = must(IntCounter::new(
             "canarygate_connections_handed_off_total",

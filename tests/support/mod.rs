@@ -1054,6 +1054,80 @@ impl Drop for Peer {
 }
 
 /// A child process (a peer server a test started) killed by PID on drop.
+/// The binary's `run` with `toml` (and `[server]` lines), its standard output and
+/// error piped to the test: stderr is read up to the `listening` line (which gives
+/// the ports), the rest is left to the test.
+pub struct PipedProxy {
+    pub child: KillOnDrop,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub stdout: Option<std::process::ChildStdout>,
+    pub stderr: Option<BufReader<std::process::ChildStderr>>,
+    _dir: TempDir,
+}
+
+impl PipedProxy {
+    pub fn spawn(toml: &str, server_extra: &str) -> Self {
+        let dir = TempDir::new("piped");
+        let path = dir.write("config.toml", &server_toml(server_extra, toml));
+        let mut child = Command::new(binary())
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let child = KillOnDrop(child);
+        let mut line = String::new();
+        while !line.contains("\"listening\"") {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "no listening line"
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let addr = |key: &str| v[key].as_str().unwrap().parse().unwrap();
+        Self {
+            addr: addr("proxy"),
+            admin: addr("admin"),
+            child,
+            stdout,
+            stderr: Some(stderr),
+            _dir: dir,
+        }
+    }
+}
+
+/// Sends SIGTERM to `child` and waits up to `timeout` for it to exit; its status, or
+/// `None` if it is still running (then it is killed on drop).
+pub async fn terminate(
+    mut child: KillOnDrop,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap()
+}
+
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
