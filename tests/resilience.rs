@@ -380,6 +380,15 @@ fn test_certificates(
     (cert_path, key_path, roots)
 }
 
+/// The `[server.tls]` lines for a listener on an ephemeral port with these files.
+fn tls_section(cert: &std::path::Path, key: &std::path::Path) -> String {
+    format!(
+        "[server.tls]\nlisten = \"127.0.0.1:0\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )
+}
+
 /// One request over TLS with the given ALPN protocol; returns (negotiated ALPN, body).
 async fn tls_get(
     addr: std::net::SocketAddr,
@@ -427,11 +436,7 @@ async fn tls_termination_with_h2_and_http11_by_alpn() {
         let (cert, key, roots) = test_certificates(&dir);
         let proxy = ProxyProcess::spawn(
             &config_toml(&[prod.addr], &[], ""),
-            &format!(
-                "[server.tls]\nlisten = \"127.0.0.1:0\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
-                cert.display(),
-                key.display()
-            ),
+            &tls_section(&cert, &key),
         );
         let tls_addr = proxy.tls_addr.expect("TLS listener reported");
         for alpn in [&b"h2"[..], b"http/1.1"] {
@@ -484,11 +489,7 @@ async fn tls_spreads_over_the_workers_and_tickets_resume_on_any_of_them_across_a
         let (cert, key, roots) = test_certificates(&dir);
         let mut proxy = ProxyProcess::spawn_with_workers_and(
             &config_toml(&[prod.addr], &[], ""),
-            &format!(
-                "[server.tls]\nlisten = \"127.0.0.1:0\"\ncert_path = \"{}\"\nkey_path = \"{}\"\n",
-                cert.display(),
-                key.display()
-            ),
+            &tls_section(&cert, &key),
             2,
         );
         let tls_addr = proxy.tls_addr.expect("TLS listener reported");
