@@ -213,16 +213,15 @@ impl Shard {
         self.clock.set(now.as_secs());
         let millis = now.subsec_millis();
         let out = &mut self.buf;
-        let target = e.target.as_bytes();
-        let backend = if e.backend.is_empty() { "-" } else { e.backend };
-        let request_id = if e.request_id.is_empty() {
-            "-"
-        } else {
-            e.request_id
-        };
         let version = version_text(e.version);
         match format {
             AccessLogFormat::Canarygate => {
+                let backend = if e.backend.is_empty() { "-" } else { e.backend };
+                let request_id = if e.request_id.is_empty() {
+                    "-"
+                } else {
+                    e.request_id
+                };
                 out.extend_from_slice(&self.clock.rfc3339);
                 digits3(out, millis);
                 out.extend_from_slice(b"Z ");
@@ -269,7 +268,7 @@ impl Shard {
                 out.extend_from_slice(b"\",\"method\":\"");
                 out.extend_from_slice(e.method.as_str().as_bytes());
                 out.extend_from_slice(b"\",\"target\":\"");
-                escape(out, target, Style::Json);
+                escape(out, e.target.as_bytes(), Style::Json);
                 out.extend_from_slice(b"\",\"protocol\":\"");
                 out.extend_from_slice(version);
                 out.extend_from_slice(b"\",\"status\":");
@@ -511,6 +510,8 @@ struct Output {
     sink: Sink,
     file: Option<Open>,
     checked: Option<Instant>,
+    /// The file cannot be opened (said once, not per batch, until it can again).
+    unopenable: bool,
 }
 
 /// An open file and the identity of what it was opened as.
@@ -537,6 +538,7 @@ impl Output {
             sink,
             file: None,
             checked: None,
+            unopenable: false,
         }
     }
 
@@ -555,9 +557,14 @@ impl Output {
                 .is_none_or(|open| Some(open.id) != current)
             {
                 self.file = match open(path) {
-                    Ok(file) => Some(file),
+                    Ok(file) => {
+                        self.unopenable = false;
+                        Some(file)
+                    }
                     Err(error) => {
-                        warn!(path = %path.display(), %error, "cannot open the access log; its lines are dropped and counted");
+                        if !std::mem::replace(&mut self.unopenable, true) {
+                            warn!(path = %path.display(), %error, "cannot open the access log; its lines are dropped and counted until it can");
+                        }
                         None
                     }
                 };

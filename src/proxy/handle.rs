@@ -78,17 +78,19 @@ pub async fn handle(
         Ok(None) | Err(_) => None,
     };
     // Kept only for a log format that writes them (a reference count each).
-    let agent = state
+    let keeps_agent = state
         .access_log
         .as_ref()
-        .filter(|log| log.wants_agent())
-        .map(|_| {
-            let headers = req.headers();
-            (
-                headers.get(header::REFERER).cloned(),
-                headers.get(header::USER_AGENT).cloned(),
-            )
-        });
+        .is_some_and(|log| log.wants_agent());
+    let (referer, user_agent) = if keeps_agent {
+        let headers = req.headers();
+        (
+            headers.get(header::REFERER).cloned(),
+            headers.get(header::USER_AGENT).cloned(),
+        )
+    } else {
+        (None, None)
+    };
     let extra = UpstreamHeaders {
         request_id: &request_id,
         flags_header: &config.flags.header.0,
@@ -198,12 +200,6 @@ pub async fn handle(
         "proxied"
     );
     if let Some(log) = &state.access_log {
-        let (referer, user_agent) = agent.as_ref().map_or((None, None), |(r, u)| {
-            (
-                r.as_ref().map(HeaderValue::as_bytes),
-                u.as_ref().map(HeaderValue::as_bytes),
-            )
-        });
         log.record(&access_log::Entry {
             peer: peer.peer.ip(),
             method: &method,
@@ -221,8 +217,8 @@ pub async fn handle(
             backend: backend.map_or("", |b| b.authority.as_str()),
             duration_us,
             request_id: request_id.to_str().unwrap_or(""),
-            referer,
-            user_agent,
+            referer: referer.as_ref().map(HeaderValue::as_bytes),
+            user_agent: user_agent.as_ref().map(HeaderValue::as_bytes),
         });
     }
     let response_headers = response.headers_mut();
