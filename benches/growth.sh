@@ -6,7 +6,7 @@
 start_set a off ecdsa; sleep 1
 for round in $(seq "$ROUNDS"); do
   for conns in ${GROWTH_CONNECTIONS:-64 512 4096}; do
-    for n in canarygate/a nginx/a haproxy/a; do
+    for n in canarygate/a ${ALT_BIN:+alt/a} nginx/a haproxy/a; do
       wrk_run "$round" "c$conns" "$n" "${PID[$n]}" "http://127.0.0.1:${PORT[$n]}/static" "$conns"
     done
   done

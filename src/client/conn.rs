@@ -56,12 +56,24 @@ impl BackendConn {
     }
 
     /// Reads what the socket has into `buf`, with room for at least `want` bytes.
-    /// The room is one more than asked, so a read that fills exactly what is wanted
-    /// still comes back short and the runtime clears the socket's readiness (which
+    /// The room is made only once the socket is readable, so a request waiting for its
+    /// backend holds no buffer (thousands in flight held 8 KiB each). It is one more
+    /// than asked, so a read that fills exactly what is wanted still comes back short and the runtime clears the socket's readiness (which
     /// [`BackendConn::still_idle`] relies on).
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() <= want {
+            ready!(self.stream.poll_read_ready(cx))?;
+        }
         self.buf.reserve(want + 1);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+
+    /// Frees the read buffer of a connection with nothing left in it, so an idle
+    /// connection, and the next request's wait for its response, hold none.
+    pub fn shed_buffer(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
     }
 
     /// Reads until a final response head (1xx other than 101 are skipped).
@@ -88,5 +100,52 @@ impl BackendConn {
                 Err(e) => return Poll::Ready(Err(ExchangeError::Io(e))),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::conn_pool::ConnPool;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// A request waiting for its backend holds no read buffer; one is made when the
+    /// response arrives and given back when the connection returns to its pool.
+    #[tokio::test]
+    async fn the_read_buffer_exists_only_while_there_is_something_to_read() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let authority: Authority = listener.local_addr().unwrap().to_string().parse().unwrap();
+        let (conn, accepted) = tokio::join!(
+            BackendConn::connect(&authority, Duration::from_secs(5)),
+            listener.accept()
+        );
+        let mut conn = conn.unwrap();
+        let (mut backend, _) = accepted.unwrap();
+
+        let mut received = false;
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(conn.poll_head(&mut cx, &mut received).is_pending());
+        assert_eq!(conn.buf.capacity(), 0, "waiting, it holds a buffer");
+
+        backend
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| conn.poll_head(cx, &mut received)),
+        )
+        .await
+        .expect("the head within 5 s")
+        .unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert_eq!(&conn.buf[..], b"hi");
+
+        drop(conn.buf.split_to(2)); // the body, consumed
+        let pool = ConnPool::default();
+        pool.put_back(conn);
+        let conn = pool.checkout(60_000).expect("the idle connection back");
+        assert_eq!(conn.buf.capacity(), 0, "idle, it holds a buffer");
     }
 }

@@ -109,7 +109,8 @@ impl ConnPool {
         }
     }
 
-    pub(crate) fn put_back(&self, conn: BackendConn) {
+    pub(crate) fn put_back(&self, mut conn: BackendConn) {
+        conn.shed_buffer();
         let mut stack = self.stack();
         if stack.len() < MAX_IDLE {
             stack.push(Idle {
