@@ -58,7 +58,8 @@ impl BackendConn {
     /// Reads what the socket has into `buf`, with room for at least `want` bytes.
     /// The room is made only once the socket is readable, so a request waiting for its
     /// backend holds no buffer (thousands in flight held 8 KiB each). It is one more
-    /// than asked, so a read that fills exactly what is wanted still comes back short and the runtime clears the socket's readiness (which
+    /// than asked, so a read that fills exactly what is wanted still comes back short
+    /// and the runtime clears the socket's readiness (which
     /// [`BackendConn::still_idle`] relies on).
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() <= want {
