@@ -102,6 +102,7 @@ pub async fn handle(
         Err(error) => (Err(error), None),
         Ok(_) => {
             let pool = snapshot.pools.get(kind);
+            let _waiting = peer.conn.wait_for_backend();
             proxy_to_pool(state, &snapshot, pool, req, peer, &extra, now).await
         }
     };

@@ -34,6 +34,10 @@ pub struct ConnState {
     parking: AtomicBool,
     /// A 101 answered an upgrade request: the connection is a tunnel from now on.
     switched: AtomicBool,
+    /// Exchanges waiting for their backend (connect, request, response head): the
+    /// client is not idle then, the backend is slow, and `connect_ms` and
+    /// `response_header_ms` bound that wait, not the client's idle timeout.
+    backend_waits: AtomicU64,
 }
 
 impl Default for ConnState {
@@ -49,6 +53,7 @@ impl Default for ConnState {
             open_exchanges: AtomicU64::new(0),
             parking: AtomicBool::new(false),
             switched: AtomicBool::new(false),
+            backend_waits: AtomicU64::new(0),
         }
     }
 }
@@ -80,6 +85,17 @@ impl ConnState {
         self.at_rest.load(Ordering::Relaxed)
             && self.open_exchanges.load(Ordering::Relaxed) == 0
             && self.heads.load(Ordering::Relaxed) == self.calls.load(Ordering::Relaxed)
+    }
+
+    /// An exchange starts waiting for its backend; the wait ends when the guard drops.
+    pub fn wait_for_backend(self: &Arc<Self>) -> BackendWait {
+        self.backend_waits.fetch_add(1, Ordering::Relaxed);
+        BackendWait(Arc::clone(self))
+    }
+
+    /// Whether an exchange on this connection is waiting for its backend.
+    pub fn waiting_for_backend(&self) -> bool {
+        self.backend_waits.load(Ordering::Relaxed) > 0
     }
 
     pub fn set_parking(&self, parking: bool) {
@@ -140,5 +156,15 @@ pub struct OpenExchange(Arc<ConnState>);
 impl Drop for OpenExchange {
     fn drop(&mut self) {
         self.0.open_exchanges.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends a wait for the backend on drop (see [`ConnState::wait_for_backend`]).
+#[derive(Debug)]
+pub struct BackendWait(Arc<ConnState>);
+
+impl Drop for BackendWait {
+    fn drop(&mut self) {
+        self.0.backend_waits.fetch_sub(1, Ordering::Relaxed);
     }
 }

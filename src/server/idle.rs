@@ -28,7 +28,8 @@ pub fn idle_timeout(inner: TcpStream, idle: Duration, state: Arc<ConnState>) -> 
 /// I/O only bumps a counter (no clock read per read or write, which showed in
 /// profiles); a timer ticks every quarter of `idle` and the connection expires after
 /// four ticks in a row without activity, so a silent connection is closed after
-/// between `idle` and 1.25 x `idle`.
+/// between `idle` and 1.25 x `idle`. A tick while a request waits for its backend
+/// (see [`ConnState::waiting_for_backend`]) is not quiet: the client is waiting too.
 pub struct IdleTimer {
     inner: TcpStream,
     idle: Duration,
@@ -81,7 +82,10 @@ impl IdleTimer {
         loop {
             ready!(self.timer.as_mut().poll(cx));
             let activity = self.state.activity();
-            if activity == self.seen {
+            // Quiet while a request waits for its backend is the backend's slowness,
+            // bounded by `response_header_ms`: cutting the client then turned a slow
+            // answer into a connection closed before it (seen with idle_ms = 1500).
+            if activity == self.seen && !self.state.waiting_for_backend() {
                 self.quiet_ticks += 1;
                 if self.quiet_ticks >= IDLE_TICKS {
                     return Poll::Ready(io::Error::new(io::ErrorKind::TimedOut, "idle timeout"));

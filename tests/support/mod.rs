@@ -63,11 +63,24 @@ pub struct TestBackend {
     shutdown: CancellationToken,
 }
 
+/// A listener on an ephemeral loopback port with the proxy's own backlog (4096).
+///
+/// tokio's `TcpListener::bind` listens with a backlog of 128, like std. A test that
+/// makes the proxy open hundreds of upstream connections at once (one per HTTP/2
+/// stream) overflowed it: the kernel dropped the SYNs past 128
+/// (`TcpExtListenOverflows`), Linux resends a SYN after 1 s, and on a slow run
+/// (coverage) a resend that met a still-full queue outlived `connect_ms` (2 s): a
+/// 502 that came from the test's backend, not from the proxy.
+pub fn local_listener() -> TcpListener {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_reuseaddr(true).unwrap();
+    socket.bind(SocketAddr::from((LOCALHOST, 0))).unwrap();
+    socket.listen(4096).unwrap()
+}
+
 impl TestBackend {
     pub async fn start(name: &'static str) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
-            .await
-            .unwrap();
+        let listener = local_listener();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let forced_status = Arc::new(AtomicU16::new(0));
