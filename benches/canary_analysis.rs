@@ -9,7 +9,7 @@
 //! canary is bad from its first request, as after a deploy. Checks run every
 //! `interval_ms` from then on.
 //!
-//! `cargo bench --bench canary_analysis` prints the README's tables (about 5 min on
+//! `cargo bench --bench canary_analysis` prints the tables in docs/canary-analysis.md (about 5 min on
 //! 2 cores); `CANARY_BENCH_RUNS` sets the runs per failing-canary row (default 200)
 //! and `CANARY_BENCH_HEALTHY_RUNS` per false-rollback row (default 3000 at 10 and
 //! 100 req/s, a tenth of it at 1000 req/s): 0 false rollbacks in 3000 runs bounds

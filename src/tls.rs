@@ -61,8 +61,8 @@ impl Tls {
     }
 }
 
-/// The server's crypto provider, chosen at build time by measurement (README,
-/// Performance): aws-lc-rs (the default `aws-lc` feature; a full handshake on an RSA
+/// The server's crypto provider, chosen at build time by measurement (docs/performance.md):
+/// aws-lc-rs (the default `aws-lc` feature; a full handshake on an RSA
 /// certificate costs 0.6x the CPU it does with *ring*, the rest is even), else *ring*.
 mod provider {
     use std::sync::Arc;

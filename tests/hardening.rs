@@ -563,7 +563,7 @@ async fn an_http2_client_that_never_reads_pins_bounded_memory() {
             "{streams} streams asked on 4 connections, {admitted} served at once; RSS per never-reading connection: {} KiB",
             per_connection >> 10
         );
-        // README: about 8 MiB per connection (100 streams); hyper's defaults held 50.
+        // docs/operations.md: about 10 MiB per connection (100 streams); hyper's defaults held 50.
         assert!(
             per_connection < 12 << 20,
             "{} MiB per connection",
