@@ -214,7 +214,14 @@ pub async fn serve_all(
     }
     background.extend([
         tokio::spawn(
-            flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),
+            flags::watcher::run(
+                state.snapshots(),
+                state.flag_settings(),
+                Arc::clone(&state.events),
+                Arc::clone(&state.metrics),
+                tasks.clone(),
+            )
+            .instrument(info_span!("flags")),
         ),
         tokio::spawn(ops::fleet::run(state.clone(), tasks.clone()).instrument(info_span!("fleet"))),
         tokio::spawn(
@@ -226,7 +233,13 @@ pub async fn serve_all(
             .instrument(info_span!("stats")),
         ),
         tokio::spawn(
-            upstream::checks::run(state.clone(), tasks.clone()).instrument(info_span!("health")),
+            upstream::checks::run(
+                state.snapshots(),
+                Arc::clone(&state.events),
+                Arc::clone(&state.metrics),
+                tasks.clone(),
+            )
+            .instrument(info_span!("health")),
         ),
         tokio::spawn(
             ops::memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory")),
