@@ -41,6 +41,16 @@ pub struct Snapshot {
     pub flags: Arc<Flags>,
 }
 
+/// Sets the flag gauges to `snapshot`'s flags.
+fn observe_flags(metrics: &Metrics, snapshot: &Snapshot) {
+    let flags = &snapshot.flags;
+    metrics.observe_flags(
+        flags.effective_percent(snapshot.config.routing.canary_percent),
+        flags.version,
+        flags.set.switches(),
+    );
+}
+
 /// The snapshot in force, and what publishing into it updates: the handle for a
 /// task that reads or swaps the snapshot. Cheap to clone: every field is shared.
 #[derive(Clone)]
@@ -82,8 +92,7 @@ impl Snapshots {
             })
         });
         let snapshot = self.load();
-        self.metrics
-            .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        observe_flags(&self.metrics, &snapshot);
         self.events.report(
             Source::Flags,
             Level::Info,
@@ -174,7 +183,7 @@ impl AppState {
             flags,
         };
         let metrics = Arc::new(Metrics::new());
-        metrics.observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        observe_flags(&metrics, &snapshot);
         let analysis = &snapshot.config.analysis;
         metrics
             .recorder
@@ -253,8 +262,7 @@ impl AppState {
             flags: Arc::clone(&current.flags),
         });
         let snapshot = self.snapshot();
-        self.metrics
-            .observe_flags(&snapshot.flags, snapshot.config.routing.canary_percent);
+        observe_flags(&self.metrics, &snapshot);
         self.metrics
             .observe_backends(snapshot.pools.backend_states(now_ms()));
         self.metrics
