@@ -11,6 +11,7 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use canarygate::flags::model::FlagValue;
@@ -29,10 +30,7 @@ async fn measure(
     );
     let state = AppState::new(canarygate::config::from_toml(&toml, "bench").unwrap());
     let cancel = CancellationToken::new();
-    let watcher = tokio::spawn(canarygate::flags::watcher::run(
-        state.clone(),
-        cancel.clone(),
-    ));
+    let watcher = tokio::spawn(watch_flags(&state, &cancel));
     let mut conn = admin.conn().await;
     // Wait for the first read.
     let _: () = conn
@@ -58,6 +56,17 @@ async fn measure(
     let _ = watcher.await;
     samples.sort();
     samples
+}
+
+/// The flag watcher as `serve_all` starts it.
+fn watch_flags(state: &AppState, cancel: &CancellationToken) -> impl Future<Output = ()> + use<> {
+    canarygate::flags::watcher::run(
+        state.snapshots(),
+        state.flag_settings(),
+        Arc::clone(&state.events),
+        Arc::clone(&state.metrics),
+        cancel.clone(),
+    )
 }
 
 async fn wait_for(state: &AppState, value: &str, timeout: Duration) {
@@ -89,10 +98,7 @@ async fn fleet(redis: &support::RedisServer, n: usize, flips: usize) -> (Vec<Dur
     for i in 0..n {
         let state = AppState::new(canarygate::config::from_toml(&toml, "bench").unwrap());
         state.set_instance(format!("bench-{i}"));
-        tokio::spawn(canarygate::flags::watcher::run(
-            state.clone(),
-            cancel.clone(),
-        ));
+        tokio::spawn(watch_flags(&state, &cancel));
         tokio::spawn(canarygate::ops::fleet::run(state.clone(), cancel.clone()));
         states.push(state);
     }

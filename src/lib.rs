@@ -1,24 +1,30 @@
 //! canarygate: a reverse proxy that splits live traffic between an application's
 //! production and canary servers.
 //!
-//! Crate map, from the top down (a module imports only modules below it):
+//! Crate map, from the top down: a module imports only modules below it, but for
+//! the two imports named after the list.
 //! - [`run`] and [`serve_all`] (here): wire the state, the background tasks and the
 //!   listeners together; [`reload`] applies a new config file.
 //! - [`demo`]: the demo web app (`canarygate backend`) and `canarygate demo`.
 //! - [`ops`]: the operations half: tasks that look after the host and the proxy, and
 //!   the co-located processes (`canarygate doctor`, `canarygate maintenance`).
-//! - [`observe`]: metrics, stats, the event funnel, the admin listener.
 //! - [`proxy`]: the request path: decide, check, rewrite headers, forward, answer.
+//! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`]
+//!   (config, flags, pools) behind one `ArcSwap`; [`state::Snapshots`], the handle
+//!   a task receives when it only reads or swaps the snapshot.
+//! - [`flags`]: the pure flag model, the Redis store (one server, Sentinel, Cluster)
+//!   and the watcher that follows it, publishing through
+//!   [`flags::watcher::FlagSink`] (the state implements it).
+//! - [`upstream`]: backend pools, health state, the retry budget, and the active
+//!   checks, which read the pools through [`upstream::checks::CheckedPools`] (the
+//!   state implements it).
 //! - [`server`]: the client side: accept loop, workers, limits, parking, idle
 //!   timeout, the smuggling guard, the drain.
-//! - [`flags`]: the pure flag model, the Redis store (one server, Sentinel, Cluster)
-//!   and the watcher that follows it.
-//! - [`upstream`]: backend pools, health state, active checks, the retry budget.
-//! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`]
-//!   (config, flags, pools) behind one `ArcSwap`.
-//! - [`client`]: the HTTP/1.1 client to the backends and its connection pool.
-//! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
 //! - [`tls`]: TLS termination: config from PEM files, session tickets, the provider.
+//! - [`observe`]: metrics, stats, the event funnel, the access log, the admin
+//!   listener.
+//! - [`config`]: the TOML config, its parsing and validation (errors name file, line, key).
+//! - [`client`]: the HTTP/1.1 client to the backends and its connection pool.
 //! - [`canary`]: canary analysis, the pure half: request windows, statistics, the
 //!   judge and the verdict (the task is `ops::analysis`).
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
@@ -27,6 +33,13 @@
 //! - [`fleet`]: the fleet as this instance last read it (the heartbeats' model).
 //! - [`clock`]: the process's monotonic millisecond clock.
 //! - [`worker`]: which worker thread this is (per-worker state is indexed by it).
+//!
+//! Two imports run up, each from a folder that holds a low part and a high one:
+//! - `observe::admin`, the admin listener, reads [`state::AppState`]: it shows
+//!   nearly all of it. The rest of `observe` (metrics, events, stats, the access
+//!   log) stands below everything that reports through it.
+//! - `config::flags` checks `[flags.static]` values with the pure [`flags::model`],
+//!   so the config refuses exactly what the watcher would.
 //!
 //! [`run`] takes already-bound listeners so tests (and the demo) can bind port 0.
 #![forbid(unsafe_code)]
@@ -214,7 +227,14 @@ pub async fn serve_all(
     }
     background.extend([
         tokio::spawn(
-            flags::watcher::run(state.clone(), tasks.clone()).instrument(info_span!("flags")),
+            flags::watcher::run(
+                state.snapshots(),
+                state.flag_settings(),
+                Arc::clone(&state.events),
+                Arc::clone(&state.metrics),
+                tasks.clone(),
+            )
+            .instrument(info_span!("flags")),
         ),
         tokio::spawn(ops::fleet::run(state.clone(), tasks.clone()).instrument(info_span!("fleet"))),
         tokio::spawn(
@@ -226,7 +246,13 @@ pub async fn serve_all(
             .instrument(info_span!("stats")),
         ),
         tokio::spawn(
-            upstream::checks::run(state.clone(), tasks.clone()).instrument(info_span!("health")),
+            upstream::checks::run(
+                state.snapshots(),
+                Arc::clone(&state.events),
+                Arc::clone(&state.metrics),
+                tasks.clone(),
+            )
+            .instrument(info_span!("health")),
         ),
         tokio::spawn(
             ops::memory::run(state.clone(), tasks.clone()).instrument(info_span!("memory")),

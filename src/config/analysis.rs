@@ -79,3 +79,65 @@ impl AnalysisConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::from_toml;
+    use crate::config::tests::{MINIMAL, err};
+
+    #[test]
+    fn analysis_defaults_and_bad_values_name_file_line_and_key() {
+        let c = from_toml(MINIMAL, "t").unwrap();
+        let a = &c.analysis;
+        assert!(!a.enabled);
+        assert_eq!(
+            (a.interval_ms, a.window_ms, a.min_requests),
+            (10_000, 120_000, 100)
+        );
+        assert_eq!(
+            (a.failure_threshold, a.redis_key.as_str()),
+            (2, "canarygate:analysis")
+        );
+        assert!(
+            (a.max_error_ratio_delta - 0.02).abs() < 1e-12 && (a.confidence - 0.99).abs() < 1e-12
+        );
+        let ok = from_toml(
+            &format!("{MINIMAL}[analysis]\nenabled = true\nsteps = [5, 10, 25, 33, 50]\nstep_ms = 30000\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.analysis.steps, [5, 10, 25, 33, 50]);
+        for (body, want) in [
+            (
+                "steps = [5, 25, 10]",
+                "test.toml:4: key `analysis.steps`: 25 then 10: steps must increase",
+            ),
+            (
+                "steps = [5, 101]",
+                "test.toml:4: key `analysis.steps`: 101 is out of range; steps are percents 1..=100",
+            ),
+            (
+                "confidence = 0.5",
+                "test.toml:4: key `analysis.confidence`: 0.5 is out of range; it must be in (0.5, 1), e.g. 0.99",
+            ),
+            (
+                "confidence = 1.0",
+                "test.toml:4: key `analysis.confidence`: 1 is out of range; it must be in (0.5, 1), e.g. 0.99",
+            ),
+            (
+                "interval_ms = 20000\nwindow_ms = 10000",
+                "test.toml:5: key `analysis.window_ms`: 10000 is shorter than interval_ms (20000): checks would skip requests",
+            ),
+            (
+                "failure_threshold = 0",
+                "test.toml:4: key `analysis.failure_threshold`: must be greater than 0",
+            ),
+        ] {
+            assert_eq!(err(&format!("{MINIMAL}[analysis]\n{body}\n")), want);
+        }
+        let e = err(&format!("{MINIMAL}[analysis]\nsteps = [5, 300]\n"));
+        assert!(e.starts_with("test.toml:4: key `analysis.steps"), "{e}");
+        let e = err(&format!("{MINIMAL}[analysis]\nwindow = 5\n"));
+        assert!(e.starts_with("test.toml:4: key `analysis"), "{e}");
+    }
+}

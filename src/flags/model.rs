@@ -107,6 +107,15 @@ pub struct FlagSet {
 }
 
 impl FlagSet {
+    /// The boolean flags and their state, by name: what `canarygate_flag_enabled`
+    /// shows (a text value has no gauge).
+    pub fn switches(&self) -> impl Iterator<Item = (&str, bool)> {
+        self.values.iter().filter_map(|(name, value)| match value {
+            FlagValue::Bool(on) => Some((name.as_str(), *on)),
+            FlagValue::Text(_) => None,
+        })
+    }
+
     /// See [`Flags::digest`].
     pub fn digest(&self) -> String {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -402,6 +411,15 @@ mod tests {
         }
         let (next, _) = build([("theme", "x".repeat(256).as_str())], &good);
         assert_eq!(next.values["theme"].as_str().len(), 256);
+    }
+
+    #[test]
+    fn switches_are_the_boolean_flags() {
+        let (s, _) = set(&[("a", "on"), ("b", "off"), ("t", "text"), ("canary", "off")]);
+        assert_eq!(
+            s.switches().collect::<Vec<_>>(),
+            [("a", true), ("b", false)]
+        );
     }
 
     #[test]

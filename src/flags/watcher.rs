@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt as _;
 use redis::AsyncCommands as _;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::FlagsConfig;
-use crate::flags::model::{Rejected, Source as FlagSource, build};
+use crate::flags::model::{FlagSet, Flags, Rejected, Source as FlagSource, build};
 use crate::flags::store::{COMMAND_TIMEOUT, Conn, Store};
-use crate::observe::events::{Level, Source};
-use crate::state::AppState;
+use crate::observe::events::{Events, Level, Source};
+use crate::observe::metrics::Metrics;
 
 /// Errors of one watcher session; any of them ends the session and reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -35,21 +36,40 @@ pub enum FlagStoreError {
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
-/// Watches the flag hash until `cancel`. A config reload that changes the store
-/// settings (`redis_url`, `tls_ca_path`, `key`, `poll_ms`) restarts the watcher with
-/// them; without a `redis_url` it waits for one.
-pub async fn run(state: AppState, cancel: CancellationToken) {
-    let mut changes = state.flag_store_changes();
+/// Where the watcher's flags go: the proxy's snapshot. A trait, so the flags need
+/// not know what else a snapshot holds (the state implements it).
+pub trait FlagSink: Send + Sync {
+    /// The flags in force, or `None` once the config in force reads flags from
+    /// another store than `store`.
+    fn flags_in_force(&self, store: &FlagsConfig) -> Option<Arc<Flags>>;
+    /// Publishes a flag set read from `source`; returns the version in force.
+    fn publish(&self, set: &FlagSet, source: FlagSource) -> u64;
+    /// Whether the store answered on its last attempt (`/flags`, the status page,
+    /// `canarygate_flag_store_up`).
+    fn set_store_up(&self, up: bool);
+}
+
+/// Watches the flag hash until `cancel`, publishing into `sink`. `settings` are the
+/// flag settings in force; a reload that changes the store settings (`redis_url`,
+/// `tls_ca_path`, `key`, `poll_ms`) restarts the watcher with them; without a
+/// `redis_url` it waits for one.
+pub async fn run(
+    sink: impl FlagSink,
+    mut settings: watch::Receiver<FlagsConfig>,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     loop {
-        let config = state.snapshot().config.flags.clone();
+        let config = settings.borrow_and_update().clone();
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = follow_store(&state, &config) => {}
-            changed = changes.changed() => {
+            () = follow_store(&sink, &events, &metrics, &config) => {}
+            changed = settings.changed() => {
                 if changed.is_err() {
                     return; // the state is gone: nothing left to watch for
                 }
-                state.events.report(
+                events.report(
                     Source::Flags,
                     Level::Info,
                     "flag store settings changed; watcher restarted",
@@ -62,7 +82,12 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
 
 /// Follows the store `config` names, forever; pending at once when there is none
 /// (or its settings cannot be used), so only a settings change or `cancel` ends it.
-async fn follow_store(state: &AppState, config: &FlagsConfig) {
+async fn follow_store<S: FlagSink>(
+    sink: &S,
+    events: &Events,
+    metrics: &Metrics,
+    config: &FlagsConfig,
+) {
     let Some(url) = config.redis_url.as_deref() else {
         debug!("no redis_url; flags come from [flags.static]");
         return std::future::pending().await;
@@ -75,7 +100,9 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
         }
     };
     let mut watcher = Watcher {
-        state: state.clone(),
+        sink,
+        events,
+        metrics,
         settings: config.clone(),
         up: None,
         config_refused_logged: false,
@@ -97,8 +124,10 @@ async fn follow_store(state: &AppState, config: &FlagsConfig) {
     }
 }
 
-struct Watcher {
-    state: AppState,
+struct Watcher<'a, S> {
+    sink: &'a S,
+    events: &'a Events,
+    metrics: &'a Metrics,
     /// The settings this watcher was started with.
     settings: FlagsConfig,
     /// Last known store state, to log once per change rather than once per retry.
@@ -109,18 +138,18 @@ struct Watcher {
     last_rejected: HashMap<String, String>,
 }
 
-impl Watcher {
+impl<S: FlagSink> Watcher<'_, S> {
     fn session_reached_redis(&self) -> bool {
         self.up == Some(true)
     }
 
     fn set_up(&mut self, up: bool, error: Option<&FlagStoreError>) {
-        self.state.set_flag_store_up(up);
+        self.sink.set_store_up(up);
         if self.up == Some(up) {
             return;
         }
         self.up = Some(up);
-        let events = &self.state.events;
+        let events = self.events;
         match (up, error) {
             (true, _) => events.report(
                 Source::Flags,
@@ -210,20 +239,17 @@ impl Watcher {
     /// Reads the whole hash and swaps in a new snapshot if anything changed.
     async fn refresh(&mut self, conn: &mut Conn) -> Result<(), FlagStoreError> {
         let raw: Vec<(String, String)> = timed(conn.hgetall(&self.settings.key)).await?;
-        let snapshot = self.state.snapshot();
-        if snapshot.config.flags.store_differs(&self.settings) {
+        let Some(current) = self.sink.flags_in_force(&self.settings) else {
             // A reload moved the flags elsewhere while this read was under way: the
             // restarted watcher (or the static flags) speaks for them now.
             return Ok(());
-        }
-        let current = Arc::clone(&snapshot.flags);
-        drop(snapshot);
+        };
         let (set, rejected) = build(
             raw.iter().map(|(k, v)| (k.as_str(), v.as_str())),
             &current.set,
         );
         self.report(&rejected);
-        self.state.publish_flags(&set, FlagSource::Redis);
+        self.sink.publish(&set, FlagSource::Redis);
         Ok(())
     }
 
@@ -235,8 +261,8 @@ impl Watcher {
                 continue;
             }
             self.last_rejected.insert(r.field.clone(), r.value.clone());
-            self.state.metrics.count_flag_rejected(&r.field);
-            self.state.events.report(
+            self.metrics.count_flag_rejected(&r.field);
+            self.events.report(
                 Source::Flags,
                 Level::Warn,
                 "ignored invalid flag value; last good value kept",

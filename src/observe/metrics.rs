@@ -17,7 +17,6 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::flags::model::{FlagValue, Flags};
 use crate::routing::PoolKind;
 
 /// Request duration buckets, seconds: 0.5 ms to 10 s.
@@ -650,20 +649,24 @@ impl Metrics {
         }
     }
 
-    /// Reflects a newly published snapshot: effective percent, version, boolean flags.
-    pub fn observe_flags(&self, flags: &Flags, configured_percent: u8) {
-        self.canary_percent
-            .set(i64::from(flags.effective_percent(configured_percent)));
+    /// Reflects a newly published snapshot: the effective canary percent, the flags'
+    /// version and the boolean flags by name. Plain values, so the metrics know
+    /// nothing of the flag model.
+    pub fn observe_flags<'a>(
+        &self,
+        canary_percent: u8,
+        version: u64,
+        switches: impl IntoIterator<Item = (&'a str, bool)>,
+    ) {
+        self.canary_percent.set(i64::from(canary_percent));
         self.flags_version
-            .set(i64::try_from(flags.version).unwrap_or(i64::MAX));
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         // Flags that were removed must disappear from the scrape, so rebuild the set.
         self.flag_enabled.reset();
-        for (name, value) in &flags.set.values {
-            if let FlagValue::Bool(on) = value {
-                self.flag_enabled
-                    .with_label_values(&[name.as_str()])
-                    .set(i64::from(*on));
-            }
+        for (name, on) in switches {
+            self.flag_enabled
+                .with_label_values(&[name])
+                .set(i64::from(on));
         }
     }
 
@@ -859,20 +862,13 @@ mod tests {
     #[test]
     fn flag_gauges_follow_the_snapshot() {
         let m = Metrics::new();
-        let (set, _) = crate::flags::model::build(
-            [("a", "on"), ("b", "off"), ("t", "text"), ("canary", "off")],
-            &crate::flags::model::FlagSet::default(),
-        );
-        m.observe_flags(&Flags::new(set, 7, crate::flags::model::Source::Redis), 33);
+        m.observe_flags(0, 7, [("a", true), ("b", false)]);
         let text = scrape(&m);
         assert!(text.contains("canarygate_flag_enabled{flag=\"a\"} 1"));
         assert!(text.contains("canarygate_flag_enabled{flag=\"b\"} 0"));
-        assert!(!text.contains("flag=\"t\""));
         assert!(text.contains("canarygate_canary_percent 0"));
         assert!(text.contains("canarygate_flags_version 7"));
-        let (set, _) =
-            crate::flags::model::build([("b", "on")], &crate::flags::model::FlagSet::default());
-        m.observe_flags(&Flags::new(set, 8, crate::flags::model::Source::Redis), 33);
+        m.observe_flags(33, 8, [("b", true)]);
         let text = scrape(&m);
         assert!(
             !text.contains("flag=\"a\""),

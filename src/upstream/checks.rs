@@ -5,6 +5,7 @@
 //! this combines with passive ejection). Each tick also refreshes
 //! `canarygate_backend_up`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,17 +17,30 @@ use hyper_util::rt::TokioExecutor;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::observe::events::{Level, Source};
+use crate::config::HealthConfig;
+use crate::observe::events::{Events, Level, Source};
+use crate::observe::metrics::Metrics;
 use crate::routing::PoolKind;
-use crate::state::AppState;
-use crate::state::Snapshot;
 use crate::upstream::health::ActiveChange;
-use crate::upstream::pools::Backend;
+use crate::upstream::pools::{Backend, Pools};
 
 type CheckClient = Client<HttpConnector, Empty<Bytes>>;
 
-/// Runs the checks until `cancel`.
-pub async fn run(state: AppState, cancel: CancellationToken) {
+/// What the checks visit: the pools in force with their `[health]` settings, read
+/// afresh each round so a reload applies. A trait, so the upstream side need not
+/// know what else the proxy's snapshot holds (the state implements it).
+pub trait CheckedPools: Send + Sync {
+    fn pools_in_force(&self) -> (Arc<Pools>, HealthConfig);
+}
+
+/// Runs the checks until `cancel`, reporting changes to `events` and each round's
+/// backend states to `metrics`.
+pub async fn run(
+    pools: impl CheckedPools,
+    events: Arc<Events>,
+    metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+) {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     // Checks use their own short-lived connections: a check must see whether a new
@@ -35,11 +49,10 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
         .pool_max_idle_per_host(0)
         .build(connector);
     loop {
-        let interval = {
-            let snapshot = state.snapshot();
-            check_all(&state, &client, &snapshot).await;
-            Duration::from_millis(snapshot.config.health.interval_ms)
-        };
+        let (in_force, health) = pools.pools_in_force();
+        check_all(&client, &in_force, &health, &events).await;
+        metrics.observe_backends(in_force.backend_states(now_ms()));
+        let interval = Duration::from_millis(health.interval_ms);
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
@@ -47,19 +60,11 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
     }
 }
 
-async fn check_all(state: &AppState, client: &CheckClient, snapshot: &Snapshot) {
-    let health = &snapshot.config.health;
+async fn check_all(client: &CheckClient, pools: &Pools, health: &HealthConfig, events: &Events) {
     let timeout = Duration::from_millis(health.timeout_ms);
     let checks = [PoolKind::Production, PoolKind::Canary]
         .into_iter()
-        .flat_map(|kind| {
-            snapshot
-                .pools
-                .get(kind)
-                .backends()
-                .iter()
-                .map(move |b| (kind, b))
-        })
+        .flat_map(|kind| pools.get(kind).backends().iter().map(move |b| (kind, b)))
         .map(|(kind, backend)| async move {
             let passed = check_one(client, backend, &health.path, timeout).await;
             (kind, backend, passed)
@@ -70,7 +75,7 @@ async fn check_all(state: &AppState, client: &CheckClient, snapshot: &Snapshot) 
             .health
             .record_check(passed, health.rise, health.fall)
         {
-            Some(ActiveChange::BecameDown) => state.events.report(
+            Some(ActiveChange::BecameDown) => events.report(
                 Source::Health,
                 Level::Warn,
                 "backend unhealthy",
@@ -81,7 +86,7 @@ async fn check_all(state: &AppState, client: &CheckClient, snapshot: &Snapshot) 
                     health.fall
                 ),
             ),
-            Some(ActiveChange::BecameUp) => state.events.report(
+            Some(ActiveChange::BecameUp) => events.report(
                 Source::Health,
                 Level::Info,
                 "backend healthy",
@@ -95,9 +100,6 @@ async fn check_all(state: &AppState, client: &CheckClient, snapshot: &Snapshot) 
             None => {}
         }
     }
-    state
-        .metrics
-        .observe_backends(snapshot.pools.backend_states(now_ms()));
 }
 
 async fn check_one(client: &CheckClient, backend: &Backend, path: &str, timeout: Duration) -> bool {
