@@ -608,3 +608,44 @@ async fn a_slow_answer_is_not_cut_by_the_client_idle_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_still_cut_by_the_client_idle_timeout() {
+    within(30, async {
+        let prod = TestBackend::start("production").await;
+        let proxy = ProxyProcess::spawn(
+            &config_toml(
+                &[prod.addr],
+                &[],
+                "[timeouts]\nidle_ms = 1000\nresponse_header_ms = 20000\n\
+                 [health]\ninterval_ms = 600000\n",
+            ),
+            "",
+        );
+        let addr = proxy.addr;
+        // Headers and 10 of 100 body bytes, then nothing: the wait is the client's,
+        // so idle_ms (not response_header_ms, nor a 504 blamed on the backend) ends it.
+        let answer = tokio::task::spawn_blocking(move || {
+            use std::io::{Read as _, Write as _};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.write_all(
+                b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+            )
+            .unwrap();
+            s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+                .unwrap();
+            let mut got = Vec::new();
+            match s.read_to_end(&mut got) {
+                Ok(_) => String::from_utf8_lossy(&got).into_owned(),
+                Err(e) => format!("still open after 10 s: {e}"),
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer}"
+        );
+    })
+    .await;
+}

@@ -19,6 +19,10 @@ pub struct BodyTooLarge(pub u64);
 #[error("reading the client's request body failed: {0}")]
 pub struct ClientBodyError(#[source] pub hyper::Error);
 
+/// Held while the client's body is still arriving; dropped when it has all arrived,
+/// failed or was abandoned (the server side counts uploads in progress with it).
+pub type UntilEnd = Box<dyn Send + Sync>;
+
 /// The body sent upstream: the client's body streamed through (with an optional size
 /// limit), or nothing (a retried request, which only ever has an empty body).
 pub enum UpstreamBody {
@@ -26,6 +30,7 @@ pub enum UpstreamBody {
         inner: Incoming,
         limit: Option<u64>,
         seen: u64,
+        until_end: Option<UntilEnd>,
     },
     Empty,
 }
@@ -36,7 +41,22 @@ impl UpstreamBody {
             inner,
             limit,
             seen: 0,
+            until_end: None,
         }
+    }
+
+    /// Keeps `token` until the client's body has all arrived (at once, when it has
+    /// none), failed, or is dropped.
+    #[must_use]
+    pub fn holding(mut self, token: UntilEnd) -> Self {
+        if let Self::Client {
+            inner, until_end, ..
+        } = &mut self
+            && !inner.is_end_stream()
+        {
+            *until_end = Some(token);
+        }
+        self
     }
 }
 
@@ -50,8 +70,16 @@ impl Body for UpstreamBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             Self::Empty => Poll::Ready(None),
-            Self::Client { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
+            Self::Client {
+                inner,
+                limit,
+                seen,
+                until_end,
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
+                    if inner.is_end_stream() {
+                        *until_end = None;
+                    }
                     if let Some(data) = frame.data_ref() {
                         *seen += data.len() as u64;
                         if let Some(limit) = *limit
@@ -62,8 +90,14 @@ impl Body for UpstreamBody {
                     }
                     Poll::Ready(Some(Ok(frame)))
                 }
-                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(ClientBodyError(e))))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => {
+                    *until_end = None;
+                    Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
+                }
+                Poll::Ready(None) => {
+                    *until_end = None;
+                    Poll::Ready(None)
+                }
                 Poll::Pending => Poll::Pending,
             },
         }

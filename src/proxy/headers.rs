@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 
 use crate::client::codec::SetFields;
 use crate::client::request_body::UpstreamBody;
@@ -134,10 +134,12 @@ pub fn upstream_request(
     set.push((REQUEST_ID, extra.request_id.clone()));
     // Replaces every client-sent value: flags come only from the proxy.
     set.push((extra.flags_header.clone(), extra.flags.clone()));
-    Ok((
-        Request::from_parts(parts, UpstreamBody::new(body, extra.max_body_bytes)),
-        set,
-    ))
+    let mut body = UpstreamBody::new(body, extra.max_body_bytes);
+    if !body.is_end_stream() {
+        // While it arrives, a quiet connection is the client's: the idle timeout runs.
+        body = body.holding(Box::new(peer.conn.upload_in_progress()));
+    }
+    Ok((Request::from_parts(parts, body), set))
 }
 
 /// Checks the request's Host field and target authority (RFC 9112 3.2, RFC 9113

@@ -38,6 +38,9 @@ pub struct ConnState {
     /// client is not idle then, the backend is slow, and `connect_ms` and
     /// `response_header_ms` bound that wait, not the client's idle timeout.
     backend_waits: AtomicU64,
+    /// Request bodies still arriving from the client. While one is, a quiet
+    /// connection is the client's doing (a stalled upload), and the idle timeout runs.
+    uploads: AtomicU64,
 }
 
 impl Default for ConnState {
@@ -54,6 +57,7 @@ impl Default for ConnState {
             parking: AtomicBool::new(false),
             switched: AtomicBool::new(false),
             backend_waits: AtomicU64::new(0),
+            uploads: AtomicU64::new(0),
         }
     }
 }
@@ -93,9 +97,16 @@ impl ConnState {
         BackendWait(Arc::clone(self))
     }
 
-    /// Whether an exchange on this connection is waiting for its backend.
+    /// A request body starts arriving; the upload ends when the guard drops.
+    pub fn upload_in_progress(self: &Arc<Self>) -> UploadInProgress {
+        self.uploads.fetch_add(1, Ordering::Relaxed);
+        UploadInProgress(Arc::clone(self))
+    }
+
+    /// Whether an exchange on this connection is waiting for its backend alone: no
+    /// request body is still to come from the client.
     pub fn waiting_for_backend(&self) -> bool {
-        self.backend_waits.load(Ordering::Relaxed) > 0
+        self.backend_waits.load(Ordering::Relaxed) > 0 && self.uploads.load(Ordering::Relaxed) == 0
     }
 
     pub fn set_parking(&self, parking: bool) {
@@ -166,5 +177,15 @@ pub struct BackendWait(Arc<ConnState>);
 impl Drop for BackendWait {
     fn drop(&mut self) {
         self.0.backend_waits.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends an upload on drop (see [`ConnState::upload_in_progress`]).
+#[derive(Debug)]
+pub struct UploadInProgress(Arc<ConnState>);
+
+impl Drop for UploadInProgress {
+    fn drop(&mut self) {
+        self.0.uploads.fetch_sub(1, Ordering::Relaxed);
     }
 }
