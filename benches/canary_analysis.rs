@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use canarygate::canary::judge::{Rules, judge};
 use canarygate::canary::stats::{normal_quantile, to_f64};
 use canarygate::canary::verdict::{Action, Levers, Record, Run, State, decide};
-use canarygate::canary::window::Recorder;
+use canarygate::canary::window::{Placed, Recorder};
 use canarygate::config::analysis::AnalysisConfig;
 use canarygate::routing::PoolKind;
 
@@ -50,7 +50,7 @@ fn simulate(
 ) -> Outcome {
     let mut rng = fastrand::Rng::with_seed(seed);
     let recorder = Recorder::new(1);
-    recorder.configure(true, config.window_ms);
+    recorder.configure(true, config.window_ms, &config.client_limit());
     let mut run = Run::default();
     let mut record = Record {
         state: Some(State::Progressing),
@@ -87,12 +87,17 @@ fn simulate(
             let error = rng.f64() < pool.error_ratio;
             canary_errors += u64::from(error && i == 1);
             let latency_ms = 2.0 + 20.0 * (0.5 * normal(&mut rng)).exp() + pool.extra_latency_ms;
+            // Each request from a client of its own, as from many users: the
+            // per-client cap never binds (it is the guard against one client).
+            let client =
+                recorder.client_keys(None, std::net::IpAddr::from(rng.u32(..).to_be_bytes()));
             #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
             recorder.record(
                 kind,
                 at as u64,
                 Duration::from_micros((latency_ms * 1_000.0) as u64),
                 error,
+                Placed::Bucket(client),
             );
             next[i] = next_arrival(&mut rng, at, pool);
         }

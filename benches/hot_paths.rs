@@ -67,18 +67,33 @@ fn metrics_record(c: &mut Criterion) {
 
 fn analysis_record(c: &mut Criterion) {
     let recorder = canarygate::canary::window::Recorder::new(1);
-    recorder.configure(true, 120_000);
+    recorder.configure(
+        true,
+        120_000,
+        &canarygate::canary::clients::ClientLimit::default(),
+    );
+    // 1,000 clients in turn, each counted against the per-client cap.
+    let clients: Vec<_> = (0..1_000u32)
+        .map(|i| {
+            recorder.client_keys(
+                None,
+                std::net::IpAddr::from((0x0a00_0000 + i).to_be_bytes()),
+            )
+        })
+        .collect();
     let mut now = 0u64;
     c.bench_function(
-        "canary analysis record (worker shard + HDR histogram)",
+        "canary analysis record (client cap + worker shard + HDR histogram)",
         |b| {
             b.iter(|| {
                 now += 1;
+                let client = clients[usize::try_from(now % 1_000).unwrap_or(0)];
                 recorder.record(
                     PoolKind::Canary,
                     black_box(now / 64),
                     Duration::from_micros(420),
                     false,
+                    canarygate::canary::window::Placed::Bucket(client),
                 );
             });
         },

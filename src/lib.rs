@@ -28,6 +28,7 @@
 //! - [`canary`]: canary analysis, the pure half: request windows, statistics, the
 //!   judge and the verdict (the task is `ops::analysis`).
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
+//! - [`sticky`]: the signed sticky cookie (the key is the fleet's secret).
 //! - [`http1`]: field rules both sides share (lists, hop-by-hop).
 //! - [`glob`]: shell-style file-name globs (maintenance's patterns).
 //! - [`fleet`]: the fleet as this instance last read it (the heartbeats' model).
@@ -59,6 +60,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod state;
+pub mod sticky;
 pub mod tls;
 pub mod upstream;
 pub mod worker;

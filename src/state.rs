@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 
 use tokio::sync::watch;
+use tracing::warn;
 
 use crate::canary::board::Board;
 use crate::clock::now_ms;
@@ -27,6 +28,7 @@ use crate::flags::watcher::FlagSink;
 use crate::observe::events::{Events, Level, Source};
 use crate::observe::metrics::Metrics;
 use crate::observe::stats::Stats;
+use crate::sticky::StickySigner;
 use crate::tls::TlsSource;
 use crate::upstream::checks::CheckedPools;
 use crate::upstream::pools::Pools;
@@ -171,6 +173,8 @@ pub struct AppState {
     instance: Arc<std::sync::OnceLock<String>>,
     /// The fleet as the heartbeat task last read it (`/fleet`, the status page).
     pub fleet: Arc<crate::fleet::Board>,
+    /// Signs and checks the sticky cookie; the key is read once, at start.
+    pub sticky: Arc<StickySigner>,
 }
 
 impl AppState {
@@ -185,9 +189,11 @@ impl AppState {
         let metrics = Arc::new(Metrics::new());
         observe_flags(&metrics, &snapshot);
         let analysis = &snapshot.config.analysis;
-        metrics
-            .recorder
-            .configure(analysis.enabled, analysis.window_ms);
+        metrics.recorder.configure(
+            analysis.enabled,
+            analysis.window_ms,
+            &analysis.client_limit(),
+        );
         metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
         let flag_settings = Arc::new(watch::Sender::new(snapshot.config.flags.clone()));
         let server = &snapshot.config.server;
@@ -198,6 +204,16 @@ impl AppState {
         )
         .map(Arc::new);
         let events: Arc<Events> = Arc::default();
+        let secret_env = snapshot.config.routing.sticky_secret_env.as_deref();
+        let sticky = Arc::new(StickySigner::from_env(secret_env));
+        if sticky.per_process {
+            warn!(
+                secret_env,
+                "sticky cookies are signed with a key of this process only: users are \
+                 placed anew after a restart and by every other proxy of a fleet; set \
+                 routing.sticky_secret_env to a variable holding a shared secret"
+            );
+        }
         Self {
             access_log,
             snapshots: Snapshots {
@@ -218,6 +234,7 @@ impl AppState {
             analysis: Arc::default(),
             instance: Arc::default(),
             fleet: Arc::default(),
+            sticky,
         }
     }
 
@@ -265,9 +282,11 @@ impl AppState {
         observe_flags(&self.metrics, &snapshot);
         self.metrics
             .observe_backends(snapshot.pools.backend_states(now_ms()));
-        self.metrics
-            .recorder
-            .configure(config.analysis.enabled, config.analysis.window_ms);
+        self.metrics.recorder.configure(
+            config.analysis.enabled,
+            config.analysis.window_ms,
+            &config.analysis.client_limit(),
+        );
         let new_flags = &config.flags;
         let store_changed = old_flags.store_differs(new_flags);
         if new_flags.redis_url.is_none()

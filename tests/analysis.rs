@@ -5,115 +5,13 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
-use canarygate::server::{self, ServeOptions};
-use http::{Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
+use support::app::{AppBackend, Traffic};
 use support::*;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-
-/// A backend that answers 500 to every `error_every`-th request (0: never) and
-/// waits `delay_ms` before each answer; `/health` always answers 200 at once.
-struct AppBackend {
-    addr: SocketAddr,
-    /// Settable while it runs: 0 stops the errors.
-    error_every: Arc<AtomicU64>,
-    shutdown: CancellationToken,
-}
-
-impl AppBackend {
-    async fn start(error_every: u64, delay_ms: u64) -> Self {
-        let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
-            .await
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let shutdown = CancellationToken::new();
-        let served = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(error_every));
-        let error_setting = Arc::clone(&errors);
-        let options = ServeOptions::basic(
-            Duration::from_secs(10),
-            Duration::from_secs(60),
-            Duration::from_millis(100),
-        );
-        tokio::spawn(server::serve(
-            "app",
-            listener,
-            options,
-            shutdown.clone(),
-            move |_, _| {
-                let (served, errors) = (Arc::clone(&served), Arc::clone(&errors));
-                service_fn(move |req| {
-                    let health = req.uri().path() == "/health";
-                    let error_every = errors.load(Ordering::Relaxed);
-                    let n = if health {
-                        1
-                    } else {
-                        served.fetch_add(1, Ordering::Relaxed) + 1
-                    };
-                    async move {
-                        if !health && delay_ms > 0 {
-                            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                        }
-                        let fail = !health && error_every > 0 && n % error_every == 0;
-                        let mut response = Response::new(Full::new(Bytes::from_static(b"app\n")));
-                        if fail {
-                            *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-                        }
-                        Ok::<_, Infallible>(response)
-                    }
-                })
-            },
-        ));
-        Self {
-            addr,
-            error_every: error_setting,
-            shutdown,
-        }
-    }
-}
-
-impl Drop for AppBackend {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// `concurrency` clients sending GETs without a cookie (each split anew) to every
-/// proxy in turn until dropped.
-struct Traffic(CancellationToken);
-
-impl Traffic {
-    fn start(urls: &[String], concurrency: usize) -> Self {
-        let stop = CancellationToken::new();
-        for i in 0..concurrency {
-            let url = urls[i % urls.len()].clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let c = client();
-                while !stop.is_cancelled() {
-                    let _ = try_get(&c, &url).await;
-                }
-            });
-        }
-        Self(stop)
-    }
-}
-
-impl Drop for Traffic {
-    fn drop(&mut self) {
-        self.0.cancel();
-    }
-}
 
 const FAST: &str = "[analysis]\nenabled = true\ninterval_ms = 250\nwindow_ms = 3000\n\
                     min_requests = 50\nfailure_threshold = 2\n";
@@ -324,8 +222,14 @@ async fn ten_requests_in_the_window_give_hold_never_a_verdict() {
         let canary = AppBackend::start(1, 0).await;
         // A 10 s window: the ten requests stay in it through the checks below, however
         // slowly a loaded machine runs them.
-        let config = toml(production.addr, canary.addr, None, "")
-            .replace("window_ms = 3000", "window_ms = 10000");
+        // Everyone's bucket is the canary's: ten users' requests are judged.
+        let config = toml(
+            production.addr,
+            canary.addr,
+            None,
+            "[routing]\ncanary_percent = 100\n",
+        )
+        .replace("window_ms = 3000", "window_ms = 10000");
         let proxy = Proxy::start(&config).await;
         // The run starts with an empty window (the round that sees it progressing
         // clears it): send the ten only once checks are under way, or a loaded
@@ -336,9 +240,16 @@ async fn ten_requests_in_the_window_give_hold_never_a_verdict() {
                 .is_some_and(|c| c.len() >= 3)
         })
         .await;
+        for user in 0..10 {
+            let c = client_from([127, 2, 0, user + 1].into());
+            assert_eq!(get(&c, &proxy.url("/"), &[]).await.pool(), "canary");
+        }
+        // Placed by the override header (from loopback, trusted by default): answered
+        // by the canary, never judged.
         let c = client();
-        for _ in 0..10 {
-            get(&c, &proxy.url("/"), &[("x-canary", "always")]).await;
+        for _ in 0..5 {
+            let got = get(&c, &proxy.url("/"), &[("x-canary", "always")]).await;
+            assert_eq!(got.pool(), "canary");
         }
         let before = scrape_metrics(&c, proxy.admin_addr).await;
         tokio::time::sleep(Duration::from_millis(1_500)).await;
@@ -359,6 +270,15 @@ async fn ten_requests_in_the_window_give_hold_never_a_verdict() {
         let last = &a["checks"][0];
         assert_eq!(last["result"], "hold");
         assert_eq!(last["canary"]["requests"], 10);
+        assert_eq!(last["canary"]["apart"], 5);
+        assert_eq!(
+            after["canarygate_analysis_requests_total{counted=\"override\",pool=\"canary\"}"],
+            5.0
+        );
+        assert_eq!(
+            after["canarygate_analysis_requests_total{counted=\"judged\",pool=\"canary\"}"],
+            10.0
+        );
         assert!(
             last["reason"]
                 .as_str()

@@ -413,7 +413,7 @@ async fn two_proxies_on_one_redis_agree() {
         }
         let mut canaries = 0;
         for i in 0..200 {
-            let cookie = format!("canarygate_id=user-{i}");
+            let cookie = sticky_cookie(&format!("user-{i}"));
             let pa = get(&c, &a.url("/"), &[("cookie", &cookie)])
                 .await
                 .pool()

@@ -103,12 +103,7 @@ async fn raising_the_percent_only_moves_users_to_canary() {
         let ids: Vec<String> = (0..1000).map(|i| format!("user-{i}")).collect();
         let mut at10 = Vec::new();
         for id in &ids {
-            let got = get(
-                &c,
-                &proxy.url("/"),
-                &[("cookie", &format!("canarygate_id={id}"))],
-            )
-            .await;
+            let got = get(&c, &proxy.url("/"), &[("cookie", &sticky_cookie(id))]).await;
             at10.push(got.pool().to_owned());
         }
         let share10 = share_of_canary(&at10);
@@ -124,12 +119,7 @@ async fn raising_the_percent_only_moves_users_to_canary() {
             .apply_config(config::from_toml(&toml50, "t").unwrap());
         let mut at50 = Vec::new();
         for id in &ids {
-            let got = get(
-                &c,
-                &proxy.url("/"),
-                &[("cookie", &format!("canarygate_id={id}"))],
-            )
-            .await;
+            let got = get(&c, &proxy.url("/"), &[("cookie", &sticky_cookie(id))]).await;
             at50.push(got.pool().to_owned());
         }
         let share50 = share_of_canary(&at50);

@@ -155,7 +155,7 @@ async fn a_sticky_user_gets_sockets_from_the_version_of_its_pages() {
         let c = client();
         let mut versions = std::collections::HashSet::new();
         for user in 0..12 {
-            let cookie = format!("canarygate_id=user-{user}");
+            let cookie = sticky_cookie(&format!("user-{user}"));
             let page = get(&c, &proxy.url("/"), &[("cookie", &cookie)]).await;
             let version = if page.text().contains("(v1)") {
                 "production v1"

@@ -87,11 +87,18 @@ pub fn looks(window_ms: u64, interval_ms: u64) -> f64 {
 /// One pool's figures in a check.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Figures {
+    /// Requests judged; the errors, ratio and quantiles are of these alone.
     pub requests: u64,
     pub errors: u64,
     pub error_ratio: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// Placed by the bucket, past their client's cap: not judged.
+    pub capped: u64,
+    /// Placed by the override, failover or the kill switch: not judged.
+    pub apart: u64,
+    /// The most one client counted for per slot.
+    pub client_cap: u64,
 }
 
 impl Figures {
@@ -107,6 +114,9 @@ impl Figures {
             error_ratio: window.error_ratio(),
             p50_ms: ms(0.5),
             p99_ms: ms(0.99),
+            capped: window.capped,
+            apart: window.apart,
+            client_cap: window.client_cap,
         }
     }
 }
@@ -138,6 +148,9 @@ impl Check {
             error_ratio: 0.0,
             p50_ms: None,
             p99_ms: None,
+            capped: 0,
+            apart: 0,
+            client_cap: 1,
         };
         Self {
             outcome,

@@ -1,5 +1,6 @@
 //! Canary analysis, the pure half: the proxy judges the canary from its own traffic.
 //!
+//! - [`clients`]: how much one client may weigh in a window (the per-client cap).
 //! - [`window`]: per-worker request records (counts, errors, HDR latency histograms)
 //!   over a sliding window, written by the request path.
 //! - [`stats`]: the normal quantile and the z-tests.
@@ -14,6 +15,7 @@
 //! `ops::analysis`, and the benchmark drives these pieces with simulated traffic.
 
 pub mod board;
+pub mod clients;
 pub mod judge;
 pub mod settings;
 pub mod stats;

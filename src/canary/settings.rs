@@ -4,6 +4,8 @@
 
 use serde::Deserialize;
 
+use super::clients::ClientLimit;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AnalysisConfig {
@@ -28,6 +30,32 @@ pub struct AnalysisConfig {
     pub step_ms: u64,
     /// The Redis hash of the shared verdict (beside `flags.key`, on the same Redis).
     pub redis_key: String,
+    /// The most one client counts for, as a share of a pool's judged requests per
+    /// slot ([`super::clients`]); 1 turns the cap off.
+    pub max_client_share: f64,
+    /// What a client is for that cap: its sticky key, its address, or both.
+    pub client_keys: Vec<ClientKey>,
+}
+
+/// An identity the per-client cap counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientKey {
+    /// The sticky key the bucket came from (the signed cookie's id, or the header).
+    Sticky,
+    /// The client's address (its /64 for IPv6).
+    Address,
+}
+
+impl AnalysisConfig {
+    /// The per-client cap these settings ask for.
+    pub fn client_limit(&self) -> ClientLimit {
+        ClientLimit {
+            share: self.max_client_share,
+            sticky: self.client_keys.contains(&ClientKey::Sticky),
+            address: self.client_keys.contains(&ClientKey::Address),
+        }
+    }
 }
 
 impl Default for AnalysisConfig {
@@ -45,6 +73,8 @@ impl Default for AnalysisConfig {
             steps: Vec::new(),
             step_ms: 60_000,
             redis_key: "canarygate:analysis".to_owned(),
+            max_client_share: 0.01,
+            client_keys: vec![ClientKey::Sticky, ClientKey::Address],
         }
     }
 }

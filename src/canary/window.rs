@@ -8,12 +8,13 @@
 //! request, and the window is the current slot plus the 23 before it (between
 //! `window_ms - slot` and `window_ms` of history).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use super::clients::{ClientHasher, ClientKeys, ClientLimit, Tally};
 use crate::routing::PoolKind;
 
 /// Slots per window: eviction happens in steps of `window_ms / SLOTS`.
@@ -31,11 +32,20 @@ fn new_histogram() -> Histogram<u32> {
 /// One pool's records over a window, as the judge reads them.
 #[derive(Debug, Clone)]
 pub struct PoolWindow {
+    /// Requests judged: placed by the bucket, within their client's cap. The
+    /// counts, errors and latencies below are of these alone.
     pub requests: u64,
     /// Requests that failed: 5xx from the backend, or an upstream error.
     pub errors: u64,
     /// Latency to the response head, in microseconds.
     pub latency: Histogram<u32>,
+    /// Placed by the bucket but past their client's cap ([`super::clients`]).
+    pub capped: u64,
+    /// Placed by anything but the bucket (the override header, failover, the kill
+    /// switch): answered, never judged.
+    pub apart: u64,
+    /// The per-slot client cap in force over the window ([`Recorder::window`] sets it).
+    pub client_cap: u64,
 }
 
 impl Default for PoolWindow {
@@ -44,6 +54,9 @@ impl Default for PoolWindow {
             requests: 0,
             errors: 0,
             latency: new_histogram(),
+            capped: 0,
+            apart: 0,
+            client_cap: 1,
         }
     }
 }
@@ -86,12 +99,16 @@ impl PoolWindow {
         self.requests += other.requests;
         self.errors += other.errors;
         let _ = self.latency.add(&other.latency);
+        self.capped += other.capped;
+        self.apart += other.apart;
     }
 
     fn clear(&mut self) {
         self.requests = 0;
         self.errors = 0;
         self.latency.reset();
+        self.capped = 0;
+        self.apart = 0;
     }
 }
 
@@ -142,11 +159,55 @@ const fn pool_index(pool: PoolKind) -> usize {
     }
 }
 
+/// How the routing placed a request, as the analysis sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    /// By the sticky bucket: judged, within its client's cap.
+    Bucket(ClientKeys),
+    /// By anything else (override, failover, kill switch): counted apart.
+    Apart,
+}
+
+/// What became of a request in the analysis: the `counted` label of
+/// `canarygate_analysis_requests_total` (with the routing reason for `Apart`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// The analysis is off: nothing recorded.
+    Off,
+    Judged,
+    Capped,
+    Apart,
+}
+
 /// Per-worker request windows of both pools. Records nothing until enabled.
 #[derive(Debug)]
 pub struct Recorder {
     enabled: AtomicBool,
+    /// The [`ClientLimit`], packed so the request path reads it without a lock:
+    /// the share in millionths, then a bit each for the sticky key and the address.
+    limit: AtomicU64,
+    /// Per pool: how much each client counted in the current slot.
+    tallies: [Tally; 2],
+    hasher: ClientHasher,
     shards: Box<[Mutex<Shard>]>,
+}
+
+const STICKY_BIT: u64 = 1 << 32;
+const ADDRESS_BIT: u64 = 1 << 33;
+
+fn pack(limit: &ClientLimit) -> u64 {
+    // The share is validated to (0, 1]: its millionths fit 32 bits.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let ppm = (limit.share.clamp(0.0, 1.0) * 1e6).round() as u64;
+    ppm | if limit.sticky { STICKY_BIT } else { 0 } | if limit.address { ADDRESS_BIT } else { 0 }
+}
+
+fn unpack(packed: u64) -> ClientLimit {
+    ClientLimit {
+        share: super::stats::to_f64(packed & 0xffff_ffff) / 1e6,
+        sticky: packed & STICKY_BIT != 0,
+        address: packed & ADDRESS_BIT != 0,
+    }
 }
 
 impl Recorder {
@@ -156,6 +217,9 @@ impl Recorder {
         let slot_ms = slot_ms(0);
         Self {
             enabled: AtomicBool::new(false),
+            limit: AtomicU64::new(pack(&ClientLimit::default())),
+            tallies: [Tally::default(), Tally::default()],
+            hasher: ClientHasher::default(),
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(Shard::new(slot_ms)))
                 .collect(),
@@ -163,8 +227,9 @@ impl Recorder {
     }
 
     /// Turns recording on or off, for windows of `window_ms` (a new window length
-    /// starts from empty).
-    pub fn configure(&self, enabled: bool, window_ms: u64) {
+    /// starts from empty), with each client capped by `limit`.
+    pub fn configure(&self, enabled: bool, window_ms: u64, limit: &ClientLimit) {
+        self.limit.store(pack(limit), Ordering::Relaxed);
         let slot_ms = slot_ms(window_ms);
         for shard in &self.shards {
             let mut shard = lock(shard);
@@ -188,18 +253,59 @@ impl Recorder {
         self.enabled.load(Ordering::Relaxed)
     }
 
-    /// Records one answered request of `pool` in the calling worker's shard.
-    pub fn record(&self, pool: PoolKind, now_ms: u64, latency: Duration, error: bool) {
+    /// Records one answered request of `pool` in the calling worker's shard: judged
+    /// when the bucket placed it and its client is within the cap, else counted
+    /// apart.
+    pub fn record(
+        &self,
+        pool: PoolKind,
+        now_ms: u64,
+        latency: Duration,
+        error: bool,
+        placed: Placed,
+    ) -> Counted {
         if !self.is_enabled() {
-            return;
+            return Counted::Off;
         }
-        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.local().slot(now_ms).pools[pool_index(pool)]
-            .get_or_insert_with(PoolWindow::default)
-            .record(latency_us, error);
+        let mut shard = self.local();
+        let epoch = shard.epoch(now_ms);
+        let counted = match placed {
+            Placed::Apart => Counted::Apart,
+            Placed::Bucket(keys) => {
+                let limit = unpack(self.limit.load(Ordering::Relaxed));
+                if self.tallies[pool_index(pool)].admit(&limit, keys, epoch) {
+                    Counted::Judged
+                } else {
+                    Counted::Capped
+                }
+            }
+        };
+        let window =
+            shard.slot(now_ms).pools[pool_index(pool)].get_or_insert_with(PoolWindow::default);
+        match counted {
+            Counted::Judged => {
+                let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+                window.record(latency_us, error);
+            }
+            Counted::Capped => window.capped += 1,
+            Counted::Apart | Counted::Off => window.apart += 1,
+        }
+        counted
     }
 
-    /// Records an error of a request already recorded (its response body failed).
+    /// Who a client is for the per-client cap: its sticky key, if the bucket came
+    /// from one, and its address.
+    pub fn client_keys(&self, sticky: Option<&[u8]>, address: std::net::IpAddr) -> ClientKeys {
+        self.hasher.keys(sticky, address)
+    }
+
+    /// The per-slot cap of one client in `pool`'s judged requests, as of the last
+    /// [`Recorder::window`].
+    pub fn client_cap(&self, pool: PoolKind) -> u64 {
+        self.tallies[pool_index(pool)].cap()
+    }
+
+    /// Records an error of a request already judged (its response body failed).
     pub fn record_late_error(&self, pool: PoolKind, now_ms: u64) {
         if !self.is_enabled() {
             return;
@@ -210,7 +316,8 @@ impl Recorder {
     }
 
     /// Both pools' records of the window ending at `now_ms`, merged over the shards:
-    /// `[production, canary]`.
+    /// `[production, canary]`. Also sets each pool's client cap from it (the judge
+    /// reads the window once per check).
     pub fn window(&self, now_ms: u64) -> [PoolWindow; 2] {
         let mut merged = [PoolWindow::default(), PoolWindow::default()];
         for shard in &self.shards {
@@ -227,6 +334,11 @@ impl Recorder {
                     }
                 }
             }
+        }
+        let limit = unpack(self.limit.load(Ordering::Relaxed));
+        for (tally, window) in self.tallies.iter().zip(&mut merged) {
+            window.client_cap = tally.cap();
+            tally.set_cap(&limit, window.requests, SLOTS);
         }
         merged
     }
@@ -250,12 +362,25 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+    /// No client cap: these tests are about slots and shards.
+    const UNCAPPED: ClientLimit = ClientLimit {
+        share: 1.0,
+        sticky: false,
+        address: false,
+    };
+
+    fn bucket() -> Placed {
+        Placed::Bucket(
+            super::super::clients::ClientHasher::default()
+                .keys(None, std::net::IpAddr::from([192, 0, 2, 1])),
+        )
+    }
 
     #[test]
     fn a_window_holds_the_current_slot_and_the_23_before_it() {
         // Window 24 s: slots of 1 s.
         let recorder = Recorder::new(1);
-        recorder.configure(true, 24_000);
+        recorder.configure(true, 24_000, &UNCAPPED);
         assert_eq!(slot_ms(24_000), 1_000);
         // One canary request per second from t = 0 to t = 29 s; every fifth an error.
         for s in 0..30u64 {
@@ -264,9 +389,10 @@ mod tests {
                 s * 1_000 + 500,
                 Duration::from_millis(s + 1),
                 s % 5 == 0,
+                bucket(),
             );
         }
-        recorder.record(PoolKind::Production, 29_900, MS * 7, false);
+        recorder.record(PoolKind::Production, 29_900, MS * 7, false, bucket());
         // At t = 29.9 s the window is slots 6..=29 (epochs 7..=30): 24 requests,
         // errors at 10, 15, 20, 25; latencies 7..=30 ms.
         let [production, canary] = recorder.window(29_900);
@@ -286,10 +412,10 @@ mod tests {
     #[test]
     fn a_slot_reused_a_round_later_starts_empty() {
         let recorder = Recorder::new(1);
-        recorder.configure(true, 24_000);
-        recorder.record(PoolKind::Canary, 1_500, MS * 900, true);
+        recorder.configure(true, 24_000, &UNCAPPED);
+        recorder.record(PoolKind::Canary, 1_500, MS * 900, true, bucket());
         // 24 s later the same ring position holds epoch 26: the old request is gone.
-        recorder.record(PoolKind::Canary, 25_500, MS * 3, false);
+        recorder.record(PoolKind::Canary, 25_500, MS * 3, false, bucket());
         let [_, canary] = recorder.window(25_600);
         assert_eq!((canary.requests, canary.errors), (1, 0));
         assert!(canary.latency.equivalent(canary.latency.max(), 3_000));
@@ -298,14 +424,14 @@ mod tests {
     #[test]
     fn shards_are_merged_and_disabled_records_nothing() {
         let recorder = Recorder::new(3);
-        recorder.record(PoolKind::Canary, 10, MS, true);
+        recorder.record(PoolKind::Canary, 10, MS, true, bucket());
         assert_eq!(recorder.window(10)[1].requests, 0, "disabled");
-        recorder.configure(true, 120_000);
+        recorder.configure(true, 120_000, &UNCAPPED);
         for worker in 0..3 {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     crate::worker::set_index(worker);
-                    recorder.record(PoolKind::Canary, 10, MS * 2, worker == 1);
+                    recorder.record(PoolKind::Canary, 10, MS * 2, worker == 1, bucket());
                     recorder.record_late_error(PoolKind::Production, 10);
                 });
             });
@@ -315,12 +441,55 @@ mod tests {
         assert_eq!((production.requests, production.errors), (0, 3));
         assert!((production.error_ratio() - 0.0).abs() < f64::EPSILON);
         // A new window length starts from empty; so does a clear.
-        recorder.configure(true, 60_000);
+        recorder.configure(true, 60_000, &UNCAPPED);
         assert_eq!(recorder.window(10)[1].requests, 0);
-        recorder.record(PoolKind::Canary, 10, MS, true);
+        recorder.record(PoolKind::Canary, 10, MS, true, bucket());
         assert_eq!(recorder.window(10)[1].requests, 1);
         recorder.clear();
         assert_eq!(recorder.window(10)[1].requests, 0);
+    }
+
+    #[test]
+    fn only_bucket_placed_requests_within_the_cap_are_judged() {
+        let recorder = Recorder::new(1);
+        let limit = ClientLimit {
+            share: 0.05,
+            ..ClientLimit::default()
+        };
+        recorder.configure(true, 24_000, &limit);
+        let heavy = Placed::Bucket(recorder.client_keys(Some(b"heavy"), [192, 0, 2, 9].into()));
+        // Before any window was read the cap is one request per client per slot.
+        for _ in 0..10 {
+            recorder.record(PoolKind::Canary, 500, MS, true, heavy);
+        }
+        recorder.record(PoolKind::Canary, 500, MS, true, Placed::Apart);
+        let [_, canary] = recorder.window(600);
+        assert_eq!(
+            (canary.requests, canary.errors, canary.capped, canary.apart),
+            (1, 1, 9, 1)
+        );
+        // Many ordinary clients raise the cap; the heavy one counts up to it.
+        for i in 0..1_000u32 {
+            let keys = recorder.client_keys(
+                None,
+                std::net::IpAddr::from((0x0a00_0000 + i).to_be_bytes()),
+            );
+            recorder.record(PoolKind::Canary, 1_500, MS, false, Placed::Bucket(keys));
+        }
+        let [_, canary] = recorder.window(1_600);
+        // At a cap of one, a thousand clients in 2,048 counters: a few collide and are
+        // capped (the sketch only ever overcounts).
+        assert!(canary.requests > 900, "{}", canary.requests);
+        // 5% of the judged requests per slot (24 slots).
+        let cap = super::super::clients::cap(0.05, canary.requests, SLOTS);
+        assert!(cap >= 2);
+        assert_eq!(recorder.client_cap(PoolKind::Canary), cap);
+        let cap = usize::try_from(cap).unwrap();
+        let counted: Vec<_> = (0..8)
+            .map(|_| recorder.record(PoolKind::Canary, 2_500, MS, true, heavy))
+            .collect();
+        assert_eq!(counted[cap - 1], Counted::Judged);
+        assert_eq!(counted[cap], Counted::Capped);
     }
 
     #[test]

@@ -73,6 +73,15 @@ impl AnalysisConfig {
                 format!("{} then {}: steps must increase", pair[0], pair[1]),
             );
         }
+        if !(self.max_client_share > 0.0 && self.max_client_share <= 1.0) {
+            return fail(
+                "max_client_share",
+                format!(
+                    "{} is out of range; it must be in (0, 1], e.g. 0.05 (1 turns the cap off)",
+                    self.max_client_share
+                ),
+            );
+        }
         if self.redis_key.is_empty() {
             return fail("redis_key", "must not be empty".to_owned());
         }

@@ -35,7 +35,9 @@ pub use env::expand_env;
 pub use flags::{FlagsConfig, FlagsHeader, StaticFlag};
 pub use fleet::FleetConfig;
 pub use resources::ResourcesConfig;
-pub use routing::{OverrideHeader, RoutingConfig, Sticky};
+pub use routing::{
+    Cidr, MIN_STICKY_SECRET_BYTES, OverrideHeader, RoutingConfig, Sticky, sticky_secret_problem,
+};
 pub use server::{AccessLogFormat, AccessLogTarget, LimitsConfig, ServerConfig, TlsConfig};
 pub use upstream::{BackendAddr, HealthConfig, PoolConfig, PoolsConfig, TimeoutsConfig};
 
@@ -157,9 +159,17 @@ impl Config {
     }
 
     /// Checks what only the running environment can tell: every `${VAR}` in
-    /// `flags.redis_url` is set. `run` calls it; `check` does not, so a config can be
+    /// `flags.redis_url` is set, and so is `routing.sticky_secret_env` if named. `run` calls it; `check` does not, so a config can be
     /// checked on a machine without the secrets.
     pub fn check_environment(&self) -> Result<(), Violation> {
+        if let Some(name) = &self.routing.sticky_secret_env
+            && let Some(message) = routing::sticky_secret_problem(name)
+        {
+            return Err(Violation {
+                key: "routing.sticky_secret_env".to_owned(),
+                message,
+            });
+        }
         if let Some(url) = &self.flags.redis_url {
             expand_env(url).map_err(|message| Violation {
                 key: "flags.redis_url".to_owned(),

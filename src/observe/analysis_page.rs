@@ -98,7 +98,10 @@ pub fn section(view: &View, now_ms: u64) -> String {
         let _ = write!(
             html,
             "<p>last check: <strong class=\"{}\">{}</strong> &middot; {}</p>\
-             <table><tr><th>pool</th><th>requests</th><th>errors</th><th>error ratio</th><th>p50</th><th>p99</th></tr>",
+             <table><tr><th>pool</th><th>judged</th><th>errors</th><th>error ratio</th><th>p50</th><th>p99</th>\
+             <th title=\"placed by the bucket past their client's cap\">capped</th>\
+             <th title=\"placed by the override, failover or the kill switch\">not judged</th>\
+             <th title=\"the most one client counts for in a slot\">client cap</th></tr>",
             outcome_class(check.outcome),
             check.outcome.as_str(),
             escape_html(&check.reason)
@@ -110,12 +113,16 @@ pub fn section(view: &View, now_ms: u64) -> String {
             let _ = write!(
                 html,
                 "<tr><td><span class=\"dot\" style=\"background:{color}\"></span>{name}</td>\
-                 <td>{}</td><td>{}</td><td>{:.2}%</td><td>{}</td><td>{}</td></tr>",
+                 <td>{}</td><td>{}</td><td>{:.2}%</td><td>{}</td><td>{}</td>\
+                 <td>{}</td><td>{}</td><td>{}</td></tr>",
                 f.requests,
                 f.errors,
                 f.error_ratio * 100.0,
                 ms(f.p50_ms),
-                ms(f.p99_ms)
+                ms(f.p99_ms),
+                f.capped,
+                f.apart,
+                f.client_cap
             );
         }
         html.push_str("</table>");
@@ -262,6 +269,9 @@ mod tests {
             error_ratio: ratio,
             p50_ms: Some(2.0),
             p99_ms: Some(9.0),
+            capped: 0,
+            apart: 0,
+            client_cap: 1,
         };
         Entry {
             at_ms,

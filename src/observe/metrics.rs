@@ -158,60 +158,12 @@ pub struct Metrics {
     pub failover_requests: IntCounter,
     config_reloads: IntCounterVec,
     /// The canary analysis' gauges and counters.
-    pub analysis: AnalysisMetrics,
+    pub analysis: super::analysis_metrics::AnalysisMetrics,
     /// The canary analysis' request records (per worker, off unless enabled): kept
     /// here so the request path reaches them through the handle it already holds.
     pub recorder: crate::canary::window::Recorder,
     production: PoolMetrics,
     canary: PoolMetrics,
-}
-
-/// `canarygate_canary_*`: the canary analysis' state and its last check's figures.
-pub struct AnalysisMetrics {
-    state: IntGauge,
-    checks: IntCounterVec,
-    error_ratio: GaugeVec,
-    latency: GaugeVec,
-    store_errors: IntCounter,
-}
-
-impl AnalysisMetrics {
-    /// A round that could not read or write the shared record.
-    pub fn store_error(&self) {
-        self.store_errors.inc();
-    }
-
-    pub fn set_state(&self, state: crate::canary::verdict::State) {
-        self.state.set(state.code());
-    }
-
-    /// Counts a check and publishes its figures (a quantile without requests
-    /// leaves the scrape rather than reading 0).
-    pub fn observe(&self, check: &crate::canary::judge::Check) {
-        self.checks
-            .with_label_values(&[check.outcome.as_str()])
-            .inc();
-        for (pool, figures) in [
-            (PoolKind::Production, &check.production),
-            (PoolKind::Canary, &check.canary),
-        ] {
-            let pool = pool.as_str();
-            self.error_ratio
-                .with_label_values(&[pool])
-                .set(figures.error_ratio);
-            for (quantile, ms) in [("0.5", figures.p50_ms), ("0.99", figures.p99_ms)] {
-                match ms {
-                    Some(ms) => self
-                        .latency
-                        .with_label_values(&[pool, quantile])
-                        .set(ms / 1_000.0),
-                    None => {
-                        let _ = self.latency.remove_label_values(&[pool, quantile]);
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Handles for one pool, resolved once.
@@ -234,7 +186,7 @@ pub struct PoolMetrics {
 
 /// Metric construction only fails on invalid names or label sets, which are constants
 /// here: a failure is a programming error caught by the tests.
-fn must<T>(result: prometheus::Result<T>) -> T {
+pub(super) fn must<T>(result: prometheus::Result<T>) -> T {
     match result {
         Ok(v) => v,
         Err(e) => panic!("metric definition: {e}"),
@@ -442,44 +394,7 @@ impl Metrics {
             ),
             &["result"],
         ));
-        let analysis = AnalysisMetrics {
-            state: must(IntGauge::new(
-                "canarygate_canary_state",
-                "Canary analysis state: 0 idle, 1 progressing, 2 holding, 3 rolled back, \
-                 4 healthy, 5 manual.",
-            )),
-            checks: must(IntCounterVec::new(
-                Opts::new(
-                    "canarygate_canary_checks_total",
-                    "Canary analysis checks, by result: pass, fail, hold.",
-                ),
-                &["result"],
-            )),
-            error_ratio: must(GaugeVec::new(
-                Opts::new(
-                    "canarygate_canary_error_ratio",
-                    "Error ratio (5xx and upstream errors) over the analysis window at the \
-                     last check, by pool.",
-                ),
-                &["pool"],
-            )),
-            latency: must(GaugeVec::new(
-                Opts::new(
-                    "canarygate_canary_latency_seconds",
-                    "Latency quantiles (HDR histogram) over the analysis window at the last \
-                     check, by pool and quantile (0.5, 0.99).",
-                ),
-                &["pool", "quantile"],
-            )),
-            store_errors: must(IntCounter::new(
-                "canarygate_canary_store_errors_total",
-                "Canary analysis rounds that could not read or write the shared record \
-                 (Redis).",
-            )),
-        };
-        for outcome in crate::canary::judge::Outcome::ALL {
-            analysis.checks.with_label_values(&[outcome.as_str()]);
-        }
+        let analysis = super::analysis_metrics::AnalysisMetrics::new();
 
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
@@ -512,11 +427,9 @@ impl Metrics {
         reg(Box::new(upgraded.clone()));
         reg(Box::new(failover_requests.clone()));
         reg(Box::new(config_reloads.clone()));
-        reg(Box::new(analysis.state.clone()));
-        reg(Box::new(analysis.checks.clone()));
-        reg(Box::new(analysis.error_ratio.clone()));
-        reg(Box::new(analysis.latency.clone()));
-        reg(Box::new(analysis.store_errors.clone()));
+        for collector in analysis.collectors() {
+            reg(collector);
+        }
         #[cfg(target_os = "linux")]
         reg(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),

@@ -13,6 +13,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod analysis_metrics;
 pub mod analysis_page;
 pub mod events;
 pub mod html;

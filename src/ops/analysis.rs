@@ -582,12 +582,15 @@ fn figures(check: &Check) -> String {
     let pool = |name: &str, f: &crate::canary::judge::Figures| {
         let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
         format!(
-            "{name}: {} requests, {} errors ({:.2}%), p50 {}, p99 {}",
+            "{name}: {} requests judged, {} errors ({:.2}%), p50 {}, p99 {}; not judged: {} past the client cap of {}, {} placed apart",
             f.requests,
             f.errors,
             f.error_ratio * 100.0,
             ms(f.p50_ms),
-            ms(f.p99_ms)
+            ms(f.p99_ms),
+            f.capped,
+            f.client_cap,
+            f.apart
         )
     };
     format!(

@@ -27,6 +27,9 @@ pub struct RequestNote {
     pub metrics: Arc<Metrics>,
     pub pool: PoolKind,
     pub request_id: HeaderValue,
+    /// The canary analysis judged the request: a body cut later is its failure.
+    /// Set once the request is recorded ([`TrackedBody::judged`]).
+    pub judged: bool,
 }
 
 impl RequestNote {
@@ -81,6 +84,7 @@ impl Drop for Unanswered<'_> {
                 metrics: Arc::clone(self.metrics),
                 pool: self.pool,
                 request_id: self.request_id.clone(),
+                judged: false,
             }
             .client_reset(ResetStage::BeforeResponse, Some(self.start.elapsed()));
         }
@@ -115,6 +119,12 @@ impl TrackedBody {
             over: false,
         }
     }
+
+    /// Whether the analysis judged this request (only then does a cut body count
+    /// against its pool).
+    pub fn judged(&mut self, judged: bool) {
+        self.note.judged = judged;
+    }
 }
 
 impl Body for TrackedBody {
@@ -133,10 +143,13 @@ impl Body for TrackedBody {
                 let note = &this.note;
                 if let Some(kind) = error.class().kind {
                     note.metrics.pool(note.pool).upstream_error(kind);
-                    // For the canary analysis, a body cut by the backend is a failure.
-                    note.metrics
-                        .recorder
-                        .record_late_error(note.pool, crate::clock::now_ms());
+                    // For the canary analysis, a body cut by the backend is a failure
+                    // of a judged request (never of one counted apart or capped).
+                    if note.judged {
+                        note.metrics
+                            .recorder
+                            .record_late_error(note.pool, crate::clock::now_ms());
+                    }
                 }
                 warn!(
                     request_id = note.request_id.to_str().unwrap_or(""),

@@ -18,6 +18,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tracing::{debug, warn};
 
+use crate::canary::clients::ClientKeys;
+use crate::canary::window::{Counted, Placed};
 use crate::clock::now_ms;
 use crate::config::Sticky;
 use crate::http1::strip_hop_by_hop;
@@ -47,7 +49,11 @@ pub async fn handle(
     let snapshot = state.snapshot();
     let config = &snapshot.config;
     let now = now_ms();
-    let (decision, new_sticky_id) = route(&snapshot, peer, req.headers(), now);
+    let Route {
+        decision,
+        new_sticky_id,
+        client,
+    } = route(state, &snapshot, peer, req.headers(), now);
     match (decision.pool, decision.reason) {
         (PoolKind::Production, Reason::Failover) => {
             state.metrics.failover_requests.inc();
@@ -112,6 +118,7 @@ pub async fn handle(
             metrics: std::sync::Arc::clone(&state.metrics),
             pool: kind,
             request_id: request_id.clone(),
+            judged: false,
         };
         Either::Left(TrackedBody::new(body, note))
     };
@@ -187,7 +194,15 @@ pub async fn handle(
     unanswered.answered();
     let elapsed = start.elapsed();
     pool_metrics.record(&method, response.status(), elapsed);
-    state.metrics.recorder.record(kind, now, elapsed, failed);
+    let placed = client.map_or(Placed::Apart, Placed::Bucket);
+    let counted = state
+        .metrics
+        .recorder
+        .record(kind, now, elapsed, failed, placed);
+    state.metrics.analysis.count(kind, counted, decision.reason);
+    if let Either::Left(body) = response.body_mut() {
+        body.judged(counted == Counted::Judged);
+    }
     let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     debug!(
         request_id = request_id.to_str().unwrap_or(""),
@@ -226,60 +241,80 @@ pub async fn handle(
     response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
     response_headers.insert(REQUEST_ID, request_id);
     if let Some(id) = new_sticky_id {
-        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&id));
+        let signed = state.sticky.sign(&id);
+        response_headers.append(header::SET_COOKIE, sticky_set_cookie(&signed));
     }
     response
 }
 
+/// A request's routing: the decision, a new sticky id to set if one was made, and,
+/// when the bucket placed it and the analysis records, who the client is for the
+/// per-client cap (`None`: the request is not judged).
+struct Route {
+    decision: Decision,
+    new_sticky_id: Option<[u8; 32]>,
+    client: Option<ClientKeys>,
+}
+
 /// The routing decision for a request (see [`routing::decide`]), from the override
-/// header, the sticky key, the flags and the canary pool's health; and a new sticky
-/// id to set if one was made.
+/// header (honoured only from `routing.override_trusted`), the sticky key (a cookie
+/// counts only with the proxy's signature), the flags and the canary pool's health.
 fn route(
+    state: &AppState,
     snapshot: &Snapshot,
     peer: &ClientPeer,
     headers: &HeaderMap,
     now_ms: u64,
-) -> (Decision, Option<[u8; 32]>) {
+) -> Route {
     let routing = &snapshot.config.routing;
     let forced = routing
         .override_header
         .0
         .as_ref()
         .and_then(|name| headers.get(name))
-        .and_then(|v| routing::parse_override(v.as_bytes()));
+        .and_then(|v| routing::parse_override(v.as_bytes()))
+        .filter(|_| routing.override_trusted_from(peer.peer.ip()));
     let mut new_sticky_id = None;
-    let bucket = match &routing.sticky {
-        Sticky::Cookie => match sticky_cookie(headers) {
-            Some(id) => routing::bucket(id),
+    let (bucket, sticky_key) = match &routing.sticky {
+        Sticky::Cookie => match sticky_cookie(headers, &state.sticky) {
+            Some(id) => (routing::bucket(id), Some(id)),
             None => {
-                let id = random_hex_id();
-                let bucket = routing::bucket(&id);
-                new_sticky_id = Some(id);
-                bucket
+                let id = new_sticky_id.insert(random_hex_id());
+                (routing::bucket(&id[..]), None)
             }
         },
-        Sticky::Header(name) => headers
-            .get(name)
-            .map_or_else(random_bucket, |v| routing::bucket(v.as_bytes())),
-        Sticky::Ip => peer.ip_bucket,
-        Sticky::None => random_bucket(),
+        Sticky::Header(name) => headers.get(name).map_or_else(
+            || (random_bucket(), None),
+            |v| (routing::bucket(v.as_bytes()), Some(v.as_bytes())),
+        ),
+        Sticky::Ip => (peer.ip_bucket, None),
+        Sticky::None => (random_bucket(), None),
     };
     let flags = &snapshot.flags.set;
     let canary = &snapshot.pools.canary;
     let percent = flags.canary_percent.unwrap_or(routing.canary_percent);
-    let mut state = Canary {
+    let mut canary_state = Canary {
         enabled: flags.canary_enabled,
         configured: !canary.is_empty(),
         usable: true,
     };
-    let mut decision = routing::decide(forced, bucket, percent, state);
+    let mut decision = routing::decide(forced, bucket, percent, canary_state);
     // The canary backends' health is read only for a request bound for canary (the
     // production-bound majority skips the scan); decided again, that is failover.
     if decision.pool == PoolKind::Canary && !canary.has_usable(now_ms) {
-        state.usable = false;
-        decision = routing::decide(forced, bucket, percent, state);
+        canary_state.usable = false;
+        decision = routing::decide(forced, bucket, percent, canary_state);
     }
-    (decision, new_sticky_id)
+    let recorder = &state.metrics.recorder;
+    let client = (decision.reason == Reason::Bucket && recorder.is_enabled()).then(|| {
+        let key = sticky_key.or(new_sticky_id.as_ref().map(|id| &id[..]));
+        recorder.client_keys(key, peer.peer.ip())
+    });
+    Route {
+        decision,
+        new_sticky_id,
+        client,
+    }
 }
 
 /// Logs and records the start and the end of a canary failover, once each.

@@ -17,6 +17,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
 use crate::routing;
 use crate::server::conn_state::ConnState;
+use crate::sticky::StickySigner;
 
 /// Header on every proxied response naming the pool that served it.
 pub const POOL_HEADER: HeaderName = HeaderName::from_static("x-canarygate-pool");
@@ -295,13 +296,13 @@ pub fn random_bucket() -> u8 {
     fastrand::u8(0..100)
 }
 
-/// The sticky id from the client's cookies, if there is a valid one.
-pub fn sticky_cookie(headers: &HeaderMap) -> Option<&[u8]> {
+/// The sticky id from the client's cookies, if there is one `signer` signed.
+pub fn sticky_cookie<'a>(headers: &'a HeaderMap, signer: &StickySigner) -> Option<&'a [u8]> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .find_map(|v| routing::find_cookie(v.as_bytes(), routing::STICKY_COOKIE))
-        .filter(|id| routing::valid_sticky_id(id))
+        .and_then(|value| signer.verify(value))
 }
 
 /// 128 random bits as 32 lowercase hex characters: sticky ids and request ids.
@@ -321,11 +322,12 @@ pub fn header_value_from_id(id: &[u8; 32]) -> HeaderValue {
     HeaderValue::from_bytes(id).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
-pub fn sticky_set_cookie(id: &[u8; 32]) -> HeaderValue {
-    let mut value = Vec::with_capacity(128);
+/// The `Set-Cookie` of a new sticky id, its value signed ([`StickySigner::sign`]).
+pub fn sticky_set_cookie(signed: &[u8]) -> HeaderValue {
+    let mut value = Vec::with_capacity(160);
     value.extend_from_slice(routing::STICKY_COOKIE.as_bytes());
     value.push(b'=');
-    value.extend_from_slice(id);
+    value.extend_from_slice(signed);
     let _ = write!(
         value,
         "; Path=/; Max-Age={STICKY_COOKIE_MAX_AGE_S}; HttpOnly; SameSite=Lax"

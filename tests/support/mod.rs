@@ -3,6 +3,8 @@
 //! torn down on drop (tokens cancelled, child processes killed by PID).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod app;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -634,6 +636,23 @@ pub type TestClient = Client<HttpConnector, TestBody>;
 /// An HTTP/1.1 client with keep-alive.
 pub fn client() -> TestClient {
     Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A `Cookie` header placing a user by sticky id `id`, signed with this process's
+/// key (the in-process proxies' without `routing.sticky_secret_env`).
+pub fn sticky_cookie(id: &str) -> String {
+    format!(
+        "canarygate_id={}",
+        canarygate::sticky::StickySigner::per_process().signed(id)
+    )
+}
+
+/// A client whose connections come from `local` (any 127.0.0.0/8 address is this
+/// host's): another client as the proxy sees it.
+pub fn client_from(local: std::net::IpAddr) -> TestClient {
+    let mut connector = HttpConnector::new();
+    connector.set_local_address(Some(local));
+    Client::builder(TokioExecutor::new()).build(connector)
 }
 
 /// An HTTP/2 prior-knowledge (h2c) client.

@@ -1,0 +1,143 @@
+//! `canarygate_canary_*` and `canarygate_analysis_requests_total`: what the canary
+//! analysis counted and concluded. Apart from the request metrics because the
+//! analysis owns their meaning (`crate::canary`).
+
+use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts};
+
+use super::metrics::must;
+use crate::canary::window::Counted;
+use crate::routing::{PoolKind, Reason};
+
+/// `canarygate_canary_*`: the canary analysis' state and its last check's figures.
+pub struct AnalysisMetrics {
+    state: IntGauge,
+    checks: IntCounterVec,
+    error_ratio: GaugeVec,
+    latency: GaugeVec,
+    /// `canarygate_analysis_requests_total{pool,counted}`.
+    requests: IntCounterVec,
+    store_errors: IntCounter,
+}
+
+impl Default for AnalysisMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl AnalysisMetrics {
+    pub fn new() -> Self {
+        let analysis = Self {
+            state: must(IntGauge::new(
+                "canarygate_canary_state",
+                "Canary analysis state: 0 idle, 1 progressing, 2 holding, 3 rolled back, \
+                     4 healthy, 5 manual.",
+            )),
+            checks: must(IntCounterVec::new(
+                Opts::new(
+                    "canarygate_canary_checks_total",
+                    "Canary analysis checks, by result: pass, fail, hold.",
+                ),
+                &["result"],
+            )),
+            error_ratio: must(GaugeVec::new(
+                Opts::new(
+                    "canarygate_canary_error_ratio",
+                    "Error ratio (5xx and upstream errors) over the analysis window at the \
+                         last check, by pool.",
+                ),
+                &["pool"],
+            )),
+            latency: must(GaugeVec::new(
+                Opts::new(
+                    "canarygate_canary_latency_seconds",
+                    "Latency quantiles (HDR histogram) over the analysis window at the last \
+                         check, by pool and quantile (0.5, 0.99).",
+                ),
+                &["pool", "quantile"],
+            )),
+            requests: must(IntCounterVec::new(
+                Opts::new(
+                    "canarygate_analysis_requests_total",
+                    "Requests as the canary analysis counted them, by pool and `counted`: \
+                         judged; capped (placed by the bucket, past their client's cap); or \
+                         the routing reason of a request placed otherwise and never judged \
+                         (override, failover, kill_switch, no_canary_backends).",
+                ),
+                &["pool", "counted"],
+            )),
+            store_errors: must(IntCounter::new(
+                "canarygate_canary_store_errors_total",
+                "Canary analysis rounds that could not read or write the shared record \
+                     (Redis).",
+            )),
+        };
+        for outcome in crate::canary::judge::Outcome::ALL {
+            analysis.checks.with_label_values(&[outcome.as_str()]);
+        }
+        analysis
+    }
+
+    /// The families, for the registry.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        vec![
+            Box::new(self.state.clone()),
+            Box::new(self.checks.clone()),
+            Box::new(self.error_ratio.clone()),
+            Box::new(self.latency.clone()),
+            Box::new(self.requests.clone()),
+            Box::new(self.store_errors.clone()),
+        ]
+    }
+
+    /// Counts one request as the analysis took it (`reason`: why it went to `pool`,
+    /// the label of a request counted apart).
+    pub fn count(&self, pool: PoolKind, counted: Counted, reason: Reason) {
+        let label = match counted {
+            Counted::Off => return,
+            Counted::Judged => "judged",
+            Counted::Capped => "capped",
+            Counted::Apart => reason.as_str(),
+        };
+        self.requests
+            .with_label_values(&[pool.as_str(), label])
+            .inc();
+    }
+
+    /// A round that could not read or write the shared record.
+    pub fn store_error(&self) {
+        self.store_errors.inc();
+    }
+
+    pub fn set_state(&self, state: crate::canary::verdict::State) {
+        self.state.set(state.code());
+    }
+
+    /// Counts a check and publishes its figures (a quantile without requests
+    /// leaves the scrape rather than reading 0).
+    pub fn observe(&self, check: &crate::canary::judge::Check) {
+        self.checks
+            .with_label_values(&[check.outcome.as_str()])
+            .inc();
+        for (pool, figures) in [
+            (PoolKind::Production, &check.production),
+            (PoolKind::Canary, &check.canary),
+        ] {
+            let pool = pool.as_str();
+            self.error_ratio
+                .with_label_values(&[pool])
+                .set(figures.error_ratio);
+            for (quantile, ms) in [("0.5", figures.p50_ms), ("0.99", figures.p99_ms)] {
+                match ms {
+                    Some(ms) => self
+                        .latency
+                        .with_label_values(&[pool, quantile])
+                        .set(ms / 1_000.0),
+                    None => {
+                        let _ = self.latency.remove_label_values(&[pool, quantile]);
+                    }
+                }
+            }
+        }
+    }
+}
