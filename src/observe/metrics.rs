@@ -159,6 +159,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     /// The canary analysis' gauges and counters.
     pub analysis: AnalysisMetrics,
+    /// The backends' connection limits (`canarygate_upstream_pending_rejected_total`..).
+    pub conns: crate::observe::conn_metrics::ConnMetrics,
     /// The canary analysis' request records (per worker, off unless enabled): kept
     /// here so the request path reaches them through the handle it already holds.
     pub recorder: crate::canary::window::Recorder,
@@ -481,6 +483,7 @@ impl Metrics {
             analysis.checks.with_label_values(&[outcome.as_str()]);
         }
 
+        let conns = crate::observe::conn_metrics::ConnMetrics::new(&mut reg);
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream_errors.clone()));
@@ -576,6 +579,7 @@ impl Metrics {
             failover_requests,
             config_reloads,
             analysis,
+            conns,
             recorder: crate::canary::window::Recorder::new(crate::worker::workers()),
         }
     }
