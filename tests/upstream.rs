@@ -846,8 +846,7 @@ impl Drop for CountingBackend {
 /// `max_connections`. (`pending_timeout_ms` is long here so a slow run measures the
 /// limits, not the queue's patience; the queue's own test is below.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_max_connections()
-{
+async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_max_connections() {
     within(60, async {
         let backend = CountingBackend::start(Duration::from_millis(20), Duration::ZERO);
         let proxy = Proxy::start(&format!(
@@ -887,7 +886,11 @@ async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_m
             "canarygate_upstream_connections{{backend=\"{}\",pool=\"production\"}}",
             backend.addr
         );
-        assert!(scrape.get(&open).is_some_and(|&n| n <= 32.0), "{open}: {:?}", scrape.get(&open));
+        assert!(
+            scrape.get(&open).is_some_and(|&n| n <= 32.0),
+            "{open}: {:?}",
+            scrape.get(&open)
+        );
     })
     .await;
 }

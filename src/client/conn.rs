@@ -179,7 +179,10 @@ mod tests {
         drop(conn.buf.split_to(2)); // the body, consumed
         let pools = ConnPools::new(authority, ConnLimits::default());
         pools.local().put_back(conn);
-        let conn = pools.local().checkout(60_000).expect("the idle connection back");
+        let conn = pools
+            .local()
+            .checkout(60_000)
+            .expect("the idle connection back");
         assert_eq!(conn.buf.capacity(), 0, "idle, it holds a buffer");
     }
 }

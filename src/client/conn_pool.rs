@@ -64,7 +64,7 @@ impl Default for ConnLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
-            max_pending: 1024,
+            max_pending: 10_000,
             max_connecting: 16,
             pending_timeout: Duration::from_millis(2_000),
         }
@@ -225,7 +225,8 @@ impl Shared {
             };
             let shared = Arc::clone(self);
             runtime.spawn(async move {
-                let timeout = Duration::from_millis(shared.connect_timeout_ms.load(Ordering::Relaxed));
+                let timeout =
+                    Duration::from_millis(shared.connect_timeout_ms.load(Ordering::Relaxed));
                 let result = BackendConn::connect(&shared.authority, timeout).await;
                 shared.queued_connects.fetch_sub(1, Ordering::SeqCst);
                 match result {
@@ -405,7 +406,9 @@ impl ConnPools {
         }
         let timeout_ms = u64::try_from(connect_timeout.as_millis()).unwrap_or(u64::MAX);
         if shared.connect_timeout_ms.load(Ordering::Relaxed) != timeout_ms {
-            shared.connect_timeout_ms.store(timeout_ms, Ordering::Relaxed);
+            shared
+                .connect_timeout_ms
+                .store(timeout_ms, Ordering::Relaxed);
         }
         if shared.waiting.load(Ordering::SeqCst) == 0
             && let Some(connecting) = shared.try_start_connect()

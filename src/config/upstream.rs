@@ -29,7 +29,9 @@ pub struct PoolsConfig {
 /// version on like instances, and one level keeps `check` and the docs simple. A
 /// backend of its own limits would be a backend written as a table later, without
 /// changing these keys. Defaults (docs/configuration.md says why): Envoy's circuit
-/// breaker defaults for `max_connections` and `max_pending` (1024 each); HAProxy's
+/// breaker default for `max_connections` (1024); a queue as long as the default
+/// client limit (`limits.max_connections`, 10000), so an HTTP/1.1 client is never
+/// refused by count, only by time, as with HAProxy's unbounded `maxqueue`; HAProxy's
 /// `timeout queue` falls back to `timeout connect`, so `pending_timeout_ms` is the
 /// default `connect_ms`; 16 connects at once stay far below the listen backlog of
 /// 128 that most servers get by default, even from several proxies.
@@ -314,9 +316,10 @@ mod tests {
 
     #[test]
     fn connection_limits_have_defaults_and_zero_is_refused() {
-        let config = crate::config::from_toml(&format!(
-            "{MINIMAL}max_pending = 0\n[pools.canary]\nmax_connections = 8\n"
-        ), "t")
+        let config = crate::config::from_toml(
+            &format!("{MINIMAL}max_pending = 0\n[pools.canary]\nmax_connections = 8\n"),
+            "t",
+        )
         .unwrap();
         let defaults = crate::client::conn_pool::ConnLimits::default();
         assert_eq!(config.pools.production.max_connections, 1024);

@@ -186,13 +186,7 @@ async fn forward(
     deadline: Duration,
     settings: ConnectSettings,
 ) -> Result<Response<PooledBody>, ProxyError> {
-    let exchange = send(
-        &backend.conns,
-        &backend.authority,
-        req,
-        set,
-        settings,
-    );
+    let exchange = send(&backend.conns, &backend.authority, req, set, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(ProxyError::from_exchange(error)),
