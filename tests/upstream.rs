@@ -837,6 +837,33 @@ impl Drop for CountingBackend {
     }
 }
 
+/// 4 HTTP/2 clients x 100 streams at once to `url`: the count of each status (or
+/// client error), printed with the backend's peak of connections at once.
+async fn burst(url: &str, backend: &CountingBackend) -> std::collections::BTreeMap<String, usize> {
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = h2_client();
+        for _ in 0..100 {
+            let (client, url) = (client.clone(), url.to_owned());
+            streams.spawn(async move { try_get(&client, &url).await.map(|g| g.status) });
+        }
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(status) = streams.join_next().await {
+        let status = match status.unwrap() {
+            Ok(status) => status.as_u16().to_string(),
+            Err(e) => e,
+        };
+        *statuses.entry(status).or_default() += 1;
+    }
+    eprintln!(
+        "400 streams: {statuses:?}; backend peak {} connections, {} requests",
+        backend.peak.load(Ordering::SeqCst),
+        backend.requests.load(Ordering::SeqCst)
+    );
+    statuses
+}
+
 /// The issue's failing case: four HTTP/2 clients open 100 streams each at once
 /// against a fresh proxy with `connect_ms = 500`, and the backend listens with a
 /// backlog of 128. Before the limits the proxy opened a connection per stream: the
@@ -856,28 +883,8 @@ async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_m
             backend.addr
         ))
         .await;
-        let url = proxy.url("/");
-        let mut streams = tokio::task::JoinSet::new();
-        for _ in 0..4 {
-            let client = h2_client();
-            for _ in 0..100 {
-                let (client, url) = (client.clone(), url.clone());
-                streams.spawn(async move { try_get(&client, &url).await.map(|g| g.status) });
-            }
-        }
-        let mut statuses = std::collections::BTreeMap::<String, usize>::new();
-        while let Some(status) = streams.join_next().await {
-            let status = match status.unwrap() {
-                Ok(status) => status.as_u16().to_string(),
-                Err(e) => e,
-            };
-            *statuses.entry(status).or_default() += 1;
-        }
+        let statuses = burst(&proxy.url("/"), &backend).await;
         let peak = backend.peak.load(Ordering::SeqCst);
-        eprintln!(
-            "400 streams: {statuses:?}; backend peak {peak} connections, {} requests",
-            backend.requests.load(Ordering::SeqCst)
-        );
         assert_eq!(statuses.get("200"), Some(&400), "{statuses:?}");
         assert!(peak <= 32, "the backend saw {peak} connections at once");
         assert!(backend.open.load(Ordering::SeqCst) <= 32);
@@ -891,6 +898,31 @@ async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_m
             "{open}: {:?}",
             scrape.get(&open)
         );
+    })
+    .await;
+}
+
+/// The same burst through the real binary with two worker threads (the four client
+/// connections spread over both): `max_connections` holds over both workers together,
+/// and every request is served, also where a connection opened or returned on one
+/// worker goes to a request queued on the other (moved to its event loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_hold_over_all_worker_threads() {
+    within(60, async {
+        let backend = CountingBackend::start(Duration::from_millis(20), Duration::ZERO);
+        let proxy = ProxyProcess::spawn_with_workers(
+            &format!(
+                "[pools.production]\nbackends = [\"{}\"]\nmax_connections = 8\n\
+                 pending_timeout_ms = 20000\n[timeouts]\nconnect_ms = 500\n\
+                 [health]\ninterval_ms = 600000\n",
+                backend.addr
+            ),
+            2,
+        );
+        let statuses = burst(&format!("http://{}/", proxy.addr), &backend).await;
+        let peak = backend.peak.load(Ordering::SeqCst);
+        assert_eq!(statuses.get("200"), Some(&400), "{statuses:?}");
+        assert!(peak <= 8, "the backend saw {peak} connections at once");
     })
     .await;
 }
