@@ -536,7 +536,8 @@ async fn an_http2_client_that_never_reads_pins_bounded_memory() {
         }
         // The proxy serves H2_MAX_STREAMS of each connection's streams at once (the
         // client queues the rest): all of those reach the backend, each on an
-        // upstream connection of its own, before memory is measured and others asked.
+        // upstream connection of its own (400, under the default per-backend
+        // max_connections of 1024), before memory is measured and others asked.
         let admitted = 4 * u64::from(canarygate::server::accept::H2_MAX_STREAMS);
         let seen = std::sync::Arc::clone(&prod.requests);
         eventually(

@@ -753,3 +753,239 @@ async fn a_backend_that_stalls_mid_body_has_the_response_cut_not_completed() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------
+// Connection limits per backend (issue 29, item 9)
+
+/// A backend that counts the connections open to it at once, listening with the
+/// backlog most servers get by default (128, std's and tokio's) rather than the
+/// harness's 4096: the queue a connection storm overflows. Every request but
+/// `/health` (the active checks, on connections of their own, not counted) is
+/// answered after `delay`; `/slow` after `slow`.
+struct CountingBackend {
+    addr: SocketAddr,
+    open: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingBackend {
+    fn start(delay: Duration, slow: Duration) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((LOCALHOST, 0))).unwrap();
+        let listener = socket.listen(128).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (o, p, r) = (Arc::clone(&open), Arc::clone(&peak), Arc::clone(&requests));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (open, peak, requests) = (Arc::clone(&o), Arc::clone(&p), Arc::clone(&r));
+                tokio::spawn(async move {
+                    // Counted from its first proxied request to its close.
+                    let counted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let c = Arc::clone(&counted);
+                    let o = Arc::clone(&open);
+                    let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                        let path = req.uri().path().to_owned();
+                        if path != "/health" {
+                            requests.fetch_add(1, Ordering::SeqCst);
+                            if !c.swap(true, Ordering::SeqCst) {
+                                let now = o.fetch_add(1, Ordering::SeqCst) + 1;
+                                peak.fetch_max(now, Ordering::SeqCst);
+                            }
+                        }
+                        async move {
+                            let pause = match path.as_str() {
+                                "/health" => Duration::ZERO,
+                                "/slow" => slow,
+                                _ => delay,
+                            };
+                            tokio::time::sleep(pause).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                            ))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                    if counted.load(Ordering::SeqCst) {
+                        open.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            open,
+            peak,
+            requests,
+            task,
+        }
+    }
+}
+
+impl Drop for CountingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// 4 HTTP/2 clients x 100 streams at once to `url`: the count of each status (or
+/// client error), printed with the backend's peak of connections at once.
+async fn burst(url: &str, backend: &CountingBackend) -> std::collections::BTreeMap<String, usize> {
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = h2_client();
+        for _ in 0..100 {
+            let (client, url) = (client.clone(), url.to_owned());
+            streams.spawn(async move { try_get(&client, &url).await.map(|g| g.status) });
+        }
+    }
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(status) = streams.join_next().await {
+        let status = match status.unwrap() {
+            Ok(status) => status.as_u16().to_string(),
+            Err(e) => e,
+        };
+        *statuses.entry(status).or_default() += 1;
+    }
+    eprintln!(
+        "400 streams: {statuses:?}; backend peak {} connections, {} requests",
+        backend.peak.load(Ordering::SeqCst),
+        backend.requests.load(Ordering::SeqCst)
+    );
+    statuses
+}
+
+/// The issue's failing case: four HTTP/2 clients open 100 streams each at once
+/// against a fresh proxy with `connect_ms = 500`, and the backend listens with a
+/// backlog of 128. Before the limits the proxy opened a connection per stream: the
+/// accept queue overflowed, a dropped SYN is resent after 1 s, and those requests
+/// got 502; the backend saw 400 connections. Now at most 16 connects run at once,
+/// the streams share what is open, and the backend never sees more than
+/// `max_connections`. (`pending_timeout_ms` is long here so a slow run measures the
+/// limits, not the queue's patience; the queue's own test is below.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_400_http2_streams_gets_no_502_and_the_backend_sees_at_most_max_connections() {
+    within(60, async {
+        let backend = CountingBackend::start(Duration::from_millis(20), Duration::ZERO);
+        let proxy = Proxy::start(&format!(
+            "[pools.production]\nbackends = [\"{}\"]\nmax_connections = 32\n\
+             pending_timeout_ms = 20000\n[timeouts]\nconnect_ms = 500\n\
+             [health]\ninterval_ms = 600000\n",
+            backend.addr
+        ))
+        .await;
+        let statuses = burst(&proxy.url("/"), &backend).await;
+        let peak = backend.peak.load(Ordering::SeqCst);
+        assert_eq!(statuses.get("200"), Some(&400), "{statuses:?}");
+        assert!(peak <= 32, "the backend saw {peak} connections at once");
+        assert!(backend.open.load(Ordering::SeqCst) <= 32);
+        let scrape = scrape_metrics(&client(), proxy.admin_addr).await;
+        let open = format!(
+            "canarygate_upstream_connections{{backend=\"{}\",pool=\"production\"}}",
+            backend.addr
+        );
+        assert!(
+            scrape.get(&open).is_some_and(|&n| n <= 32.0),
+            "{open}: {:?}",
+            scrape.get(&open)
+        );
+    })
+    .await;
+}
+
+/// The same burst through the real binary with two worker threads (the four client
+/// connections spread over both): `max_connections` holds over both workers together,
+/// and every request is served, also where a connection opened or returned on one
+/// worker goes to a request queued on the other (moved to its event loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_limits_hold_over_all_worker_threads() {
+    within(60, async {
+        let backend = CountingBackend::start(Duration::from_millis(20), Duration::ZERO);
+        let proxy = ProxyProcess::spawn_with_workers(
+            &format!(
+                "[pools.production]\nbackends = [\"{}\"]\nmax_connections = 8\n\
+                 pending_timeout_ms = 20000\n[timeouts]\nconnect_ms = 500\n\
+                 [health]\ninterval_ms = 600000\n",
+                backend.addr
+            ),
+            2,
+        );
+        let statuses = burst(&format!("http://{}/", proxy.addr), &backend).await;
+        let peak = backend.peak.load(Ordering::SeqCst);
+        assert_eq!(statuses.get("200"), Some(&400), "{statuses:?}");
+        assert!(peak <= 8, "the backend saw {peak} connections at once");
+    })
+    .await;
+}
+
+/// `max_connections = 1`, `max_pending = 1`: one request holds the connection, the
+/// next waits, and a third is refused at once with 503 and `Retry-After`; the one
+/// waiting gets the same 503 once `pending_timeout_ms` passed. Each is counted by
+/// reason, and none of them reached the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_pending_or_pending_timeout_a_request_gets_503_with_retry_after_and_is_counted() {
+    within(30, async {
+        let backend = CountingBackend::start(Duration::ZERO, Duration::from_secs(10));
+        let proxy = Proxy::start(&format!(
+            "[pools.production]\nbackends = [\"{}\"]\nmax_connections = 1\nmax_pending = 1\n\
+             pending_timeout_ms = 1500\n[health]\ninterval_ms = 600000\n",
+            backend.addr
+        ))
+        .await;
+        let conns = Arc::clone(&proxy.state.snapshot().pools.production.backends()[0].conns);
+        let c = client();
+        let holder = tokio::spawn({
+            let (c, url) = (c.clone(), proxy.url("/slow"));
+            async move { try_get(&c, &url).await }
+        });
+        let requests = Arc::clone(&backend.requests);
+        eventually(Duration::from_secs(10), "the backend holds the one connection", || {
+            let requests = Arc::clone(&requests);
+            async move { requests.load(Ordering::SeqCst) == 1 }
+        })
+        .await;
+        let waiting = tokio::spawn({
+            let (c, url) = (c.clone(), proxy.url("/"));
+            async move { (std::time::Instant::now(), try_get(&c, &url).await) }
+        });
+        eventually(Duration::from_secs(10), "one request queued", || {
+            let waiting = conns.open_and_waiting().1;
+            async move { waiting == 1 }
+        })
+        .await;
+
+        let refused = get(&c, &proxy.url("/"), &[]).await;
+        assert_eq!(refused.status, 503);
+        assert_eq!(refused.header("retry-after"), "1");
+        assert!(refused.text().contains("connection limit"), "{}", refused.text());
+
+        let (queued_at, timed_out) = waiting.await.unwrap();
+        let timed_out = timed_out.unwrap();
+        assert_eq!(timed_out.status, 503);
+        assert_eq!(timed_out.header("retry-after"), "1");
+        assert!(queued_at.elapsed() >= Duration::from_millis(1400));
+        assert_eq!(backend.requests.load(Ordering::SeqCst), 1, "only the holder got through");
+        assert_eq!(conns.open_and_waiting(), (1, 0));
+
+        let scrape = scrape_metrics(&c, proxy.admin_addr).await;
+        let series = |reason: &str| {
+            format!(
+                "canarygate_upstream_pending_rejected_total{{backend=\"{}\",pool=\"production\",reason=\"{reason}\"}}",
+                backend.addr
+            )
+        };
+        assert_eq!(scrape.get(&series("queue_full")), Some(&1.0));
+        assert_eq!(scrape.get(&series("timeout")), Some(&1.0));
+        holder.abort();
+    })
+    .await;
+}

@@ -86,6 +86,7 @@ impl PooledBody {
         Some(Upgraded {
             stream: conn.stream,
             leftover: conn.buf.freeze(),
+            _slot: conn.slot,
         })
     }
 
@@ -222,6 +223,9 @@ impl Body for PooledBody {
 pub struct Upgraded {
     stream: TcpStream,
     leftover: Bytes,
+    /// A tunnel is an open connection to the backend: it counts against
+    /// `max_connections` until it closes.
+    _slot: Option<crate::client::conn_pool::Slot>,
 }
 
 impl AsyncRead for Upgraded {

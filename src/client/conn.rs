@@ -1,4 +1,8 @@
 //! One connection to a backend and the bytes read from it but not yet consumed.
+//!
+//! It carries its backend's [`Slot`] (from [`crate::client::conn_pool`], the one
+//! import that runs up here): the connection counts against `max_connections` for
+//! exactly as long as it lives.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -10,6 +14,7 @@ use http::uri::Authority;
 use tokio::net::TcpStream;
 
 use crate::client::codec::{Head, parse_head};
+use crate::client::conn_pool::Slot;
 use crate::client::error::ExchangeError;
 
 /// First read of a response: the head and, usually, the whole of a small body.
@@ -20,6 +25,11 @@ const HEAD_READ: usize = 8 * 1024;
 pub struct BackendConn {
     pub stream: TcpStream,
     pub buf: BytesMut,
+    /// Its place under the backend's `max_connections` (none for a connection made
+    /// outside a pool).
+    pub slot: Option<Slot>,
+    /// The worker thread whose runtime the socket is registered with.
+    pub worker: usize,
 }
 
 impl BackendConn {
@@ -44,6 +54,29 @@ impl BackendConn {
         Ok(Self {
             stream,
             buf: BytesMut::new(),
+            slot: None,
+            worker: crate::worker::index(),
+        })
+    }
+
+    /// The connection registered with the calling worker's runtime: one handed over
+    /// from another worker (through the queue, or taken from its idle stack) leaves
+    /// that runtime's reactor and joins this one's, so its readiness never depends
+    /// on another thread's event loop. Two `epoll_ctl` calls, only when it moved.
+    pub fn rehome(self) -> std::io::Result<Self> {
+        let here = crate::worker::index();
+        if self.worker == here {
+            return Ok(self);
+        }
+        let Self {
+            stream, buf, slot, ..
+        } = self;
+        let stream = TcpStream::from_std(stream.into_std()?)?;
+        Ok(Self {
+            stream,
+            buf,
+            slot,
+            worker: here,
         })
     }
 
@@ -107,7 +140,7 @@ impl BackendConn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::conn_pool::ConnPool;
+    use crate::client::conn_pool::{ConnLimits, ConnPools};
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
@@ -144,9 +177,12 @@ mod tests {
         assert_eq!(&conn.buf[..], b"hi");
 
         drop(conn.buf.split_to(2)); // the body, consumed
-        let pool = ConnPool::default();
-        pool.put_back(conn);
-        let conn = pool.checkout(60_000).expect("the idle connection back");
+        let pools = ConnPools::new(authority, ConnLimits::default());
+        pools.local().put_back(conn);
+        let conn = pools
+            .local()
+            .checkout(60_000)
+            .expect("the idle connection back");
         assert_eq!(conn.buf.capacity(), 0, "idle, it holds a buffer");
     }
 }

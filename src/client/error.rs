@@ -20,6 +20,12 @@ pub enum ExchangeError {
     BodyIdle(Duration),
     #[error("backend response is not valid HTTP/1.1: {0}")]
     Protocol(&'static str),
+    /// The backend had `max_connections` open and `max_pending` requests waiting.
+    #[error("backend has max_connections open and {0} requests waiting (max_pending)")]
+    PendingFull(usize),
+    /// No connection to the backend became free within `pending_timeout_ms`.
+    #[error("no connection to the backend became free within {0:?} (pending_timeout_ms)")]
+    PendingTimeout(Duration),
     /// The client's request body failed (too large, malformed, cut short): not the
     /// backend's doing.
     #[error("client request body failed")]

@@ -15,7 +15,7 @@ use tracing::debug;
 use crate::client::body::PooledBody;
 use crate::client::codec::{Outgoing, framing};
 use crate::client::conn::BackendConn;
-use crate::client::conn_pool::ConnPool;
+use crate::client::conn_pool::{ConnPool, ConnPools};
 use crate::client::error::ExchangeError;
 use crate::client::request_body::UpstreamBody;
 use crate::client::upload::Upload;
@@ -97,11 +97,11 @@ pub struct ConnectSettings {
 }
 
 /// Sends `req`, with the fields in `set` (see [`Outgoing::new`]), to `authority` on
-/// an idle connection, or a new one. A body-less
+/// a connection from `pools` (see [`ConnPools::acquire`]). A body-less
 /// idempotent request that a reused connection answered with nothing (the backend
 /// had closed it) is sent again on another one (RFC 9112 9.3.1).
 pub async fn send(
-    pool: &Arc<ConnPool>,
+    pools: &ConnPools,
     authority: &Authority,
     req: Request<UpstreamBody>,
     set: &[(HeaderName, HeaderValue)],
@@ -112,14 +112,11 @@ pub async fn send(
     let resendable = body.is_end_stream() && parts.method.is_idempotent();
     let mut body = (!body.is_end_stream()).then_some(body);
     loop {
-        let (conn, reused) = match pool.checkout(settings.idle_ms) {
-            Some(conn) => (conn, true),
-            None => (
-                BackendConn::connect(authority, settings.connect_timeout).await?,
-                false,
-            ),
-        };
-        match exchange(conn, &out, body.take(), pool, settings.body_idle).await {
+        let (conn, reused) = pools
+            .acquire(settings.idle_ms, settings.connect_timeout)
+            .await?;
+        let home = pools.local();
+        match exchange(conn, &out, body.take(), home, settings.body_idle).await {
             Ok(response) => return Ok(response),
             Err(failure) if reused && resendable && !failure.received => {
                 debug!(%authority, error = %failure.error, "reused connection failed; sending again");

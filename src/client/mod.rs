@@ -20,7 +20,8 @@
 //! - [`codec`]: request heads out, response heads in, where a response body ends.
 //! - [`chunked`]: the chunked body decoder.
 //! - [`conn`]: one backend connection and the bytes read from it.
-//! - [`conn_pool`]: idle keep-alive connections per backend and worker thread.
+//! - [`conn_pool`]: idle keep-alive connections per backend and worker thread, and
+//!   the backend's connection limits (`max_connections`, the queue).
 //! - [`upload`]: writing a request's head and body.
 //! - [`body`]: the response body, which returns its connection to the pool.
 //! - [`exchange`]: one request-response exchange, and `send` with the pool.

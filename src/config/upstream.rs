@@ -9,6 +9,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use serde::Deserialize;
 
+use crate::client::conn_pool::ConnLimits;
 use crate::config::{Violation, fail};
 
 /// `[pools.production]` and `[pools.canary]`.
@@ -20,12 +21,77 @@ pub struct PoolsConfig {
     pub canary: PoolConfig,
 }
 
-/// One pool: the backends that serve one version of the application.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One pool: the backends that serve one version of the application, and the
+/// connection limits each of them gets.
+///
+/// The limits are keys of the pool, applied to each of its backends (HAProxy's
+/// `default-server maxconn` in a backend section): a pool's backends run one
+/// version on like instances, and one level keeps `check` and the docs simple. A
+/// backend of its own limits would be a backend written as a table later, without
+/// changing these keys. Defaults (docs/configuration.md says why): Envoy's circuit
+/// breaker default for `max_connections` (1024); a queue as long as the default
+/// client limit (`limits.max_connections`, 10000), so an HTTP/1.1 client is never
+/// refused by count, only by time, as with HAProxy's unbounded `maxqueue`; HAProxy's
+/// `timeout queue` falls back to `timeout connect`, so `pending_timeout_ms` is the
+/// default `connect_ms`; 16 connects at once stay far below the listen backlog of
+/// 128 that most servers get by default, even from several proxies.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
-    #[serde(default)]
     pub backends: Vec<BackendAddr>,
+    /// Connections to each backend open at most: connecting, idle, busy, upgraded.
+    pub max_connections: u32,
+    /// Requests waiting for a connection to each backend at most (0: none wait).
+    pub max_pending: u32,
+    /// The longest a request waits for a connection.
+    pub pending_timeout_ms: u64,
+    /// Connects in progress to each backend at most.
+    pub max_connecting: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        let limits = ConnLimits::default();
+        Self {
+            backends: Vec::new(),
+            max_connections: limits.max_connections,
+            max_pending: limits.max_pending,
+            pending_timeout_ms: u64::try_from(limits.pending_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+            max_connecting: limits.max_connecting,
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The limits each backend of the pool gets.
+    pub fn limits(&self) -> ConnLimits {
+        ConnLimits {
+            max_connections: self.max_connections,
+            max_pending: self.max_pending,
+            max_connecting: self.max_connecting,
+            pending_timeout: Duration::from_millis(self.pending_timeout_ms),
+        }
+    }
+
+    fn validate(&self, pool: &str) -> Result<(), Violation> {
+        for (key, value) in [
+            ("max_connections", u64::from(self.max_connections)),
+            ("max_connecting", u64::from(self.max_connecting)),
+            ("pending_timeout_ms", self.pending_timeout_ms),
+        ] {
+            if value == 0 {
+                return fail(format!("pools.{pool}.{key}"), "must be greater than 0");
+            }
+        }
+        if self.max_connections > 1 << 30 {
+            return fail(
+                format!("pools.{pool}.max_connections"),
+                "must be at most 1073741824",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A backend's `host:port`. A hostname is resolved by the system resolver when a
@@ -68,6 +134,8 @@ impl PoolsConfig {
                 "the production pool is empty; list at least one backend",
             );
         }
+        self.production.validate("production")?;
+        self.canary.validate("canary")?;
         for (pool, cfg) in [
             ("pools.production.backends", &self.production),
             ("pools.canary.backends", &self.canary),
@@ -244,6 +312,30 @@ mod tests {
         );
         let e = err("[pools.canary]\nbackends = [\"127.0.0.1:1\"]\n");
         assert!(e.contains("key `pools`") && e.contains("production"), "{e}");
+    }
+
+    #[test]
+    fn connection_limits_have_defaults_and_zero_is_refused() {
+        let config = crate::config::from_toml(
+            &format!("{MINIMAL}max_pending = 0\n[pools.canary]\nmax_connections = 8\n"),
+            "t",
+        )
+        .unwrap();
+        let defaults = crate::client::conn_pool::ConnLimits::default();
+        assert_eq!(config.pools.production.max_connections, 1024);
+        assert_eq!(config.pools.production.max_pending, 0);
+        assert_eq!(
+            config.pools.canary.limits(),
+            crate::client::conn_pool::ConnLimits {
+                max_connections: 8,
+                ..defaults
+            }
+        );
+        let e = err(&format!("{MINIMAL}max_connecting = 0\n"));
+        assert_eq!(
+            e,
+            "test.toml:3: key `pools.production.max_connecting`: must be greater than 0"
+        );
     }
 
     #[test]

@@ -47,11 +47,17 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
         return text(StatusCode::METHOD_NOT_ALLOWED, "405 method not allowed\n");
     }
     match path {
-        "/metrics" => respond_with(
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            Bytes::from(state.metrics.render()),
-        ),
+        "/metrics" => {
+            state
+                .metrics
+                .conns
+                .observe(state.snapshot().pools.conn_states());
+            respond_with(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                Bytes::from(state.metrics.render()),
+            )
+        }
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match readiness(state) {
             Ok(()) => text(StatusCode::OK, "ready\n"),

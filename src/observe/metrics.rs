@@ -159,6 +159,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     /// The canary analysis' gauges and counters.
     pub analysis: super::analysis_metrics::AnalysisMetrics,
+    /// The backends' connection limits (`canarygate_upstream_pending_rejected_total`..).
+    pub conns: crate::observe::conn_metrics::ConnMetrics,
     /// The canary analysis' request records (per worker, off unless enabled): kept
     /// here so the request path reaches them through the handle it already holds.
     pub recorder: crate::canary::window::Recorder,
@@ -396,6 +398,7 @@ impl Metrics {
         ));
         let analysis = super::analysis_metrics::AnalysisMetrics::new();
 
+        let conns = crate::observe::conn_metrics::ConnMetrics::new(&mut reg);
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream_errors.clone()));
@@ -489,6 +492,7 @@ impl Metrics {
             failover_requests,
             config_reloads,
             analysis,
+            conns,
             recorder: crate::canary::window::Recorder::new(crate::worker::workers()),
         }
     }

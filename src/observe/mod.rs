@@ -1,6 +1,7 @@
 //! What operators see: metrics, short-term stats, events, and the admin listener.
 //!
 //! - [`metrics`]: the owned Prometheus registry and per-pool handles.
+//! - [`conn_metrics`]: the backends' connection limits: refusals, connections, queue.
 //! - [`stats`]: short-term history (rates, error ratios, percentiles) for the status page.
 //! - [`events`]: the event funnel (log line + recent events).
 //! - [`admin`]: the admin listener: metrics, health, readiness, flags, events, status page.
@@ -15,6 +16,7 @@ pub mod access_log;
 pub mod admin;
 pub mod analysis_metrics;
 pub mod analysis_page;
+pub mod conn_metrics;
 pub mod events;
 pub mod html;
 pub mod metrics;

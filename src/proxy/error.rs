@@ -41,6 +41,11 @@ pub enum ProxyError {
     Reset(#[source] ExchangeError),
     #[error("backend sent an invalid response")]
     BadResponse(#[source] ExchangeError),
+    /// The backend's connection limits were reached (`max_connections` open and the
+    /// queue full, or no connection free within `pending_timeout_ms`): the backend
+    /// never saw the request.
+    #[error("backend at its connection limit")]
+    Saturated(#[source] ExchangeError),
 }
 
 /// What the proxy does about one error.
@@ -87,6 +92,16 @@ impl ProxyError {
                 false,
                 "405 method not allowed\n",
             ),
+            Self::Saturated(_) => Class {
+                retry_after: true,
+                ..class(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    None,
+                    false,
+                    false,
+                    "503 backend busy: at its connection limit\n",
+                )
+            },
             Self::NoBackend(_) => Class {
                 retry_after: true,
                 ..class(
@@ -139,6 +154,16 @@ impl ProxyError {
         self.class().status
     }
 
+    /// The `reason` label of `canarygate_upstream_pending_rejected_total` when the
+    /// backend's connection limits refused the request.
+    pub fn saturated_reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Saturated(ExchangeError::PendingFull(_)) => Some("queue_full"),
+            Self::Saturated(_) => Some("timeout"),
+            _ => None,
+        }
+    }
+
     /// The one mapping of an upstream client error: the client's own body failing is
     /// 413 or 400 (the backend is not to blame); a connect error never reached the
     /// backend; a connection that closed or broke is a reset; anything the backend
@@ -156,6 +181,9 @@ impl ProxyError {
                 Self::Reset(e)
             }
             e @ ExchangeError::Protocol(_) => Self::BadResponse(e),
+            e @ (ExchangeError::PendingFull(_) | ExchangeError::PendingTimeout(_)) => {
+                Self::Saturated(e)
+            }
             ExchangeError::BodyIdle(after) => Self::BodyIdle(after),
         }
     }
@@ -204,6 +232,14 @@ mod tests {
             (ProxyError::MethodNotAllowed, 405, None, false, false, false),
             (
                 ProxyError::NoBackend("canary"),
+                503,
+                None,
+                false,
+                false,
+                true,
+            ),
+            (
+                ProxyError::Saturated(ExchangeError::PendingFull(1)),
                 503,
                 None,
                 false,
@@ -308,6 +344,18 @@ mod tests {
         ] {
             assert_eq!(mapped(reset), d(&ProxyError::Reset(ExchangeError::Closed)));
         }
+        for saturated in [
+            ExchangeError::PendingFull(1),
+            ExchangeError::PendingTimeout(Duration::ZERO),
+        ] {
+            let reason = ProxyError::from_exchange(saturated).saturated_reason();
+            assert!(reason.is_some());
+        }
+        assert_eq!(
+            ProxyError::from_exchange(ExchangeError::PendingFull(1)).saturated_reason(),
+            Some("queue_full")
+        );
+        assert_eq!(ProxyError::Timeout(Duration::ZERO).saturated_reason(), None);
         assert_eq!(
             mapped(ExchangeError::Protocol("x")),
             d(&ProxyError::BadResponse(ExchangeError::Closed))

@@ -99,6 +99,14 @@ fn report_outcome(
     result: &Result<Response<PooledBody>, ProxyError>,
 ) {
     let metrics = state.metrics.pool(pool.kind);
+    if let Err(error) = result
+        && let Some(reason) = error.saturated_reason()
+    {
+        // The backend never saw the request: no outcome for passive health.
+        let backend = pool.backends()[index].authority.as_str();
+        state.metrics.conns.rejected(pool.kind, backend, reason);
+        return;
+    }
     let failed = match result {
         Ok(response) => response.status().is_server_error(),
         Err(error) => {
@@ -178,13 +186,7 @@ async fn forward(
     deadline: Duration,
     settings: ConnectSettings,
 ) -> Result<Response<PooledBody>, ProxyError> {
-    let exchange = send(
-        backend.conns.local(),
-        &backend.authority,
-        req,
-        set,
-        settings,
-    );
+    let exchange = send(&backend.conns, &backend.authority, req, set, settings);
     match tokio::time::timeout(deadline, exchange).await {
         Ok(Ok(response)) => Ok(response),
         Ok(Err(error)) => Err(ProxyError::from_exchange(error)),

@@ -23,7 +23,7 @@ use crate::upstream::health::{BackendHealth, Ejection, OutlierPolicy};
 pub struct Backend {
     pub authority: Authority,
     pub health: Arc<BackendHealth>,
-    /// Its idle keep-alive connections, per worker thread.
+    /// Its keep-alive connections (idle per worker thread) and their limits.
     pub conns: Arc<ConnPools>,
 }
 
@@ -49,10 +49,17 @@ impl BackendPool {
             .iter()
             .map(|b| {
                 let old = previous.and_then(|p| p.backends.iter().find(|old| old.authority == b.0));
+                let conns = match old {
+                    Some(old) => {
+                        old.conns.set_limits(config.limits());
+                        Arc::clone(&old.conns)
+                    }
+                    None => Arc::new(ConnPools::new(b.0.clone(), config.limits())),
+                };
                 Backend {
                     authority: b.0.clone(),
                     health: old.map_or_else(Arc::default, |old| Arc::clone(&old.health)),
-                    conns: old.map_or_else(Arc::default, |old| Arc::clone(&old.conns)),
+                    conns,
                 }
             })
             .collect();
@@ -181,6 +188,18 @@ impl Pools {
             })
     }
 
+    /// Every backend with its pool, open connections and queued requests.
+    pub fn conn_states(&self) -> impl Iterator<Item = (PoolKind, &str, u64, usize)> {
+        [&self.production, &self.canary]
+            .into_iter()
+            .flat_map(move |pool| {
+                pool.backends.iter().map(move |b| {
+                    let (open, waiting) = b.conns.open_and_waiting();
+                    (pool.kind, b.authority.as_str(), open, waiting)
+                })
+            })
+    }
+
     pub fn get(&self, kind: PoolKind) -> &BackendPool {
         match kind {
             PoolKind::Production => &self.production,
@@ -200,6 +219,7 @@ mod tests {
                 .iter()
                 .map(|a| BackendAddr::try_from((*a).to_owned()).unwrap())
                 .collect(),
+            ..PoolConfig::default()
         };
         BackendPool::new(PoolKind::Production, &config, policy, None)
     }
@@ -323,6 +343,7 @@ mod tests {
                     .iter()
                     .map(|a| BackendAddr::try_from((*a).to_owned()).unwrap())
                     .collect(),
+                ..PoolConfig::default()
             },
             canary: PoolConfig::default(),
         };
