@@ -30,6 +30,7 @@
 //! - [`routing`]: pure decisions: sticky bucket, pool and reason, backend choice.
 //! - [`sticky`]: the signed sticky cookie (the key is the fleet's secret).
 //! - [`http1`]: field rules both sides share (lists, hop-by-hop).
+//! - [`redact`]: URLs without their secrets, for every log line, error and alert.
 //! - [`glob`]: shell-style file-name globs (maintenance's patterns).
 //! - [`fleet`]: the fleet as this instance last read it (the heartbeats' model).
 //! - [`clock`]: the process's monotonic millisecond clock.
@@ -57,6 +58,7 @@ pub mod http1;
 pub mod observe;
 pub mod ops;
 pub mod proxy;
+pub mod redact;
 pub mod routing;
 pub mod server;
 pub mod state;

@@ -431,6 +431,133 @@ async fn alert_test_reports_each_channel_and_fails_if_one_does() {
     .await;
 }
 
+/// A secret a webhook URL carries in its path (as chat webhooks do), and a Redis
+/// password: neither may appear in any output, error or log.
+const PATH_SECRET: &str = "T0SECRET/B0SECRET/xyzzy";
+const REDIS_PASSWORD: &str = "hunter2-redis";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_url_from_the_environment_is_used_and_never_printed() {
+    within(60, async {
+        let hook = Peer::start(Mode::Created).await;
+        let dir = TempDir::new("url-env");
+        let path = dir.write(
+            "hook.toml",
+            "[pools.production]\nbackends = [\"127.0.0.1:9\"]\n\
+             [alerts.webhook]\nurl_env = \"CANARYGATE_TEST_HOOK_URL\"\n",
+        );
+        let run = |url: String| {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(binary())
+                    .args(["alert-test", "--config"])
+                    .arg(path)
+                    .env("CANARYGATE_TEST_HOOK_URL", url)
+                    .output()
+                    .unwrap()
+            })
+        };
+        // The URL from the environment is where the alert goes.
+        let out = run(format!("{}/hook/{PATH_SECRET}", hook.url()))
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "webhook: ok\n");
+        hook.wait_for(1, "the test alert").await;
+        // Nobody answers there: the error says so without the URL.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let out = run(format!("http://127.0.0.1:{port}/services/{PATH_SECRET}"))
+            .await
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(1), "{all}");
+        assert!(all.contains("webhook: error: request failed"), "{all}");
+        assert!(!all.contains("SECRET"), "{all}");
+        // A variable that does not hold a URL is named, its value is not.
+        let out = run(format!("ftp://{PATH_SECRET}")).await.unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            all.contains("CANARYGATE_TEST_HOOK_URL does not hold an http:// or https:// URL"),
+            "{all}"
+        );
+        assert!(!all.contains("SECRET"), "{all}");
+        // Both `url` and `url_env`: a config error naming the key.
+        let both = dir.write(
+            "both.toml",
+            "[pools.production]\nbackends = [\"127.0.0.1:9\"]\n\
+             [alerts.webhook]\nurl = \"http://h/\"\nurl_env = \"X\"\n",
+        );
+        let out = std::process::Command::new(binary())
+            .args(["check", "--config"])
+            .arg(&both)
+            .env("X", "y")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("key `alerts.webhook.url_env`: give `url` or `url_env`"),
+            "{stderr}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_a_url_never_reaches_a_config_error_or_the_log() {
+    within(60, async {
+        let dir = TempDir::new("redact");
+        // A misspelt parameter: the config error quotes the URL, without its password.
+        let path = dir.write(
+            "bad.toml",
+            &format!(
+                "[pools.production]\nbackends = [\"127.0.0.1:9\"]\n\
+                 [flags]\nredis_url = \"redis+sentinel://:{REDIS_PASSWORD}@127.0.0.1:26379/m?sentinel_pass=x\"\n"
+            ),
+        );
+        let out = std::process::Command::new(binary())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        assert!(stderr.contains("key `flags.redis_url`"), "{stderr}");
+        assert!(
+            stderr.contains("redis+sentinel://***@127.0.0.1:26379/m?sentinel_pass=***"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(REDIS_PASSWORD), "{stderr}");
+        // A proxy whose Redis is down logs its failures without the password.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let prod = TestBackend::start("production").await;
+        let mut proxy = ProxyProcess::spawn(
+            &format!(
+                "{}[flags]\nredis_url = \"redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/0\"\npoll_ms = 100\n",
+                config_toml(&[prod.addr], &[], "")
+            ),
+            "",
+        );
+        let log = proxy
+            .log_until("flag store unreachable", Duration::from_secs(10))
+            .join("\n");
+        assert!(log.contains("flag store unreachable"), "{log}");
+        assert!(!log.contains(REDIS_PASSWORD), "{log}");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_reaches_a_real_smtp_server() {
     within(60, async {

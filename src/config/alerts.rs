@@ -118,8 +118,12 @@ pub struct EmailConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertmanagerConfig {
-    /// Base URL, e.g. `http://alertmanager:9093`.
-    pub url: String,
+    /// Base URL, e.g. `http://alertmanager:9093`; or `url_env`, the environment
+    /// variable holding it (a URL with credentials stays out of the config file).
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_env: Option<String>,
     #[serde(default = "warning")]
     pub min_severity: Severity,
 }
@@ -128,7 +132,12 @@ pub struct AlertmanagerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    pub url: String,
+    /// The URL; or `url_env`, the environment variable holding it. A chat webhook's
+    /// URL is its bearer secret: give it through `url_env`.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub url_env: Option<String>,
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     #[serde(default = "warning")]
@@ -214,10 +223,12 @@ impl AlertsConfig {
             }
         }
         if let Some(a) = &self.alertmanager {
-            http_url(&a.url).or_else(|m| fail("alertmanager.url", m))?;
+            url_or_env(a.url.as_deref(), a.url_env.as_deref())
+                .or_else(|(key, m)| fail(&format!("alertmanager.{key}"), m))?;
         }
         if let Some(w) = &self.webhook {
-            http_url(&w.url).or_else(|m| fail("webhook.url", m))?;
+            url_or_env(w.url.as_deref(), w.url_env.as_deref())
+                .or_else(|(key, m)| fail(&format!("webhook.{key}"), m))?;
         }
         Ok(())
     }
@@ -242,8 +253,44 @@ fn http_url(url: &str) -> Result<(), String> {
     if url.starts_with("http://") || url.starts_with("https://") {
         Ok(())
     } else {
-        Err(format!("{url:?} must start with http:// or https://"))
+        Err(format!(
+            "{:?} must start with http:// or https://",
+            crate::redact::url(url)
+        ))
     }
+}
+
+/// Exactly one of `url` (an http(s) URL) and `url_env` (a set variable); the error
+/// names the key at fault. The variable's value is checked when the channel is
+/// built: `check` runs with placeholder values.
+fn url_or_env(url: Option<&str>, url_env: Option<&str>) -> Result<(), (&'static str, String)> {
+    match (url, url_env) {
+        (Some(url), None) => http_url(url).map_err(|m| ("url", m)),
+        (None, Some(name)) => env_set(name).map_err(|m| ("url_env", m)),
+        (None, None) => Err(("url", "needs `url` or `url_env`".to_owned())),
+        (Some(_), Some(_)) => Err(("url_env", "give `url` or `url_env`, not both".to_owned())),
+    }
+}
+
+/// The URL `url` or `url_env` gives (validated at load; an env value that is not an
+/// http(s) URL is the channel's error when it is built).
+pub fn resolved_url(url: Option<&str>, url_env: Option<&str>) -> Result<String, String> {
+    let value = match (url, url_env) {
+        (Some(url), _) => url.to_owned(),
+        (None, Some(name)) => secret(name),
+        (None, None) => String::new(),
+    };
+    // Never the value in the message: it is the secret.
+    http_url(&value).map_err(|_| match url_env {
+        Some(name) if url.is_none() => {
+            format!("environment variable {name} does not hold an http:// or https:// URL")
+        }
+        _ => format!(
+            "{:?} must start with http:// or https://",
+            crate::redact::url(&value)
+        ),
+    })?;
+    Ok(value)
 }
 
 /// The value of a named environment variable (validated at load).

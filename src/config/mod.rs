@@ -210,11 +210,12 @@ pub fn parse<T: serde::de::DeserializeOwned>(
     file: &str,
     validate: impl FnOnce(&T) -> Result<(), Violation>,
 ) -> Result<T, ConfigError> {
+    // A value quoted in a message may be a URL with a password in it.
     let invalid = |line: usize, key: String, message: String| ConfigError::Invalid {
         file: file.to_owned(),
         line,
         key,
-        message,
+        message: crate::redact::urls_in(&message),
     };
     let doc = DeTable::parse(src).map_err(|e| {
         invalid(

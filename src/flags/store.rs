@@ -76,8 +76,13 @@ impl ConnectionLike for Conn {
 
 impl Store {
     /// Opens (does not connect) the store `url` names: `${VAR}` expanded, and
-    /// `config.tls_ca_path` as the CA for `rediss://`.
+    /// `config.tls_ca_path` as the CA for `rediss://`. An error never shows the
+    /// URL's password (expanded from the environment, or written inline).
     pub fn open(url: &str, config: &FlagsConfig) -> Result<Self, String> {
+        Self::open_url(url, config).map_err(|e| crate::redact::urls_in(&e))
+    }
+
+    fn open_url(url: &str, config: &FlagsConfig) -> Result<Self, String> {
         // rustls needs a process-wide crypto provider for rediss://; a second install
         // (another proxy in the same process) is refused harmlessly.
         let _ = rustls::crypto::ring::default_provider().install_default();

@@ -10,7 +10,8 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde_json::json;
 
 use crate::config::alerts::{
-    AlertmanagerConfig, AlertsConfig, EmailConfig, TwilioConfig, WebhookConfig, secret,
+    AlertmanagerConfig, AlertsConfig, EmailConfig, TwilioConfig, WebhookConfig, resolved_url,
+    secret,
 };
 use crate::ops::alerts::alert::now_rfc3339;
 use crate::ops::alerts::{Alert, AlertState, Severity};
@@ -21,8 +22,12 @@ const SMS_MAX_CHARS: usize = 1600;
 /// Why one send failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
+    /// Without the URL: a webhook's URL is its secret.
     #[error("request failed: {0}")]
-    Http(#[from] reqwest::Error),
+    Http(reqwest::Error),
+    /// A channel whose URL (from `url_env`) is unusable.
+    #[error("{0}")]
+    Config(String),
     #[error("HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("Twilio error {code}: {message} (HTTP {status})")]
@@ -38,6 +43,12 @@ pub enum SendError {
     /// Not sent on purpose (the SMS cap): counted, not retried.
     #[error("suppressed by the hourly SMS cap")]
     Suppressed,
+}
+
+impl From<reqwest::Error> for SendError {
+    fn from(error: reqwest::Error) -> Self {
+        Self::Http(error.without_url())
+    }
 }
 
 /// One configured channel.
@@ -75,6 +86,8 @@ impl Channel {
         }
         if let Some(c) = &config.alertmanager {
             channels.push(Self::Alertmanager(Alertmanager {
+                url: resolved_url(c.url.as_deref(), c.url_env.as_deref())
+                    .map_err(|m| SendError::Config(format!("alerts.alertmanager: {m}")))?,
                 config: c.clone(),
                 http: http.clone(),
                 resend_after: Duration::from_millis(config.repeat_ms),
@@ -82,6 +95,8 @@ impl Channel {
         }
         if let Some(c) = &config.webhook {
             channels.push(Self::Webhook(Webhook {
+                url: resolved_url(c.url.as_deref(), c.url_env.as_deref())
+                    .map_err(|m| SendError::Config(format!("alerts.webhook: {m}")))?,
                 config: c.clone(),
                 http,
             }));
@@ -268,6 +283,8 @@ impl Email {
 /// Alertmanager's v2 API: teams that route, group and silence there get these too.
 pub struct Alertmanager {
     config: AlertmanagerConfig,
+    /// From `url` or `url_env`.
+    url: String,
     http: reqwest::Client,
     /// A firing alert is re-sent this often (the repeat interval), so it is told to
     /// end only after twice that: Alertmanager would resolve a silent one itself.
@@ -298,7 +315,7 @@ impl Alertmanager {
             },
             "endsAt": ends_at,
         }]);
-        let url = format!("{}/api/v2/alerts", self.config.url.trim_end_matches('/'));
+        let url = format!("{}/api/v2/alerts", self.url.trim_end_matches('/'));
         check(self.http.post(url).json(&body).send().await?).await
     }
 }
@@ -306,6 +323,8 @@ impl Alertmanager {
 /// A JSON POST of the structured alert plus `text`.
 pub struct Webhook {
     config: WebhookConfig,
+    /// From `url` or `url_env`: never logged.
+    url: String,
     http: reqwest::Client,
 }
 
@@ -313,7 +332,7 @@ impl Webhook {
     async fn send(&mut self, alert: &Alert) -> Result<(), SendError> {
         let mut body = serde_json::to_value(alert).unwrap_or_default();
         body["text"] = json!(alert.text());
-        let mut request = self.http.post(&self.config.url).json(&body);
+        let mut request = self.http.post(&self.url).json(&body);
         for (name, value) in &self.config.headers {
             request = request.header(name, value);
         }
