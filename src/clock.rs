@@ -58,9 +58,9 @@ pub fn set_fleet_time(redis_ms: u64) {
     let now = now_ms();
     let mut anchor = anchor().lock().unwrap_or_else(PoisonError::into_inner);
     // The first reading counts as a jump from the host's clock when they differ.
-    let before = anchor
-        .at
-        .map_or_else(unix_ms, |(ms, at)| ms.saturating_add(now.saturating_sub(at)));
+    let before = anchor.at.map_or_else(unix_ms, |(ms, at)| {
+        ms.saturating_add(now.saturating_sub(at))
+    });
     if before.abs_diff(redis_ms) > JUMP_MS {
         anchor.epoch += 1;
     }

@@ -162,7 +162,11 @@ fn main() -> ExitCode {
                         cfg.limits.max_connections,
                         nofile.needed,
                         nofile.hard.unwrap_or_default(),
-                        nofile.hard.unwrap_or_default().saturating_sub(nofile::SPARE) / 2,
+                        nofile
+                            .hard
+                            .unwrap_or_default()
+                            .saturating_sub(nofile::SPARE)
+                            / 2,
                         nofile.needed
                     );
                 }

@@ -593,7 +593,11 @@ async fn a_flood_of_warnings_never_pushes_a_queued_critical_out() {
         );
         assert!(!summaries.iter().any(|s| s == "an info first"));
         // The newest warnings stayed (the oldest of the least severe went first).
-        assert!(summaries.iter().any(|s| s == &format!("noise {}", flood - 1)));
+        assert!(
+            summaries
+                .iter()
+                .any(|s| s == &format!("noise {}", flood - 1))
+        );
         assert_eq!(
             counted(&metrics, "webhook", "dropped"),
             (flood + 2 - queue) as u64

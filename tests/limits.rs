@@ -78,7 +78,10 @@ async fn three_thousand_held_keepalive_clients_under_a_1024_soft_limit_are_all_a
         .maximum
         .unwrap_or(1 << 20);
     // This test holds the clients' ends itself.
-    assert!(hard >= 2 * CLIENTS as u64 + 1_024, "hard RLIMIT_NOFILE {hard} too low for the test");
+    assert!(
+        hard >= 2 * CLIENTS as u64 + 1_024,
+        "hard RLIMIT_NOFILE {hard} too low for the test"
+    );
     within(180, async {
         let backend = TestBackend::start("production").await;
         // 2 x 4,000 + 1,024 = 9,024 descriptors needed: under the hard limit.
@@ -101,9 +104,7 @@ async fn three_thousand_held_keepalive_clients_under_a_1024_soft_limit_are_all_a
         let mut failed = Vec::new();
         // 100 connecting at a time; every one stays open once answered.
         for batch in 0..CLIENTS / 100 {
-            let tasks: Vec<_> = (0..100)
-                .map(|_| tokio::spawn(held_client(addr)))
-                .collect();
+            let tasks: Vec<_> = (0..100).map(|_| tokio::spawn(held_client(addr))).collect();
             for task in tasks {
                 match task.await.unwrap() {
                     Ok(stream) => held.push(stream),
@@ -156,7 +157,11 @@ async fn the_admin_listener_closes_connections_past_its_cap_and_the_proxy_serves
             match held_client(admin).await {
                 Ok(stream) => held.push(stream),
                 Err(e) => {
-                    assert!(held.len() + 1 >= SIDE_MAX_CONNECTIONS, "{} held: {e}", held.len());
+                    assert!(
+                        held.len() + 1 >= SIDE_MAX_CONNECTIONS,
+                        "{} held: {e}",
+                        held.len()
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -176,9 +181,11 @@ async fn the_admin_listener_closes_connections_past_its_cap_and_the_proxy_serves
         }
         // One held connection closes: there is room again.
         drop(held.pop());
-        eventually(Duration::from_secs(5), "room on the admin listener", || async {
-            held_client(admin).await.is_ok()
-        })
+        eventually(
+            Duration::from_secs(5),
+            "room on the admin listener",
+            || async { held_client(admin).await.is_ok() },
+        )
         .await;
         drop(held);
         proxy.stop().await;

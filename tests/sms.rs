@@ -779,7 +779,9 @@ async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
         );
         let mut replies = Vec::new();
         for _ in 0..30 {
-            replies.push(maybe_reply(&post_signed(&url, &message(STRANGER, &hostile)).await));
+            replies.push(maybe_reply(
+                &post_signed(&url, &message(STRANGER, &hostile)).await,
+            ));
         }
         assert!(replies[0].as_deref().unwrap().starts_with("Sorry"));
         assert!(replies[1..].iter().all(Option::is_none), "{replies:?}");
@@ -788,7 +790,9 @@ async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
         let mut answered = 1;
         for n in 0..others {
             let from = format!("+1888555{:04}", n + 1);
-            answered += usize::from(maybe_reply(&post_signed(&url, &message(&from, "HELP")).await).is_some());
+            answered += usize::from(
+                maybe_reply(&post_signed(&url, &message(&from, "HELP")).await).is_some(),
+            );
         }
         assert_eq!(answered, canarygate::ops::sms::REFUSED_REPLIES_PER_HOUR);
         // Everything queued before this audit has been delivered once it is heard.
@@ -798,9 +802,15 @@ async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
         assert_eq!(notices.len(), 1, "{notices:?}");
         let notice = &notices[0];
         // Escaped in the quote (in JSON, the two characters `\` `n` read `\\n`), cut.
-        assert!(notice.contains(r"ROLLBACK\\n2026-01-01 INFO forged line\\u{1b}[31m"), "{notice}");
+        assert!(
+            notice.contains(r"ROLLBACK\\n2026-01-01 INFO forged line\\u{1b}[31m"),
+            "{notice}"
+        );
         assert!(!notice.contains("TAIL"), "{notice}");
-        assert_eq!(all_heard(hook, "SMS command refused from").len(), 1 + others);
+        assert_eq!(
+            all_heard(hook, "SMS command refused from").len(),
+            1 + others
+        );
         let withheld = |what| {
             proxy
                 .state

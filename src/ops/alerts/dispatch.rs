@@ -377,21 +377,57 @@ mod tests {
         items.iter().map(|a| a.kind.as_str()).collect()
     }
 
+    /// (queued, incoming, what is dropped, what stays in order).
+    type Case<'a> = (
+        &'a [(Severity, &'a str)],
+        (Severity, &'a str),
+        &'a str,
+        &'a [&'a str],
+    );
+
     #[test]
     fn a_full_queue_gives_up_the_least_severe_first() {
         use Severity::{Critical, Info, Warning};
-        // (queued, incoming, what is dropped, what stays in order)
-        let table: &[(&[(Severity, &str)], (Severity, &str), &str, &[&str])] = &[
-            (&[(Critical, "c"), (Warning, "w1"), (Warning, "w2")], (Warning, "w3"), "w1", &["c", "w2", "w3"]),
-            (&[(Critical, "c"), (Warning, "w"), (Info, "i")], (Warning, "w2"), "i", &["c", "w", "w2"]),
-            (&[(Critical, "c1"), (Critical, "c2"), (Warning, "w")], (Info, "i"), "i", &["c1", "c2", "w"]),
-            (&[(Critical, "c1"), (Warning, "w"), (Critical, "c2")], (Critical, "c3"), "w", &["c1", "c2", "c3"]),
-            (&[(Critical, "c1"), (Critical, "c2"), (Critical, "c3")], (Critical, "c4"), "c1", &["c2", "c3", "c4"]),
+        let table: &[Case] = &[
+            (
+                &[(Critical, "c"), (Warning, "w1"), (Warning, "w2")],
+                (Warning, "w3"),
+                "w1",
+                &["c", "w2", "w3"],
+            ),
+            (
+                &[(Critical, "c"), (Warning, "w"), (Info, "i")],
+                (Warning, "w2"),
+                "i",
+                &["c", "w", "w2"],
+            ),
+            (
+                &[(Critical, "c1"), (Critical, "c2"), (Warning, "w")],
+                (Info, "i"),
+                "i",
+                &["c1", "c2", "w"],
+            ),
+            (
+                &[(Critical, "c1"), (Warning, "w"), (Critical, "c2")],
+                (Critical, "c3"),
+                "w",
+                &["c1", "c2", "c3"],
+            ),
+            (
+                &[(Critical, "c1"), (Critical, "c2"), (Critical, "c3")],
+                (Critical, "c4"),
+                "c1",
+                &["c2", "c3", "c4"],
+            ),
         ];
         for (queued, incoming, dropped, kept) in table {
             let mut items: VecDeque<Alert> = queued.iter().map(|(s, k)| alert(*s, k)).collect();
             let gone = push_bounded(&mut items, &alert(incoming.0, incoming.1), 3);
-            assert_eq!(gone.map(|a| a.kind), Some((*dropped).to_owned()), "{queued:?} + {incoming:?}");
+            assert_eq!(
+                gone.map(|a| a.kind),
+                Some((*dropped).to_owned()),
+                "{queued:?} + {incoming:?}"
+            );
             assert_eq!(kinds(&items), *kept, "{queued:?} + {incoming:?}");
         }
         let mut items = VecDeque::new();

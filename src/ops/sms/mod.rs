@@ -245,7 +245,10 @@ impl Sms {
             counter.with_label_values(&["none", result]);
         }
         for what in ["notice", "reply"] {
-            state.metrics.sms_refusals_withheld.with_label_values(&[what]);
+            state
+                .metrics
+                .sms_refusals_withheld
+                .with_label_values(&[what]);
         }
         Arc::new(Self {
             state,
@@ -456,7 +459,8 @@ impl Sms {
         match heard.notice {
             None => withheld.with_label_values(&["notice"]).inc(),
             Some(earlier) => {
-                let mut summary = format!("SMS command refused from {who} (not in allowed_numbers)");
+                let mut summary =
+                    format!("SMS command refused from {who} (not in allowed_numbers)");
                 if earlier > 0 {
                     let _ = write!(summary, "; {earlier} more from it since the last notice");
                 }
