@@ -192,3 +192,40 @@ async fn the_admin_listener_closes_connections_past_its_cap_and_the_proxy_serves
     })
     .await;
 }
+
+/// Issue 29: a hard limit below what `max_connections` needs cannot be raised
+/// without privilege; `check` and the start-up log say so, with what to set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hard_limit_too_low_is_named_by_check_and_at_start() {
+    within(60, async {
+        let backend = TestBackend::start("production").await;
+        // The default max_connections (10,000) needs 21,024; the hard limit is 2,048.
+        let toml = format!("[pools.production]\nbackends = [\"{}\"]\n", backend.addr);
+        let dir = TempDir::new("nofile-check");
+        let path = dir.write("canarygate.toml", &toml);
+        let out = std::process::Command::new("prlimit")
+            .args(["--nofile=1024:2048", "--", binary(), "check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains("needs 21024 file descriptors; the hard limit here is 2048")
+                && stderr.contains("LimitNOFILE=21024"),
+            "{stderr}"
+        );
+
+        let proxy = ProxyProcess::spawn_under(&["prlimit", "--nofile=1024:2048", "--"], &toml, "");
+        let line = proxy
+            .startup_log
+            .iter()
+            .find(|l| l.contains("RLIMIT_NOFILE"))
+            .expect("the start-up log names the limit");
+        assert!(line.contains("\"level\":\"WARN\""), "{line}");
+        assert!(line.contains("\"connections_held\":512"), "{line}");
+        // Raised as far as it goes: the hard limit.
+        assert_eq!(soft_nofile(proxy.pid()), 2048);
+    })
+    .await;
+}
