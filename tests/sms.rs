@@ -777,8 +777,9 @@ async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
             "ROLLBACK\n2026-01-01 INFO forged line\u{1b}[31m {} TAIL",
             "x".repeat(400)
         );
-        let mut replies = Vec::new();
-        for _ in 0..30 {
+        let first = message(STRANGER, &hostile);
+        let mut replies = vec![maybe_reply(&post_signed(&url, &first).await)];
+        for _ in 1..30 {
             replies.push(maybe_reply(
                 &post_signed(&url, &message(STRANGER, &hostile)).await,
             ));
@@ -825,6 +826,8 @@ async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
             (30 + others - canarygate::ops::sms::REFUSED_REPLIES_PER_HOUR) as u64
         );
         assert_eq!(sms_metric(proxy, "help", "refused"), 30 + others as u64);
+        // Twilio retrying the first message: no second reply to a refused number.
+        assert_eq!(maybe_reply(&post_signed(&url, &first).await), None);
         stack.stop().await;
     })
     .await;
