@@ -407,6 +407,11 @@ impl Sms {
         if let Some(earlier) = self.replayed(&mut redis, sid).await {
             info!(sid, command = label, from = %who, "sms replayed; not acted on again");
             self.count(label, "replayed");
+            // A number not allowed had its one reply (or none, throttled): a
+            // replay sends nothing more to it.
+            if !twilio.allowed_numbers.iter().any(|n| n == from) {
+                return String::new();
+            }
             return earlier;
         }
         if !twilio.allowed_numbers.iter().any(|n| n == from) {
