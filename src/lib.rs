@@ -266,7 +266,9 @@ pub async fn serve_all(
     // The admin listener outlives the proxy's drain, so /readyz can say 503 meanwhile.
     let admin_shutdown = CancellationToken::new();
     let admin_state = state.clone();
-    let admin_options = ServeOptions::basic(
+    // Its own small cap and header limit: a flood of connections here must not take
+    // descriptors the proxy needs (see `server::accept::SIDE_MAX_CONNECTIONS`).
+    let admin_options = ServeOptions::side(
         options.header_read_timeout,
         options.idle_timeout,
         options.drain_timeout,
@@ -568,6 +570,7 @@ pub fn serve_options(config: &Config) -> ServeOptions {
         parked: None,
         balance: None,
         accept_errors: None,
+        over_limit: server::accept::OverLimit::Wait,
     }
 }
 

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use canarygate::config::{self, Config};
 use canarygate::demo::{self, AppIdentity};
+use canarygate::server::nofile;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
@@ -149,8 +150,26 @@ fn main() -> ExitCode {
     init_tracing(cli.log_format);
     match &cli.command {
         Command::Check { config } => match config::load(config) {
-            Ok(_) => {
+            Ok(cfg) => {
                 println!("{}: ok", config.display());
+                let nofile = nofile::inspect(cfg.limits.max_connections);
+                if nofile.hard_too_low() {
+                    // Not a config error: the unit that runs the proxy may have its own.
+                    eprintln!(
+                        "warning: limits.max_connections = {} needs {} file descriptors; the hard \
+                         limit here is {} (about {} connections). Set LimitNOFILE={} in the unit \
+                         (or ulimit -Hn) where the proxy runs.",
+                        cfg.limits.max_connections,
+                        nofile.needed,
+                        nofile.hard.unwrap_or_default(),
+                        nofile
+                            .hard
+                            .unwrap_or_default()
+                            .saturating_sub(nofile::SPARE)
+                            / 2,
+                        nofile.needed
+                    );
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => config_failure(&e),
@@ -469,6 +488,8 @@ fn spawn_signal_handler(token: CancellationToken) -> anyhow::Result<()> {
 
 async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> {
     canarygate::worker::set_workers(workers);
+    // Before anything is opened; logged in the proxy's span below.
+    let nofile = nofile::raise(config.limits.max_connections);
     let mut proxy_sockets = canarygate::reuseport_listeners(config.server.listen, workers)
         .with_context(|| format!("cannot bind the proxy listener on {}", config.server.listen))?;
     let first = proxy_sockets.remove(0);
@@ -495,8 +516,10 @@ async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> 
     // span entered on every poll of every connection costs the request path.)
     let instance = canarygate::instance_id(&config, listeners.proxy.local_addr()?.port());
     let span = tracing::info_span!("proxy", instance = %instance);
+    let config_max_connections = config.limits.max_connections;
     async move {
         info!(config = %path.display(), "config loaded");
+        log_nofile(&nofile, config_max_connections);
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone())?;
         let state = canarygate::state::AppState::new(config);
@@ -506,6 +529,29 @@ async fn run(config: Config, path: &Path, workers: usize) -> anyhow::Result<()> 
     }
     .instrument(span)
     .await
+}
+
+/// Says what the start did to the descriptor limit: a hard limit below the need
+/// at warn, with what the proxy can hold instead.
+fn log_nofile(nofile: &std::io::Result<nofile::Nofile>, max_connections: u32) {
+    match nofile {
+        Err(error) => warn!(%error, "cannot raise the soft RLIMIT_NOFILE"),
+        Ok(n) if n.hard_too_low() => warn!(
+            max_connections,
+            needed = n.needed,
+            soft = n.after.unwrap_or(u64::MAX),
+            hard = n.hard.unwrap_or(u64::MAX),
+            connections_held = n.connections_held().unwrap_or(u64::MAX),
+            "the hard RLIMIT_NOFILE is below what max_connections needs; set LimitNOFILE in the unit"
+        ),
+        Ok(n) => info!(
+            needed = n.needed,
+            soft_before = n.before.unwrap_or(u64::MAX),
+            soft = n.after.unwrap_or(u64::MAX),
+            hard = n.hard.unwrap_or(u64::MAX),
+            "RLIMIT_NOFILE"
+        ),
+    }
 }
 
 /// Re-reads the config on SIGHUP; a bad one is logged and the running one kept.

@@ -669,3 +669,67 @@ async fn a_real_alertmanager_lists_the_alert_firing_then_resolved() {
     })
     .await;
 }
+
+/// Issue 29 item 4: a full channel queue gives up the least severe alert first, so
+/// a flood of warnings (refused SMS notices, say) never pushes out a critical one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_warnings_never_pushes_a_queued_critical_out() {
+    within(60, async {
+        let hook = Peer::start(Mode::Created).await;
+        let config = alerts_config(&format!(
+            "[alerts]\nretry_base_ms = 50\n[alerts.webhook]\nurl = \"{}/hook\"\n\
+             min_severity = \"info\"\n",
+            hook.url()
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let (alerts, tasks) = Dispatcher::new(
+            &config,
+            "test-host:8080",
+            metrics.alerts.clone(),
+            Arc::new(Events::default()),
+        )
+        .unwrap();
+        // The channel is not sending yet (as when it is slow or down): everything
+        // waits in its queue of 64.
+        alerts.notify(Severity::Info, "note", "an info first", "");
+        alerts.notify(Severity::Critical, "disk_full", "the real one", "");
+        let flood = 3 * canarygate::ops::alerts::dispatch::QUEUE;
+        for n in 0..flood {
+            alerts.notify(Severity::Warning, "sms_refused", &format!("noise {n}"), "");
+        }
+        let cancel = CancellationToken::new();
+        for task in tasks {
+            tokio::spawn(task.run(cancel.clone()));
+        }
+        let queue = canarygate::ops::alerts::dispatch::QUEUE;
+        let got = hook.wait_for(queue, "the queue delivered").await;
+        eventually(Duration::from_secs(10), "the queue counted", || async {
+            counted(&metrics, "webhook", "sent") == queue as u64
+        })
+        .await;
+        let summaries: Vec<String> = got
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+                v["summary"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert!(
+            summaries.iter().any(|s| s == "the real one"),
+            "the critical alert was dropped: {summaries:?}"
+        );
+        assert!(!summaries.iter().any(|s| s == "an info first"));
+        // The newest warnings stayed (the oldest of the least severe went first).
+        assert!(
+            summaries
+                .iter()
+                .any(|s| s == &format!("noise {}", flood - 1))
+        );
+        assert_eq!(
+            counted(&metrics, "webhook", "dropped"),
+            (flood + 2 - queue) as u64
+        );
+        cancel.cancel();
+    })
+    .await;
+}

@@ -507,6 +507,15 @@ async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
             "{maintenance}"
         );
         assert!(unit("canarygate-app.service").contains("--drain-ms 3000"));
+        // Issue 29: no unit is left at systemd's default soft limit of 1024.
+        for name in [
+            "canarygate.service",
+            "canarygate-doctor.service",
+            "canarygate-maintenance.service",
+            "canarygate-app.service",
+        ] {
+            assert!(unit(name).contains("LimitNOFILE=65536\n"), "{name}");
+        }
         // systemd's own check of every directive (no systemd needs to run).
         let names = [
             "canarygate.service",

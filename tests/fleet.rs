@@ -496,3 +496,136 @@ async fn the_instance_id_is_on_the_proxys_log_lines() {
     })
     .await;
 }
+
+/// Redis's own clock (`TIME`), in Unix ms.
+fn redis_ms(redis: &RedisServer) -> u64 {
+    let out = redis.cli(&["TIME"]);
+    let mut parts = out.lines().map(|l| l.trim().parse::<u64>().unwrap());
+    let (seconds, micros) = (parts.next().unwrap(), parts.next().unwrap());
+    seconds * 1_000 + micros / 1_000
+}
+
+/// The instance ids a `/fleet` answer lists.
+fn listed(fleet: &serde_json::Value) -> Vec<String> {
+    fleet["instances"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 29 item 8: heartbeats, membership and the analysis' step timing use Redis
+/// `TIME`. Two hosts whose clocks are an hour off (child processes with the
+/// test-only `CANARYGATE_TEST_CLOCK_OFFSET_MS`, which shifts their wall clock) stay
+/// in everyone's `/fleet`, and the one behind steps the rollout exactly when the
+/// record written on Redis time says so (before: the one behind vanished from the
+/// others' view, the one ahead dropped everyone else, and the one behind never
+/// stepped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_whose_clocks_are_off_stay_in_the_fleet_and_step_on_redis_time() {
+    const HOUR_MS: i64 = 3_600_000;
+    const STEP_MS: u64 = 1_500;
+    within(90, async {
+        let redis = RedisServer::start();
+        let (prod, canary) = two_pools().await;
+        // Host A, whose clock is right: in this process, no analysis.
+        let a = Proxy::start(&fleet_toml(prod.addr, canary.addr, &redis.url(), "edge-a", "")).await;
+        // The rollout at its first step, as a host with a right clock writes it.
+        let since = redis_ms(&redis);
+        redis.cli(&["HSET", "canarygate:flags", "canary_percent", "5", "canary_auto", "on"]);
+        redis.cli(&[
+            "HSET",
+            "canarygate:analysis",
+            "state",
+            "progressing",
+            "step",
+            "0",
+            "step_since_ms",
+            &since.to_string(),
+            "percent",
+            "5",
+            "switch",
+            "on",
+        ]);
+        let child = |id: &str, offset: i64, extra: &str| {
+            let toml = config_toml(
+                &[prod.addr],
+                &[canary.addr],
+                &format!(
+                    "{extra}\n[flags]\nredis_url = \"{}\"\npoll_ms = 300\n[fleet]\n\
+                     heartbeat_ms = 200\nseen_ms = 1000\n",
+                    redis.url()
+                ),
+            );
+            ProxyProcess::spawn_with_env(
+                &toml,
+                &format!("instance_id = \"{id}\""),
+                &[(canarygate::clock::TEST_OFFSET_ENV, &offset.to_string())],
+            )
+        };
+        // B, an hour behind, runs the analysis; C is an hour ahead.
+        let b = child(
+            "edge-b",
+            -HOUR_MS,
+            &format!(
+                "[analysis]\nenabled = true\ninterval_ms = 250\nwindow_ms = 3000\n\
+                 min_requests = 20\nfailure_threshold = 2\nsteps = [5, 10, 25]\nstep_ms = {STEP_MS}\n"
+            ),
+        );
+        let c = child("edge-c", HOUR_MS, "");
+        let all = ["edge-a", "edge-b", "edge-c"];
+        wait_fleet(&[&a], &all).await;
+        for proxy in [&b, &c] {
+            let url = format!("http://{}/fleet", proxy.admin_addr);
+            eventually(Duration::from_secs(15), "every host listed", || async {
+                listed(&get_json(&client(), &url).await) == all
+            })
+            .await;
+        }
+        // Their heartbeats are scored on Redis's clock, not their own.
+        let scores = redis.cli(&["ZRANGE", "canarygate:fleet", "0", "-1", "WITHSCORES"]);
+        let now = redis_ms(&redis);
+        for pair in scores.lines().collect::<Vec<_>>().chunks(2) {
+            let score: u64 = pair[1].trim().parse().unwrap();
+            assert!(score.abs_diff(now) < 5_000, "{} at {score}, Redis at {now}", pair[0]);
+        }
+        let age = &get_json(&client(), &format!("http://{}/fleet", b.admin_addr)).await["instances"];
+        assert!(
+            age.as_array().unwrap().iter().all(|m| m["age_ms"].as_u64().unwrap() < 5_000),
+            "{age}"
+        );
+
+        // B steps on Redis time: not before since + step_ms, and it does step.
+        let stop = tokio_util::sync::CancellationToken::new();
+        for _ in 0..6 {
+            let (url, stop) = (format!("http://{}/", b.addr), stop.clone());
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.is_cancelled() {
+                    let _ = try_get(&c, &url).await;
+                }
+            });
+        }
+        eventually(Duration::from_secs(30), "the host behind steps up", || async {
+            redis.cli(&["HGET", "canarygate:analysis", "step"]) == "1"
+        })
+        .await;
+        stop.cancel();
+        let stepped: u64 = redis
+            .cli(&["HGET", "canarygate:analysis", "step_since_ms"])
+            .parse()
+            .unwrap();
+        assert!(stepped >= since + STEP_MS, "stepped at {stepped}, step began {since}");
+        assert!(
+            stepped.abs_diff(redis_ms(&redis)) < 10_000,
+            "the step is stamped on Redis time: {stepped}"
+        );
+        assert_eq!(redis.cli(&["HGET", "canarygate:flags", "canary_percent"]), "10");
+        drop((b, c));
+        a.stop().await;
+    })
+    .await;
+}

@@ -743,3 +743,92 @@ fn the_inbound_keys_are_checked_at_load() {
         assert!(error.contains(message), "{error}");
     }
 }
+
+/// The body of every alert `hook` received that contains `needle`.
+fn all_heard(hook: &Peer, needle: &str) -> Vec<String> {
+    hook.received()
+        .into_iter()
+        .filter(|r| r.body.contains(needle))
+        .map(|r| r.body)
+        .collect()
+}
+
+/// The `<Message>` of a TwiML answer, or `None` for a `<Response/>` that sends nothing.
+fn maybe_reply(got: &Got) -> Option<String> {
+    assert_eq!(got.status, 200, "{}", got.text());
+    let doc = roxmltree::Document::parse(got.text()).unwrap();
+    let root = doc.root_element();
+    assert_eq!(root.tag_name().name(), "Response");
+    root.children()
+        .find(roxmltree::Node::is_element)
+        .map(|m| m.text().unwrap_or("").to_owned())
+}
+
+/// Issue 29 item 4: texts from numbers not allowed are told to the team once per
+/// sender per `repeat_ms` (the rest counted), their replies capped, and the
+/// stranger's text quoted cut and with its control characters escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_flooding_texts_is_told_once_and_its_replies_are_capped() {
+    within(90, async {
+        let stack = Stack::start().await;
+        let Stack { hook, proxy, .. } = &stack;
+        let url = format!("http://{}/twilio/sms", proxy.admin_addr);
+        let hostile = format!(
+            "ROLLBACK\n2026-01-01 INFO forged line\u{1b}[31m {} TAIL",
+            "x".repeat(400)
+        );
+        let first = message(STRANGER, &hostile);
+        let mut replies = vec![maybe_reply(&post_signed(&url, &first).await)];
+        for _ in 1..30 {
+            replies.push(maybe_reply(
+                &post_signed(&url, &message(STRANGER, &hostile)).await,
+            ));
+        }
+        assert!(replies[0].as_deref().unwrap().starts_with("Sorry"));
+        assert!(replies[1..].iter().all(Option::is_none), "{replies:?}");
+        // Many other numbers: each told once, replies capped per hour over all.
+        let others = 15;
+        let mut answered = 1;
+        for n in 0..others {
+            let from = format!("+1888555{:04}", n + 1);
+            answered += usize::from(
+                maybe_reply(&post_signed(&url, &message(&from, "HELP")).await).is_some(),
+            );
+        }
+        assert_eq!(answered, canarygate::ops::sms::REFUSED_REPLIES_PER_HOUR);
+        // Everything queued before this audit has been delivered once it is heard.
+        text(proxy, ON_CALL, "ROLLBACK").await;
+        heard(hook, "canary rolled back by SMS").await;
+        let notices = all_heard(hook, "SMS command refused from +1...0000");
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        let notice = &notices[0];
+        // Escaped in the quote (in JSON, the two characters `\` `n` read `\\n`), cut.
+        assert!(
+            notice.contains(r"ROLLBACK\\n2026-01-01 INFO forged line\\u{1b}[31m"),
+            "{notice}"
+        );
+        assert!(!notice.contains("TAIL"), "{notice}");
+        assert_eq!(
+            all_heard(hook, "SMS command refused from").len(),
+            1 + others
+        );
+        let withheld = |what| {
+            proxy
+                .state
+                .metrics
+                .sms_refusals_withheld
+                .with_label_values(&[what])
+                .get()
+        };
+        assert_eq!(withheld("notice"), 29);
+        assert_eq!(
+            withheld("reply"),
+            (30 + others - canarygate::ops::sms::REFUSED_REPLIES_PER_HOUR) as u64
+        );
+        assert_eq!(sms_metric(proxy, "help", "refused"), 30 + others as u64);
+        // Twilio retrying the first message: no second reply to a refused number.
+        assert_eq!(maybe_reply(&post_signed(&url, &first).await), None);
+        stack.stop().await;
+    })
+    .await;
+}

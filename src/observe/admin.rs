@@ -153,7 +153,8 @@ pub fn last_minute(state: &AppState) -> (Sample, f64, [PoolWindow; 2]) {
 pub fn fleet_json(state: &AppState) -> serde_json::Value {
     let view = state.fleet.view();
     let seen_ms = state.snapshot().config.fleet.seen_ms;
-    let now = crate::clock::unix_ms();
+    // Heartbeats carry the fleet's time (Redis TIME), not this host's.
+    let now = crate::clock::fleet_ms();
     let instances: Vec<serde_json::Value> = view
         .members
         .iter()
@@ -183,7 +184,7 @@ fn seconds(ms: u64) -> f64 {
 
 fn fleet_section(state: &AppState) -> String {
     let view = state.fleet.view();
-    let now = crate::clock::unix_ms();
+    let now = crate::clock::fleet_ms();
     let mut html = String::new();
     let _ = write!(
         html,

@@ -151,6 +151,9 @@ pub struct Metrics {
     pub alerts: IntCounterVec,
     /// `canarygate_sms_commands_total{command,result}`.
     pub sms_commands: IntCounterVec,
+    /// `canarygate_sms_refusals_withheld_total{what}`: notices and replies not sent
+    /// for messages from numbers not allowed (throttled).
+    pub sms_refusals_withheld: IntCounterVec,
     host_cpu: Gauge,
     host_memory: Gauge,
     host_disk: GaugeVec,
@@ -305,6 +308,15 @@ impl Metrics {
             ),
             &["command", "result"],
         ));
+        let sms_refusals_withheld = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_sms_refusals_withheld_total",
+                "Messages from numbers not allowed to command whose notice to the team \
+                 (what=notice: one per sender per alerts.repeat_ms) or reply to the sender \
+                 (what=reply: that, and at most 10 per hour over all senders) was not sent.",
+            ),
+            &["what"],
+        ));
         let host_cpu = must(Gauge::new(
             "canarygate_host_cpu_ratio",
             "Host CPU busy, 0..1 over all cores, from the resource watch.",
@@ -415,6 +427,7 @@ impl Metrics {
         reg(Box::new(accept_errors.clone()));
         reg(Box::new(alerts.clone()));
         reg(Box::new(sms_commands.clone()));
+        reg(Box::new(sms_refusals_withheld.clone()));
         reg(Box::new(host_cpu.clone()));
         reg(Box::new(host_memory.clone()));
         reg(Box::new(host_disk.clone()));
@@ -485,6 +498,7 @@ impl Metrics {
             accept_errors,
             alerts,
             sms_commands,
+            sms_refusals_withheld,
             host_cpu,
             host_memory,
             host_disk,

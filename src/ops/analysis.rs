@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::canary::board::Entry;
 use crate::canary::judge::{Check, Rules, judge};
 use crate::canary::verdict::{Action, Levers, Record, Run, State, decide};
-use crate::clock::{now_ms, unix_ms};
+use crate::clock::{fleet_epoch, fleet_ms, now_ms};
 use crate::config::FlagsConfig;
 use crate::config::alerts::Severity;
 use crate::config::analysis::AnalysisConfig;
@@ -246,6 +246,7 @@ pub async fn run(state: AppState, alerts: Dispatcher, instance: String, cancel: 
         seen: None,
         store_down: false,
         rolled_back_locally: false,
+        clock_epoch: None,
     };
     let mut period = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -274,6 +275,8 @@ struct Analysis {
     seen: Option<Option<State>>,
     store_down: bool,
     rolled_back_locally: bool,
+    /// The fleet clock's epoch at the last round.
+    clock_epoch: Option<u64>,
 }
 
 impl Analysis {
@@ -283,7 +286,15 @@ impl Analysis {
         let flags_config = snapshot.config.flags.clone();
         let has_canary = !snapshot.pools.canary.is_empty();
         drop(snapshot);
-        let now = unix_ms();
+        // The fleet's time (Redis TIME, see `clock`): `step_since_ms` in the shared
+        // record may have been written by another host, whose clock this one's may
+        // not match. A passing streak measured across a jump of that clock (its
+        // first reading, Redis changing time) starts again: never a step too soon.
+        let now = fleet_ms();
+        let epoch = fleet_epoch();
+        if self.clock_epoch.replace(epoch).is_some_and(|e| e != epoch) {
+            self.run.passing_since_ms = None;
+        }
         if !config.enabled || !has_canary {
             self.publish(config.enabled, State::Idle, &Record::default(), now);
             return;

@@ -5,6 +5,12 @@
 //! in the same round trip: the view behind `/fleet`, the status page and
 //! `canarygate_fleet_instances` / `canarygate_fleet_flags_in_sync`.
 //!
+//! Every time here is the fleet's: each round first reads Redis `TIME`, and the
+//! heartbeat's `at_ms`, its score and the horizon of who is listed are taken from
+//! it ([`crate::clock::fleet_ms`]), never from this host's clock, so a host whose
+//! clock is off (by `seen_ms` or more) neither drops out of the others' view nor
+//! drops them out of its own. The key's TTL is Redis's own.
+//!
 //! An instance that stops (or is cut off) stops writing: its key expires after
 //! `seen_ms` and it drops out of everyone's view. Cut off from Redis, this instance
 //! keeps the last view it read and says so (`connected: false`, and since when);
@@ -16,7 +22,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::clock::unix_ms;
+use crate::clock::{fleet_ms, from_redis_time, set_fleet_time};
 use crate::config::{FlagsConfig, FleetConfig};
 use crate::flags::store::{Conn, Store};
 use crate::fleet::{Member, View};
@@ -64,7 +70,7 @@ impl Fleet {
         let config = snapshot.config.fleet.clone();
         let flags_config = snapshot.config.flags.clone();
         let analysis = self.state.analysis.view().state;
-        let me = Member {
+        let mut me = Member {
             id: self.state.instance().to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             flags_version: snapshot.flags.version,
@@ -73,11 +79,11 @@ impl Fleet {
                 .flags
                 .effective_percent(snapshot.config.routing.canary_percent),
             analysis_state: analysis.map_or("idle", |s| s.as_str()).to_owned(),
-            at_ms: unix_ms(),
+            at_ms: fleet_ms(),
         };
         drop(snapshot);
         let instance = me.id.clone();
-        let read_at_ms = me.at_ms;
+        let mut read_at_ms = me.at_ms;
         if flags_config.redis_url.is_none() {
             self.store = None;
             self.conn = None;
@@ -89,8 +95,9 @@ impl Fleet {
                 shared: false,
             });
         }
-        match self.beat(&flags_config, &config, &me).await {
+        match self.beat(&flags_config, &config, &mut me).await {
             Ok(members) => {
+                read_at_ms = me.at_ms;
                 self.note_connected(true, None);
                 self.publish(View {
                     instance,
@@ -117,12 +124,13 @@ impl Fleet {
         }
     }
 
-    /// Writes this instance's heartbeat and reads the fleet's, in two round trips.
+    /// Reads Redis `TIME` (the fleet's clock, and `me`'s `at_ms`), writes this
+    /// instance's heartbeat and reads the fleet's, in three round trips.
     async fn beat(
         &mut self,
         flags: &FlagsConfig,
         config: &FleetConfig,
-        me: &Member,
+        me: &mut Member,
     ) -> Result<Vec<Member>, FleetError> {
         if self
             .store
@@ -143,6 +151,9 @@ impl Fleet {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Vec::new());
         };
+        let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+        me.at_ms = from_redis_time(seconds, micros);
+        set_fleet_time(me.at_ms);
         let json = serde_json::to_string(me).unwrap_or_default();
         let horizon = me.at_ms.saturating_sub(config.seen_ms);
         let ids: Vec<String> = redis::pipe()

@@ -134,7 +134,7 @@ pub async fn start(
     tasks.spawn(crate::server::serve(
         name,
         listener,
-        crate::server::ServeOptions::basic(
+        crate::server::ServeOptions::side(
             defaults.client_header_read(),
             defaults.idle(),
             Duration::from_secs(1),

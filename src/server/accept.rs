@@ -6,7 +6,11 @@
 //! are refused), every connection is asked to shut down gracefully (idle keep-alive
 //! ones close, requests in flight finish) and gets up to `drain_timeout` before the
 //! rest are cut. `max_connections` is a semaphore taken before `accept`, so excess
-//! clients wait in the kernel backlog instead of being accepted and dropped.
+//! clients wait in the kernel backlog instead of being accepted and dropped. The
+//! side listeners (admin, SMS, the doctor's and maintenance's metrics) instead
+//! close a connection past their small cap at once ([`OverLimit::Close`]): their
+//! clients are a scraper and an operator, and a flood of idle connections there must
+//! neither pin descriptors the proxy needs nor park a scrape in the backlog.
 //!
 //! Idle keep-alive connections are parked between requests (see
 //! [`crate::server::park`]).
@@ -42,6 +46,21 @@ pub const H2_MAX_STREAMS: u32 = 100;
 /// (1.4-1.55 to 1.8-1.9 GB/s here): fewer bytes wait behind each stream.
 pub const H2_SEND_BUF: usize = 16 * 1024;
 
+/// Connections open at once on a side listener (admin, SMS, a co-located process's
+/// metrics): a scraper, a load balancer's probes and a few operators.
+pub const SIDE_MAX_CONNECTIONS: usize = 64;
+/// Request line plus headers on a side listener.
+pub const SIDE_MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// What a listener does with a connection past `max_connections`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// Leave it in the kernel backlog until a connection closes (the proxy).
+    Wait,
+    /// Accept and close it at once (the side listeners).
+    Close,
+}
+
 /// Per-listener connection settings.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -68,6 +87,8 @@ pub struct ServeOptions {
     pub balance: Option<Worker>,
     /// Counter of failed accepts by `kind` ([`AcceptErrorKind`]), if counted.
     pub accept_errors: Option<prometheus::IntCounterVec>,
+    /// Past `max_connections`: wait in the backlog, or close.
+    pub over_limit: OverLimit,
 }
 
 impl ServeOptions {
@@ -88,6 +109,22 @@ impl ServeOptions {
             parked: None,
             balance: None,
             accept_errors: None,
+            over_limit: OverLimit::Wait,
+        }
+    }
+
+    /// A side listener's settings: [`SIDE_MAX_CONNECTIONS`] (past it, closed at
+    /// once) and [`SIDE_MAX_HEADER_BYTES`].
+    pub fn side(
+        header_read_timeout: Duration,
+        idle_timeout: Duration,
+        drain_timeout: Duration,
+    ) -> Self {
+        Self {
+            max_connections: Some(SIDE_MAX_CONNECTIONS),
+            max_header_bytes: Some(SIDE_MAX_HEADER_BYTES),
+            over_limit: OverLimit::Close,
+            ..Self::basic(header_read_timeout, idle_timeout, drain_timeout)
         }
     }
 }
@@ -203,6 +240,7 @@ pub async fn serve<F, S, B>(
     loop {
         let permit = match &limit {
             None => None,
+            Some(_) if options.over_limit == OverLimit::Close => None,
             Some(limit) => tokio::select! {
                 () = shutdown.cancelled() => break,
                 permit = Arc::clone(limit).acquire_owned() => permit.ok(),
@@ -219,6 +257,16 @@ pub async fn serve<F, S, B>(
                 }
             },
             accepted = listener.accept() => match accepted.inspect(|_| accept_errors.succeeded()) {
+                Ok((stream, peer)) if options.over_limit == OverLimit::Close => {
+                    match limit.as_ref().map(|l| Arc::clone(l).try_acquire_owned()) {
+                        Some(Err(_)) => {
+                            debug!(listener = name, %peer, "connection limit reached; closed");
+                            continue;
+                        }
+                        Some(Ok(permit)) => (stream, peer, Some(permit)),
+                        None => (stream, peer, None),
+                    }
+                }
                 Ok((stream, peer)) => match options.balance.as_ref().and_then(|w| w.target().map(|to| (w, to))) {
                     None => (stream, peer, permit),
                     Some((worker, to)) => match hand_off(worker, to, stream, peer, permit) {

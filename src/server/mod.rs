@@ -8,6 +8,7 @@
 //! - [`guard`]: the request-smuggling guard.
 //! - [`idle`]: the idle timeout.
 //! - [`park`]: parking idle keep-alive connections.
+//! - [`nofile`]: the descriptor limit `max_connections` needs, raised at start.
 
 pub mod accept;
 pub mod balance;
@@ -16,6 +17,7 @@ pub mod connection;
 pub mod guard;
 pub mod idle;
 pub mod io;
+pub mod nofile;
 pub mod park;
 
 pub use accept::{ServeOptions, serve};

@@ -467,6 +467,8 @@ pub struct ProxyProcess {
     /// The config file the process was started with (rewrite it, then SIGHUP).
     pub config_path: PathBuf,
     pub log: mpsc::Receiver<String>,
+    /// The log lines up to and including `listening`.
+    pub startup_log: Vec<String>,
     _dir: TempDir,
 }
 
@@ -496,10 +498,34 @@ impl ProxyProcess {
         )
     }
 
+    /// [`Self::spawn`] run through `wrapper` (a command that execs its arguments,
+    /// e.g. `prlimit --nofile=1024:65536 --`), so the PID is still the proxy's.
+    pub fn spawn_under(wrapper: &[&str], toml: &str, server_extra: &str) -> Self {
+        Self::start_wrapped(wrapper, toml, server_extra, &[], &[])
+    }
+
     fn start(toml: &str, server_extra: &str, env: &[(&str, &str)], run_args: &[&str]) -> Self {
+        Self::start_wrapped(&[], toml, server_extra, env, run_args)
+    }
+
+    fn start_wrapped(
+        wrapper: &[&str],
+        toml: &str,
+        server_extra: &str,
+        env: &[(&str, &str)],
+        run_args: &[&str],
+    ) -> Self {
         let dir = TempDir::new("proc");
         let path = dir.write("config.toml", &server_toml(server_extra, toml));
-        let mut child = Command::new(binary())
+        let mut command = match wrapper.split_first() {
+            None => Command::new(binary()),
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary());
+                command
+            }
+        };
+        let mut child = command
             .args(["--log-format", "json", "run"])
             .args(run_args)
             .arg("--config")
@@ -527,9 +553,11 @@ impl ProxyProcess {
             tls_addr: None,
             config_path: path,
             log,
+            startup_log: Vec::new(),
             _dir: dir,
         };
-        let line = process.wait_log("\"listening\"", Duration::from_secs(20));
+        process.startup_log = process.log_until("\"listening\"", Duration::from_secs(20));
+        let line = process.startup_log.last().cloned().unwrap();
         let fields: HashMap<String, serde_json::Value> = serde_json::from_str(&line).unwrap();
         process.addr = fields["proxy"].as_str().unwrap().parse().unwrap();
         process.admin_addr = fields["admin"].as_str().unwrap().parse().unwrap();

@@ -123,6 +123,20 @@ pub fn ellipsize(text: String, max: usize) -> String {
     cut
 }
 
+/// `text` with control characters escaped (`\n`, `\u{1b}`...): someone else's
+/// text quoted in an alert cannot forge a line of a log or a message.
+pub fn escape_controls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Six characters from an alphabet without look-alikes (no 0/o, 1/l/i).
 fn new_id() -> String {
     const ALPHABET: &[u8] = b"23456789abcdefghjkmnpqrstuvwxyz";

@@ -4,9 +4,12 @@
 //! firing alert of an episode is sent; while it keeps firing, again at most every
 //! `repeat_ms`; when it is resolved, one resolved message (only if something was
 //! sent for it), with the episode's id. Each channel's queue holds at most
-//! [`QUEUE`] alerts: a full queue drops the oldest and counts it, so a dead
-//! channel costs memory for 64 alerts and nobody waits. A failed send is tried
-//! three times with doubling delays, then logged and counted.
+//! [`QUEUE`] alerts, so a dead channel costs memory for 64 alerts and nobody
+//! waits. A full queue drops the least severe alert it holds (the oldest of them),
+//! or the newcomer when it is less severe than everything queued: a flood of
+//! warnings (refused SMS, say) can never push out a critical one, while the
+//! queue holds anything less severe ([`victim`]). A failed send is tried three
+//! times with doubling delays, then logged and counted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -22,7 +25,7 @@ use crate::observe::events::{Events, Level, Source};
 use crate::ops::alerts::channels::{Channel, SendError};
 use crate::ops::alerts::{Alert, AlertState, Severity};
 
-/// Alerts waiting per channel; past it the oldest is dropped.
+/// Alerts waiting per channel; past it the least severe is dropped.
 pub const QUEUE: usize = 64;
 /// Tries per alert and channel.
 const TRIES: u32 = 3;
@@ -243,20 +246,42 @@ impl Dispatcher {
             if alert.severity < queue.min_severity || skip == Some(queue.channel) {
                 continue;
             }
-            let dropped = {
-                let mut items = lock(&queue.items);
-                let dropped = (items.len() >= QUEUE).then(|| items.pop_front()).flatten();
-                items.push_back(alert.clone());
-                dropped
-            };
+            let dropped = push_bounded(&mut lock(&queue.items), alert, QUEUE);
             if let Some(dropped) = dropped {
-                warn!(channel = queue.channel, id = %dropped.id, kind = %dropped.kind, "alert queue full; oldest dropped");
+                warn!(channel = queue.channel, id = %dropped.id, kind = %dropped.kind, severity = dropped.severity.as_str(), "alert queue full; least severe dropped");
                 self.inner
                     .counter
                     .with_label_values(&[queue.channel, "dropped"])
                     .inc();
             }
             queue.ready.notify_one();
+        }
+    }
+}
+
+/// Which alert a full queue gives up for `incoming`: the index of the oldest of the
+/// least severe queued, or `None` for `incoming` itself when it is less severe than
+/// everything queued. A tie with the newcomer drops the queued one (older news).
+fn victim(items: &VecDeque<Alert>, incoming: Severity) -> Option<usize> {
+    let (index, lowest) = items
+        .iter()
+        .enumerate()
+        .min_by_key(|(i, a)| (a.severity, *i))?;
+    (lowest.severity <= incoming).then_some(index)
+}
+
+/// Queues `alert` in `items` holding at most `max`; what was dropped, if anything.
+fn push_bounded(items: &mut VecDeque<Alert>, alert: &Alert, max: usize) -> Option<Alert> {
+    if items.len() < max {
+        items.push_back(alert.clone());
+        return None;
+    }
+    match victim(items, alert.severity) {
+        None => Some(alert.clone()),
+        Some(index) => {
+            let dropped = items.remove(index);
+            items.push_back(alert.clone());
+            dropped
         }
     }
 }
@@ -338,4 +363,75 @@ pub async fn send_test(
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alert(severity: Severity, kind: &str) -> Alert {
+        Alert::firing(severity, kind, kind, "", "test")
+    }
+
+    fn kinds(items: &VecDeque<Alert>) -> Vec<&str> {
+        items.iter().map(|a| a.kind.as_str()).collect()
+    }
+
+    /// (queued, incoming, what is dropped, what stays in order).
+    type Case<'a> = (
+        &'a [(Severity, &'a str)],
+        (Severity, &'a str),
+        &'a str,
+        &'a [&'a str],
+    );
+
+    #[test]
+    fn a_full_queue_gives_up_the_least_severe_first() {
+        use Severity::{Critical, Info, Warning};
+        let table: &[Case] = &[
+            (
+                &[(Critical, "c"), (Warning, "w1"), (Warning, "w2")],
+                (Warning, "w3"),
+                "w1",
+                &["c", "w2", "w3"],
+            ),
+            (
+                &[(Critical, "c"), (Warning, "w"), (Info, "i")],
+                (Warning, "w2"),
+                "i",
+                &["c", "w", "w2"],
+            ),
+            (
+                &[(Critical, "c1"), (Critical, "c2"), (Warning, "w")],
+                (Info, "i"),
+                "i",
+                &["c1", "c2", "w"],
+            ),
+            (
+                &[(Critical, "c1"), (Warning, "w"), (Critical, "c2")],
+                (Critical, "c3"),
+                "w",
+                &["c1", "c2", "c3"],
+            ),
+            (
+                &[(Critical, "c1"), (Critical, "c2"), (Critical, "c3")],
+                (Critical, "c4"),
+                "c1",
+                &["c2", "c3", "c4"],
+            ),
+        ];
+        for (queued, incoming, dropped, kept) in table {
+            let mut items: VecDeque<Alert> = queued.iter().map(|(s, k)| alert(*s, k)).collect();
+            let gone = push_bounded(&mut items, &alert(incoming.0, incoming.1), 3);
+            assert_eq!(
+                gone.map(|a| a.kind),
+                Some((*dropped).to_owned()),
+                "{queued:?} + {incoming:?}"
+            );
+            assert_eq!(kinds(&items), *kept, "{queued:?} + {incoming:?}");
+        }
+        let mut items = VecDeque::new();
+        assert!(push_bounded(&mut items, &alert(Info, "i"), 3).is_none());
+        assert_eq!(kinds(&items), ["i"]);
+    }
 }

@@ -14,13 +14,20 @@
 //! `canarygate:sms:<MessageSid>` so a retry landing on another proxy does not act
 //! again).
 //!
+//! Strangers cannot make it noisy: a number not allowed gets one notice to the team
+//! per `[alerts] repeat_ms` (the rest are counted, and the next notice says how
+//! many), and one reply per `repeat_ms`, at most [`REFUSED_REPLIES_PER_HOUR`] an hour
+//! over all such numbers (each reply is an SMS the account pays for); past that the
+//! answer is an empty TwiML `<Response/>`, which sends nothing. Their text is quoted
+//! in the notice cut to [`QUOTE_MAX_CHARS`], its control characters escaped.
+//!
 //! - [`command`], the pure half: form, command, TwiML, masked numbers.
 //! - [`signature`], the `X-Twilio-Signature` check.
 
 pub mod command;
 pub mod signature;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -37,7 +44,7 @@ use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT};
 use crate::flags::store::{Conn, Store};
 use crate::observe::admin::{last_minute, respond_with};
 use crate::observe::events::{Level, Source};
-use crate::ops::alerts::alert::ellipsize;
+use crate::ops::alerts::alert::{ellipsize, escape_controls};
 use crate::ops::alerts::{Dispatcher, Severity};
 use crate::ops::analysis::apply_locally;
 use crate::state::AppState;
@@ -56,6 +63,18 @@ const REMEMBER_MAX: usize = 4096;
 const REPLY_MAX_CHARS: usize = 1600;
 /// The Redis key prefix of remembered `MessageSid`s.
 const SEEN_KEY_PREFIX: &str = "canarygate:sms:";
+/// Replies to numbers not allowed to command, per rolling hour over all of them.
+pub const REFUSED_REPLIES_PER_HOUR: usize = 10;
+/// Numbers not allowed that are remembered for throttling (the longest quiet go
+/// first: a flood from more numbers than this is still throttled per hour).
+const REFUSED_SENDERS_MAX: usize = 1024;
+/// The longest part of a refused message quoted in the team's notice.
+pub const QUOTE_MAX_CHARS: usize = 160;
+/// The answer that sends nothing back.
+const NO_REPLY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
+/// The reply a number not allowed gets (at most once per `repeat_ms`).
+const REFUSAL: &str = "Sorry: this number may not command canarygate. Ask the on-call team to \
+                       add it to allowed_numbers.";
 
 /// Why a request was refused before any command was read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -132,6 +151,69 @@ pub struct Sms {
     instance: String,
     /// `MessageSid` -> when it was handled and the reply sent.
     seen: Mutex<HashMap<String, (Instant, String)>>,
+    refusals: Mutex<Refusals>,
+}
+
+/// What has been said about numbers not allowed to command, to throttle it.
+#[derive(Default)]
+struct Refusals {
+    /// Sender -> when the team was last told of it, and messages withheld since.
+    senders: HashMap<String, (Instant, u64)>,
+    /// When the replies of the last hour went out.
+    replies: VecDeque<Instant>,
+}
+
+/// What to do about one refused message.
+#[derive(Debug, PartialEq, Eq)]
+struct Heard {
+    /// Tell the team, with the count of this sender's messages withheld since the
+    /// last notice; `None`: withheld.
+    notice: Option<u64>,
+    reply: bool,
+}
+
+impl Refusals {
+    fn admit(&mut self, from: &str, repeat: Duration, now: Instant) -> Heard {
+        let hour = Duration::from_secs(3600);
+        while self
+            .replies
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= hour)
+        {
+            self.replies.pop_front();
+        }
+        if let Some((at, withheld)) = self.senders.get_mut(from)
+            && now.duration_since(*at) < repeat
+        {
+            *withheld += 1;
+            return Heard {
+                notice: None,
+                reply: false,
+            };
+        }
+        if !self.senders.contains_key(from)
+            && self.senders.len() >= REFUSED_SENDERS_MAX
+            && let Some(quietest) = self
+                .senders
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(k, _)| k.clone())
+        {
+            self.senders.remove(&quietest);
+        }
+        let withheld = self
+            .senders
+            .insert(from.to_owned(), (now, 0))
+            .map_or(0, |(_, n)| n);
+        let reply = self.replies.len() < REFUSED_REPLIES_PER_HOUR;
+        if reply {
+            self.replies.push_back(now);
+        }
+        Heard {
+            notice: Some(withheld),
+            reply,
+        }
+    }
 }
 
 /// What a command did.
@@ -162,11 +244,18 @@ impl Sms {
         for result in ["bad_signature", "malformed"] {
             counter.with_label_values(&["none", result]);
         }
+        for what in ["notice", "reply"] {
+            state
+                .metrics
+                .sms_refusals_withheld
+                .with_label_values(&[what]);
+        }
         Arc::new(Self {
             state,
             alerts,
             instance,
             seen: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(Refusals::default()),
         })
     }
 
@@ -198,11 +287,12 @@ impl Sms {
         match self.check(&config, req).await {
             Ok((twilio, params)) => {
                 let reply = self.obey(&config, twilio, &params).await;
-                respond_with(
-                    StatusCode::OK,
-                    "text/xml; charset=utf-8",
-                    Bytes::from(twiml(&reply)),
-                )
+                let body = if reply.is_empty() {
+                    NO_REPLY.to_owned()
+                } else {
+                    twiml(&reply)
+                };
+                respond_with(StatusCode::OK, "text/xml; charset=utf-8", Bytes::from(body))
             }
             Err(rejection) => {
                 if let Some(result) = rejection.result() {
@@ -317,25 +407,17 @@ impl Sms {
         if let Some(earlier) = self.replayed(&mut redis, sid).await {
             info!(sid, command = label, from = %who, "sms replayed; not acted on again");
             self.count(label, "replayed");
+            // A number not allowed had its one reply (or none, throttled): a
+            // replay sends nothing more to it.
+            if !twilio.allowed_numbers.iter().any(|n| n == from) {
+                return String::new();
+            }
             return earlier;
         }
         if !twilio.allowed_numbers.iter().any(|n| n == from) {
             warn!(sid, from = %who, "sms from a number not allowed to command");
             self.count(label, "refused");
-            let summary = format!("SMS command refused from {who} (not in allowed_numbers)");
-            self.state
-                .events
-                .report(Source::Sms, Level::Warn, "sms refused", &summary);
-            self.alerts.notify_except(
-                Some("twilio"),
-                Severity::Warning,
-                "sms_refused",
-                &summary,
-                &format!("message: {}", param(params, "Body")),
-            );
-            let reply = "Sorry: this number may not command canarygate. Ask the on-call team \
-                         to add it to allowed_numbers."
-                .to_owned();
+            let reply = self.refused(config, from, &who, param(params, "Body"));
             self.remember(&mut redis, sid, &reply).await;
             return reply;
         }
@@ -371,6 +453,41 @@ impl Sms {
             self.remember(&mut redis, sid, &reply).await;
         }
         reply
+    }
+
+    /// A message from `from`, not allowed to command: the team is told (throttled
+    /// per sender); the reply, or "" for none.
+    fn refused(&self, config: &Config, from: &str, who: &str, body: &str) -> String {
+        let repeat = Duration::from_millis(config.alerts.repeat_ms);
+        let heard = lock(&self.refusals).admit(from, repeat, Instant::now());
+        let withheld = &self.state.metrics.sms_refusals_withheld;
+        match heard.notice {
+            None => withheld.with_label_values(&["notice"]).inc(),
+            Some(earlier) => {
+                let mut summary =
+                    format!("SMS command refused from {who} (not in allowed_numbers)");
+                if earlier > 0 {
+                    let _ = write!(summary, "; {earlier} more from it since the last notice");
+                }
+                self.state
+                    .events
+                    .report(Source::Sms, Level::Warn, "sms refused", &summary);
+                let quoted = escape_controls(&ellipsize(body.to_owned(), QUOTE_MAX_CHARS));
+                self.alerts.notify_except(
+                    Some("twilio"),
+                    Severity::Warning,
+                    "sms_refused",
+                    &summary,
+                    &format!("message: {quoted}"),
+                );
+            }
+        }
+        if heard.reply {
+            REFUSAL.to_owned()
+        } else {
+            withheld.with_label_values(&["reply"]).inc();
+            String::new()
+        }
     }
 
     async fn carry_out(
@@ -644,4 +761,40 @@ fn param<'a>(params: &'a [(String, String)], name: &str) -> &'a str {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_once_per_repeat_and_replies_capped_per_hour() {
+        let mut refusals = Refusals::default();
+        let repeat = Duration::from_secs(60);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let told = |n| Heard {
+            notice: Some(n),
+            reply: true,
+        };
+        let quiet = Heard {
+            notice: None,
+            reply: false,
+        };
+        assert_eq!(refusals.admit("+1", repeat, at(0)), told(0));
+        assert_eq!(refusals.admit("+1", repeat, at(1)), quiet);
+        assert_eq!(refusals.admit("+1", repeat, at(59)), quiet);
+        // A new window: told again, with the count of what was withheld.
+        assert_eq!(refusals.admit("+1", repeat, at(60)), told(2));
+        // Many senders: each is told once, but replies stop at the hourly cap.
+        let mut replies = 2;
+        for n in 0..30 {
+            let heard = refusals.admit(&format!("+2{n}"), repeat, at(61));
+            assert_eq!(heard.notice, Some(0));
+            replies += usize::from(heard.reply);
+        }
+        assert_eq!(replies, REFUSED_REPLIES_PER_HOUR);
+        // An hour after the first replies, there is room again.
+        assert!(refusals.admit("+3", repeat, at(3600)).reply);
+    }
 }
