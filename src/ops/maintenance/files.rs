@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use rustix::fs::{
     AtFlags, Dir, FallocateFlags, FileType, Mode, OFlags, SeekFrom, Stat, fallocate, fstat, openat,
-    seek, statat, statvfs, unlinkat,
+    seek, statat, unlinkat,
 };
 use rustix::io::Errno;
 
@@ -177,58 +177,12 @@ impl FileError {
     }
 }
 
-/// Filesystem usage, as `df` counts it: used / (used + available to non-root).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Usage {
-    /// The device of the filesystem (`st_dev` of the dir; its files share it).
-    pub dev: u64,
-    pub used_percent: f64,
-    /// Bytes that must be freed to get down to a percent (see [`Usage::to_free`]).
-    total_for_users: u64,
-    used: u64,
-}
+pub use crate::ops::disk::Usage;
 
-impl Usage {
-    pub fn read(path: &Path) -> Result<Self, FileError> {
-        let dev = rustix::fs::stat(path)
-            .map_err(|e| FileError::io("stat", e))?
-            .st_dev;
-        let v = statvfs(path).map_err(|e| FileError::io("statvfs", e))?;
-        let unit = if v.f_frsize > 0 {
-            v.f_frsize
-        } else {
-            v.f_bsize
-        };
-        let used = v.f_blocks.saturating_sub(v.f_bfree).saturating_mul(unit);
-        let total_for_users = used.saturating_add(v.f_bavail.saturating_mul(unit));
-        Ok(Self::new(dev, used, total_for_users))
-    }
-
-    pub fn new(dev: u64, used: u64, total_for_users: u64) -> Self {
-        #[allow(clippy::cast_precision_loss)]
-        let used_percent = if total_for_users == 0 {
-            0.0
-        } else {
-            used as f64 * 100.0 / total_for_users as f64
-        };
-        Self {
-            dev,
-            used_percent,
-            total_for_users,
-            used,
-        }
-    }
-
-    /// Bytes to free to be at or below `percent`.
-    pub fn to_free(&self, percent: f64) -> u64 {
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        let allowed = (self.total_for_users as f64 * percent / 100.0).floor() as u64;
-        self.used.saturating_sub(allowed)
-    }
+/// The usage of the filesystem holding `path` ([`crate::ops::disk`]: `df`'s figure,
+/// the one the proxy's gauge shows too).
+pub fn usage(path: &Path) -> Result<Usage, FileError> {
+    Usage::read(path).map_err(|e| FileError::io("statvfs", e))
 }
 
 /// What a scan found, and what it skipped on the way (for the logs).
@@ -432,13 +386,4 @@ mod tests {
         assert!(!writes("nothing"));
     }
 
-    #[test]
-    fn usage_counts_as_df_does() {
-        // 100 units for users, 90 used: 90%; down to 70% frees 20.
-        let u = Usage::new(1, 90, 100);
-        assert!((u.used_percent - 90.0).abs() < 1e-9);
-        assert_eq!(u.to_free(70.0), 20);
-        assert_eq!(u.to_free(95.0), 0);
-        assert_eq!(Usage::new(1, 0, 0).used_percent, 0.0);
-    }
 }

@@ -297,7 +297,7 @@ impl Maintenance {
             .config
             .dirs
             .iter()
-            .map(|d| (d.clone(), Usage::read(d)))
+            .map(|d| (d.clone(), files::usage(d)))
             .collect();
         let by_dev = per_dir
             .iter()
@@ -341,8 +341,8 @@ impl Maintenance {
                     self.metrics
                         .disk_used
                         .with_label_values(&[&dir.display().to_string()])
-                        .set(u.used_percent / 100.0);
-                    report.line(format!("{}: {:.1}% used", dir.display(), u.used_percent));
+                        .set(u.ratio());
+                    report.line(format!("{}: {:.1}% used", dir.display(), u.percent()));
                 }
                 Err(e) => {
                     self.metrics.fail("statvfs");
@@ -380,7 +380,7 @@ impl Maintenance {
         let picks = plan::plan(&items, &usage, self.limits());
         let critical = usage
             .values()
-            .any(|u| u.used_percent >= self.config.critical_percent);
+            .any(|u| u.percent() >= self.config.critical_percent);
         if picks.is_empty() {
             report.line(format!("nothing to archive ({} candidates)", seen.len()));
         } else if let Some(why) = self.busy().filter(|_| !critical) {
@@ -432,12 +432,12 @@ impl Maintenance {
             let path = s.candidate.display_path(&self.config.dirs);
             if let Why::Disk { .. } = why {
                 let dir = &self.config.dirs[s.candidate.root];
-                match Usage::read(dir) {
-                    Ok(u) if u.used_percent < self.config.target_percent => {
+                match files::usage(dir) {
+                    Ok(u) if u.percent() < self.config.target_percent => {
                         report.line(format!(
                             "{}: {:.1}% used, under target_percent: skipped {}",
                             dir.display(),
-                            u.used_percent,
+                            u.percent(),
                             path.display()
                         ));
                         continue;
@@ -621,8 +621,8 @@ impl Maintenance {
             .filter_map(|(dir, u)| {
                 u.as_ref()
                     .ok()
-                    .filter(|u| u.used_percent >= self.config.critical_percent)
-                    .map(|u| format!("{} {:.1}%", dir.display(), u.used_percent))
+                    .filter(|u| u.percent() >= self.config.critical_percent)
+                    .map(|u| format!("{} {:.1}%", dir.display(), u.percent()))
             })
             .collect();
         if critical.is_empty() {
