@@ -223,7 +223,10 @@ async fn only_logs_are_archived_each_archive_is_the_original_and_the_rest_untouc
             );
         }
         assert_eq!(dry.matches("would archive").count(), 3, "{dry}");
-        assert!(dry.contains("closed: it would be deleted"), "{dry}");
+        assert!(
+            dry.contains("closed (proven closed: write lease): it would be deleted"),
+            "{dry}"
+        );
         assert!(
             archives(&site.backup).is_empty(),
             "a dry run stores nothing"
@@ -419,7 +422,7 @@ async fn a_live_log_loses_no_line_and_repeats_none() {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let log = daemon.stop();
         assert!(
-            log.contains("its archived prefix punched out (live log)"),
+            log.contains("live log: its archived prefix punched out"),
             "{log}"
         );
         assert_eq!(punched_while_live.ok(), Some(true), "space freed in place");

@@ -7,7 +7,11 @@
 //! back and checked (SHA-256 and length), and only then freed: deleted when no one
 //! writes it, or, for a live log, its archived prefix punched out in place (the
 //! writer goes on at its offset; logrotate's copytruncate loses the lines written
-//! between its copy and its truncate, this does not).
+//! between its copy and its truncate, this does not). "No one writes it" is
+//! proven, not guessed, and proven again at the unlink ([`files`]: a write lease,
+//! or a `/proc` that shows every process); a punch checks first that the range
+//! still holds what was archived. A file that cannot be freed is not archived
+//! again until it changes.
 //!
 //! It is separate from the proxy on purpose: it needs write access to the log
 //! dirs, and the internet-facing proxy must not have it. It reads the proxy's
@@ -21,6 +25,8 @@
 
 pub mod archive;
 pub mod files;
+#[allow(unsafe_code)]
+pub mod lease;
 pub mod plan;
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +57,10 @@ pub enum MaintenanceError {
     Target(#[from] TargetError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// Without a SIGIO handler a lease broken by an `open` elsewhere would end the
+    /// process (SIGIO's default action).
+    #[error("cannot handle SIGIO (needed for write leases): {0}")]
+    Signal(std::io::Error),
 }
 
 /// `canarygate_maintenance_*`, in the process's own registry.
@@ -59,6 +69,7 @@ struct MaintenanceMetrics {
     archived_files: IntCounter,
     archived_bytes: IntCounter,
     stored_bytes: IntCounter,
+    freed_bytes: IntCounter,
     failures: IntCounterVec,
     deferred: IntCounter,
     disk_used: GaugeVec,
@@ -72,7 +83,7 @@ impl MaintenanceMetrics {
         let metrics = Self {
             archived_files: own.total(
                 "canarygate_maintenance_archived_files_total",
-                "Files (or live logs' prefixes) archived, verified and freed.",
+                "Files (or live logs' prefixes) archived and verified.",
             ),
             archived_bytes: own.total(
                 "canarygate_maintenance_archived_bytes_total",
@@ -81,6 +92,12 @@ impl MaintenanceMetrics {
             stored_bytes: own.total(
                 "canarygate_maintenance_stored_bytes_total",
                 "Bytes written to secondary storage (compressed).",
+            ),
+            freed_bytes: own.total(
+                "canarygate_maintenance_freed_bytes_total",
+                "Bytes freed on disk: files deleted (proven closed) and ranges punched out \
+                 (verified to hold what was archived). A file that could not be freed, or \
+                 has more than one name, adds nothing.",
             ),
             failures: own.counter(
                 "canarygate_maintenance_failures_total",
@@ -141,6 +158,42 @@ struct Backoff {
     until: Instant,
 }
 
+impl Backoff {
+    /// One more failure: the next try waits `base`, doubling, up to an hour.
+    fn fail(entry: Option<Self>, base: Duration) -> Self {
+        let failures = entry.map_or(0, |b| b.failures) + 1;
+        let wait = base
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(Duration::from_secs(3_600).max(base));
+        Self {
+            failures,
+            until: Instant::now() + wait,
+        }
+    }
+}
+
+/// A file archived but not freed (EACCES, EPERM, links, no hole punching): it is
+/// not archived again until it changes (size, mtime, links; a new inode is another
+/// file), nor before its backoff ends; never again before a restart when its
+/// filesystem cannot punch holes.
+#[derive(Debug, Clone)]
+struct Stuck {
+    size: u64,
+    modified: SystemTime,
+    links: u64,
+    backoff: Backoff,
+    forever: bool,
+    why: String,
+}
+
+impl Stuck {
+    fn holds(&self, shape: &files::Shape, now: Instant) -> bool {
+        let unchanged =
+            shape.size == self.size && shape.modified == self.modified && shape.links == self.links;
+        self.forever || unchanged || self.backoff.until > now
+    }
+}
+
 /// What one round saw and did, for `--once` and the logs.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -165,9 +218,11 @@ struct Maintenance {
     metrics: Arc<MaintenanceMetrics>,
     alerts: Dispatcher,
     backoff: HashMap<FileId, Backoff>,
-    /// Live logs on filesystems that cannot punch holes: archiving them again would
-    /// only copy the same bytes again.
-    cannot_free: HashSet<FileId>,
+    /// Files archived but not freed: archiving them again would only copy the same
+    /// bytes again.
+    cannot_free: HashMap<FileId, Stuck>,
+    /// Keeps SIGIO (a lease being broken) from ending the process.
+    _sigio: tokio::signal::unix::Signal,
     last_scrape: Option<Scrape>,
     figures: Option<Figures>,
     /// Whether the proxy's disk gauge showed a dir's filesystem past `disk_percent`.
@@ -182,7 +237,41 @@ type PerDir = Vec<(PathBuf, Result<Usage, FileError>)>;
 /// A candidate with what the round knows of it.
 struct Seen {
     candidate: Candidate,
-    live: bool,
+    /// `Err(why)` when it is live: not proven closed, or written within settle_ms.
+    closed: Result<&'static str, String>,
+}
+
+impl Seen {
+    fn live(&self) -> bool {
+        self.closed.is_err()
+    }
+}
+
+/// What freeing an archived file did: how, and the bytes freed on disk.
+type Freed = Result<(String, u64), FileError>;
+
+/// After a verified archive (on the blocking thread): delete the file when it is
+/// proven closed now, else punch out the archived prefix, if the file still holds
+/// it there.
+fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
+    let block = done.shape.block;
+    let punch = |why: &str| {
+        candidate
+            .punch(done.start, done.end / block * block, done.end, &done.fingerprint)
+            .map(|n| (format!("{why}: its archived prefix punched out"), n))
+    };
+    if live {
+        return punch("live log");
+    }
+    let wanted = HashSet::from([done.shape.id]);
+    match candidate.unlink_if_closed(&done.shape, || files::open_for_writing(&wanted)) {
+        Ok(how) => Ok((how.to_owned(), done.shape.allocated)),
+        // Written to since it was read, or opened: live after all; free what is
+        // archived, in whole blocks.
+        Err(FileError::Changed) => punch("written to meanwhile"),
+        Err(FileError::Open(why)) => punch(&format!("{why}; kept")),
+        Err(e) => Err(e),
+    }
 }
 
 impl Maintenance {
@@ -204,7 +293,9 @@ impl Maintenance {
             metrics,
             alerts,
             backoff: HashMap::new(),
-            cannot_free: HashSet::new(),
+            cannot_free: HashMap::new(),
+            _sigio: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io())
+                .map_err(MaintenanceError::Signal)?,
             last_scrape: None,
             figures: None,
             proxy_full: false,
@@ -314,11 +405,12 @@ impl Maintenance {
         let scanned = tokio::task::spawn_blocking(move || {
             let scan = files::scan(&config.dirs, &config.patterns, &config.exclude);
             let wanted: HashSet<FileId> = scan.candidates.iter().map(|c| c.shape.id).collect();
-            let (writing, unreadable) = files::open_for_writing(&wanted);
-            (scan, writing, unreadable)
+            let writers = files::open_for_writing(&wanted);
+            let closed: Vec<_> = scan.candidates.iter().map(|c| c.closed(&writers)).collect();
+            (scan, writers.unreadable, closed)
         })
         .await;
-        let Ok((scan, writing, unreadable)) = scanned else {
+        let Ok((scan, unreadable, closed)) = scanned else {
             self.metrics.fail("scan");
             report.line("scanning failed (the task panicked)".to_owned());
             return report;
@@ -330,8 +422,14 @@ impl Maintenance {
         }
         if unreadable > 0 {
             report.line(format!(
-                "{unreadable} processes' open files unreadable (other users'): a file written to \
-                 within settle_ms counts as live"
+                "{unreadable} processes' open files unreadable (other users'): a file is deleted \
+                 only under a write lease (its owner, or CAP_LEASE), else treated as live"
+            ));
+        }
+        for (root, path, links) in &scan.linked {
+            report.line(format!(
+                "{}: {links} names (hard links): never archived, punched or deleted",
+                self.config.dirs[*root].join(path).display()
             ));
         }
         let (usage, per_dir) = self.usage();
@@ -353,18 +451,29 @@ impl Maintenance {
         let now_system = SystemTime::now();
         let settle = Duration::from_millis(self.config.settle_ms);
         let now = Instant::now();
-        let seen: Vec<Seen> = scan
-            .candidates
-            .into_iter()
-            .filter(|c| !self.cannot_free.contains(&c.shape.id))
-            .map(|candidate| {
-                let recent = now_system
-                    .duration_since(candidate.shape.modified)
-                    .map_or(true, |age| age < settle);
-                let live = writing.contains(&candidate.shape.id) || recent;
-                Seen { candidate, live }
-            })
-            .collect();
+        let mut seen: Vec<Seen> = Vec::new();
+        for (candidate, closed) in scan.candidates.into_iter().zip(closed) {
+            if let Some(stuck) = self.cannot_free.get(&candidate.shape.id) {
+                if stuck.holds(&candidate.shape, now) {
+                    report.line(format!(
+                        "{}: archived before but not freed ({}): not archived again until it \
+                         changes",
+                        candidate.display_path(&self.config.dirs).display(),
+                        stuck.why
+                    ));
+                    continue;
+                }
+                self.cannot_free.remove(&candidate.shape.id);
+            }
+            let recent = now_system
+                .duration_since(candidate.shape.modified)
+                .map_or(true, |age| age < settle);
+            let closed = match closed {
+                Ok(_) if recent => Err("written to within settle_ms".to_owned()),
+                other => other,
+            };
+            seen.push(Seen { candidate, closed });
+        }
         let items: Vec<Item> = seen
             .iter()
             .map(|s| Item {
@@ -399,10 +508,9 @@ impl Maintenance {
                     s.candidate.display_path(&self.config.dirs).display(),
                     s.candidate.shape.size,
                     s.candidate.shape.allocated,
-                    if s.live {
-                        "live: its archived prefix would be punched out"
-                    } else {
-                        "closed: it would be deleted"
+                    match &s.closed {
+                        Err(why) => format!("live ({why}): its archived prefix would be punched out"),
+                        Ok(how) => format!("closed ({how}): it would be deleted"),
                     }
                 ));
             }
@@ -454,7 +562,7 @@ impl Maintenance {
             let job = (
                 self.target.clone(),
                 s.candidate.clone(),
-                s.live,
+                s.live(),
                 object,
                 self.config.compression_level,
             );
@@ -462,10 +570,14 @@ impl Maintenance {
             let outcome = tokio::task::spawn_blocking(move || {
                 let (target, candidate, live, object, level) = job;
                 let archived = archive::archive(&handle, &target, &candidate, live, &object, level);
-                (candidate, archived)
+                let freed = match &archived {
+                    Ok(Some(done)) => Some(free_file(&candidate, live, done)),
+                    _ => None,
+                };
+                (candidate, archived, freed)
             })
             .await;
-            let (candidate, archived) = match outcome {
+            let (candidate, archived, freed) = match outcome {
                 Ok(done) => done,
                 Err(e) => {
                     self.metrics.fail("read");
@@ -476,50 +588,40 @@ impl Maintenance {
             };
             match archived {
                 Ok(None) => report.line(format!("{}: nothing new to archive", path.display())),
-                Ok(Some(done)) => self.free(&candidate, s.live, &done, &path, why, report),
+                Ok(Some(done)) => {
+                    let freed = freed.unwrap_or(Err(FileError::Changed));
+                    self.freed(&candidate, freed, &done, &path, why, report);
+                }
                 Err(e) => self.failed(&candidate, &path, &e, report),
             }
         }
     }
 
-    /// After a verified archive: delete the file, or punch out the archived prefix
-    /// of a live one.
-    fn free(
+    /// Accounts for a verified archive and what freeing it did.
+    fn freed(
         &mut self,
         candidate: &Candidate,
-        live: bool,
+        freed: Freed,
         done: &Archived,
         path: &std::path::Path,
         why: &Why,
         report: &mut Report,
     ) {
-        let block = done.shape.block;
-        let punch = |end: u64| candidate.punch(done.start, end / block * block);
-        let freed = if live {
-            punch(done.end).map(|()| "its archived prefix punched out (live log)")
-        } else {
-            match candidate.unlink_if_unchanged(&done.shape) {
-                Ok(()) => Ok("deleted"),
-                // Written to since it was read: it is live after all; free what is
-                // archived, in whole blocks.
-                Err(FileError::Changed) => punch(done.end)
-                    .map(|()| "written to meanwhile: its archived prefix punched out"),
-                Err(e) => Err(e),
-            }
-        };
         let bytes = done.end - done.start;
         self.backoff.remove(&done.shape.id);
         self.metrics.archived_files.inc();
         self.metrics.archived_bytes.inc_by(bytes);
         self.metrics.stored_bytes.inc_by(done.stored_bytes);
         report.archived += 1;
-        match freed {
-            Ok(how) => {
+        let e = match freed {
+            Ok((how, freed)) => {
+                self.metrics.freed_bytes.inc_by(freed);
                 info!(
                     path = %path.display(),
                     object = %done.object,
                     bytes,
                     stored = done.stored_bytes,
+                    freed,
                     sha256 = %done.sha256,
                     why = %why,
                     how,
@@ -533,34 +635,63 @@ impl Maintenance {
                     done.object,
                     done.stored_bytes
                 ));
+                return;
             }
-            Err(e) => {
-                let stage = if live { "punch" } else { "delete" };
-                self.metrics.fail(stage);
-                report.failed += 1;
-                if matches!(e, FileError::NoPunch) {
-                    self.cannot_free.insert(done.shape.id);
-                }
-                warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
-                report.line(format!(
-                    "archived {} to {} (verified) but could not free it: {e}",
-                    path.display(),
-                    done.object
-                ));
-                self.alerts.notify(
-                    Severity::Warning,
-                    "maintenance_cannot_free",
-                    &format!(
-                        "maintenance archived {} but could not free it: {e}",
-                        path.display()
-                    ),
-                    &format!(
-                        "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
-                        done.object, done.start, done.end
-                    ),
-                );
-            }
+            Err(e) => e,
+        };
+        // The file changed under the archive (truncated, rewritten, replaced): the
+        // archive holds what was there; what is there now is the next round's.
+        if matches!(
+            e,
+            FileError::Truncated { .. } | FileError::Rewritten | FileError::Replaced
+        ) {
+            warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
+            report.line(format!(
+                "archived {} to {} (verified), not freed: {e}",
+                path.display(),
+                done.object
+            ));
+            return;
         }
+        let stage = if matches!(e, FileError::NoPunch | FileError::Linked(_)) || done.start > 0 {
+            "punch"
+        } else {
+            "delete"
+        };
+        self.metrics.fail(stage);
+        report.failed += 1;
+        let base = Duration::from_millis(self.config.retry_backoff_ms);
+        let previous = self.cannot_free.get(&done.shape.id).map(|s| s.backoff);
+        self.cannot_free.insert(
+            done.shape.id,
+            Stuck {
+                size: done.shape.size,
+                modified: done.shape.modified,
+                links: done.shape.links,
+                backoff: Backoff::fail(previous, base),
+                forever: matches!(e, FileError::NoPunch),
+                why: e.to_string(),
+            },
+        );
+        warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
+        report.line(format!(
+            "archived {} to {} (verified) but could not free it: {e}; not archived again until \
+             it changes",
+            path.display(),
+            done.object
+        ));
+        self.alerts.notify(
+            Severity::Warning,
+            "maintenance_cannot_free",
+            &format!(
+                "maintenance archived {} but could not free it: {e}",
+                path.display()
+            ),
+            &format!(
+                "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
+                done.object, done.start, done.end
+            ),
+        );
     }
 
     /// A failed archive: the file is untouched; it waits, doubling, before the next
@@ -575,15 +706,9 @@ impl Maintenance {
         self.metrics.fail(e.stage());
         report.failed += 1;
         let base = Duration::from_millis(self.config.retry_backoff_ms);
-        let entry = self.backoff.entry(candidate.shape.id).or_insert(Backoff {
-            failures: 0,
-            until: Instant::now(),
-        });
-        entry.failures += 1;
-        let wait = base
-            .saturating_mul(1 << entry.failures.saturating_sub(1).min(16))
-            .min(Duration::from_secs(3_600).max(base));
-        entry.until = Instant::now() + wait;
+        let entry = Backoff::fail(self.backoff.get(&candidate.shape.id).copied(), base);
+        self.backoff.insert(candidate.shape.id, entry);
+        let wait = entry.until.saturating_duration_since(Instant::now());
         warn!(path = %path.display(), stage = e.stage(), error = %e, retry_s = wait.as_secs(), "archive failed; file untouched");
         report.line(format!(
             "{}: {e}; the file is untouched; next try in {} s",
