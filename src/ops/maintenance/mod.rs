@@ -25,6 +25,7 @@
 
 pub mod archive;
 pub mod files;
+mod free;
 #[allow(unsafe_code)]
 pub mod lease;
 pub mod plan;
@@ -46,6 +47,7 @@ use crate::ops::service::{self, Figures, Scrape};
 use crate::ops::sidecar::{self, SidecarError, SidecarMetrics};
 use archive::{ArchiveError, Archived, Target, TargetError};
 use files::{Candidate, FileError, FileId, Usage};
+use free::{Backoff, Freed, Stuck, free_file};
 use plan::{Item, Limits, Why};
 
 /// Why maintenance could not start.
@@ -75,6 +77,7 @@ struct MaintenanceMetrics {
     disk_used: GaugeVec,
     proxy_up: IntGauge,
     last_round: IntGauge,
+    rounds: IntCounter,
 }
 
 impl MaintenanceMetrics {
@@ -118,6 +121,10 @@ impl MaintenanceMetrics {
                 "canarygate_maintenance_proxy_metrics_up",
                 "1 if the proxy's /metrics answered at the last round, else 0.",
             ),
+            rounds: own.total(
+                "canarygate_maintenance_rounds_total",
+                "Rounds done (dry runs aside).",
+            ),
             last_round: own.gauge(
                 "canarygate_maintenance_last_round_timestamp_seconds",
                 "When the last round ended (Unix seconds).",
@@ -151,55 +158,14 @@ fn proxy_sees_full(disks: &[(String, f64)], dirs: &[PathBuf], disk_percent: f64)
     })
 }
 
-/// A file's failed attempts: it waits until `until` before the next.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    until: Instant,
-}
-
-impl Backoff {
-    /// One more failure: the next try waits `base`, doubling, up to an hour.
-    fn fail(entry: Option<Self>, base: Duration) -> Self {
-        let failures = entry.map_or(0, |b| b.failures) + 1;
-        let wait = base
-            .saturating_mul(1 << failures.saturating_sub(1).min(16))
-            .min(Duration::from_secs(3_600).max(base));
-        Self {
-            failures,
-            until: Instant::now() + wait,
-        }
-    }
-}
-
-/// A file archived but not freed (EACCES, EPERM, links, no hole punching): it is
-/// not archived again until it changes (size, mtime, links; a new inode is another
-/// file), nor before its backoff ends; never again before a restart when its
-/// filesystem cannot punch holes.
-#[derive(Debug, Clone)]
-struct Stuck {
-    size: u64,
-    modified: SystemTime,
-    links: u64,
-    backoff: Backoff,
-    forever: bool,
-    why: String,
-}
-
-impl Stuck {
-    fn holds(&self, shape: &files::Shape, now: Instant) -> bool {
-        let unchanged =
-            shape.size == self.size && shape.modified == self.modified && shape.links == self.links;
-        self.forever || unchanged || self.backoff.until > now
-    }
-}
-
 /// What one round saw and did, for `--once` and the logs.
 #[derive(Debug, Default)]
 pub struct Report {
     pub lines: Vec<String>,
     pub archived: usize,
     pub failed: usize,
+    /// Bytes freed on disk.
+    pub freed: u64,
 }
 
 impl Report {
@@ -244,33 +210,6 @@ struct Seen {
 impl Seen {
     fn live(&self) -> bool {
         self.closed.is_err()
-    }
-}
-
-/// What freeing an archived file did: how, and the bytes freed on disk.
-type Freed = Result<(String, u64), FileError>;
-
-/// After a verified archive (on the blocking thread): delete the file when it is
-/// proven closed now, else punch out the archived prefix, if the file still holds
-/// it there.
-fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
-    let block = done.shape.block;
-    let punch = |why: &str| {
-        candidate
-            .punch(done.start, done.end / block * block, done.end, &done.fingerprint)
-            .map(|n| (format!("{why}: its archived prefix punched out"), n))
-    };
-    if live {
-        return punch("live log");
-    }
-    let wanted = HashSet::from([done.shape.id]);
-    match candidate.unlink_if_closed(&done.shape, || files::open_for_writing(&wanted)) {
-        Ok(how) => Ok((how.to_owned(), done.shape.allocated)),
-        // Written to since it was read, or opened: live after all; free what is
-        // archived, in whole blocks.
-        Err(FileError::Changed) => punch("written to meanwhile"),
-        Err(FileError::Open(why)) => punch(&format!("{why}; kept")),
-        Err(e) => Err(e),
     }
 }
 
@@ -590,7 +529,7 @@ impl Maintenance {
                 Ok(None) => report.line(format!("{}: nothing new to archive", path.display())),
                 Ok(Some(done)) => {
                     let freed = freed.unwrap_or(Err(FileError::Changed));
-                    self.freed(&candidate, freed, &done, &path, why, report);
+                    self.freed(freed, &done, &path, why, report);
                 }
                 Err(e) => self.failed(&candidate, &path, &e, report),
             }
@@ -600,7 +539,6 @@ impl Maintenance {
     /// Accounts for a verified archive and what freeing it did.
     fn freed(
         &mut self,
-        candidate: &Candidate,
         freed: Freed,
         done: &Archived,
         path: &std::path::Path,
@@ -616,6 +554,7 @@ impl Maintenance {
         let e = match freed {
             Ok((how, freed)) => {
                 self.metrics.freed_bytes.inc_by(freed);
+                report.freed += freed;
                 info!(
                     path = %path.display(),
                     object = %done.object,
@@ -771,6 +710,7 @@ impl Maintenance {
                 &report.lines.join("\n"),
             );
         }
+        self.metrics.rounds.inc();
         self.metrics
             .last_round
             .set(i64::try_from(crate::clock::unix_ms() / 1_000).unwrap_or(i64::MAX));
@@ -869,8 +809,8 @@ pub async fn once(file: &MaintenanceFile, dry_run: bool) -> Result<String, Maint
     if !dry_run {
         let _ = writeln!(
             out,
-            "archived {}, failed {}",
-            report.archived, report.failed
+            "archived {}, failed {}, freed {} bytes",
+            report.archived, report.failed, report.freed
         );
     }
     Ok(out)
