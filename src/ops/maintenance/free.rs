@@ -52,8 +52,9 @@ impl Stuck {
     }
 }
 
-/// What freeing an archived file did: how, and the bytes freed on disk.
-pub type Freed = Result<(String, u64), FileError>;
+/// What freeing an archived file did: how, and the bytes freed on disk; or the
+/// stage that failed (`punch`, `delete`) and why.
+pub type Freed = Result<(String, u64), (&'static str, FileError)>;
 
 /// After a verified archive (on the blocking thread): delete the file when it is
 /// proven closed now, else punch out the archived prefix, if the file still holds
@@ -64,6 +65,7 @@ pub fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
         candidate
             .punch(done.start, done.end / block * block, done.end, &done.fingerprint)
             .map(|n| (format!("{why}: its archived prefix punched out"), n))
+            .map_err(|e| ("punch", e))
     };
     if live {
         return punch("live log");
@@ -75,7 +77,7 @@ pub fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
         // archived, in whole blocks.
         Err(FileError::Changed) => punch("written to meanwhile"),
         Err(FileError::Open(why)) => punch(&format!("{why}; kept")),
-        Err(e) => Err(e),
+        Err(e) => Err(("delete", e)),
     }
 }
 

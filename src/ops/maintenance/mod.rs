@@ -528,7 +528,7 @@ impl Maintenance {
             match archived {
                 Ok(None) => report.line(format!("{}: nothing new to archive", path.display())),
                 Ok(Some(done)) => {
-                    let freed = freed.unwrap_or(Err(FileError::Changed));
+                    let freed = freed.unwrap_or(Err(("delete", FileError::Changed)));
                     self.freed(freed, &done, &path, why, report);
                 }
                 Err(e) => self.failed(&candidate, &path, &e, report),
@@ -551,7 +551,7 @@ impl Maintenance {
         self.metrics.archived_bytes.inc_by(bytes);
         self.metrics.stored_bytes.inc_by(done.stored_bytes);
         report.archived += 1;
-        let e = match freed {
+        let (stage, e) = match freed {
             Ok((how, freed)) => {
                 self.metrics.freed_bytes.inc_by(freed);
                 report.freed += freed;
@@ -576,7 +576,7 @@ impl Maintenance {
                 ));
                 return;
             }
-            Err(e) => e,
+            Err(failed) => failed,
         };
         // The file changed under the archive (truncated, rewritten, replaced): the
         // archive holds what was there; what is there now is the next round's.
@@ -592,11 +592,6 @@ impl Maintenance {
             ));
             return;
         }
-        let stage = if matches!(e, FileError::NoPunch | FileError::Linked(_)) || done.start > 0 {
-            "punch"
-        } else {
-            "delete"
-        };
         self.metrics.fail(stage);
         report.failed += 1;
         let base = Duration::from_millis(self.config.retry_backoff_ms);
