@@ -499,7 +499,8 @@ async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
         );
         let maintenance = unit("canarygate-maintenance.service");
         assert!(
-            maintenance.contains("AmbientCapabilities=CAP_LEASE\nCapabilityBoundingSet=CAP_LEASE\n"),
+            maintenance
+                .contains("AmbientCapabilities=CAP_LEASE\nCapabilityBoundingSet=CAP_LEASE\n"),
             "{maintenance}"
         );
         assert!(

@@ -1002,9 +1002,17 @@ async fn the_access_log_follows_a_move_and_a_truncation_without_losing_a_line() 
 
 /// Runs `chown uid:gid` and `chmod mode` on `path`.
 fn own(path: &Path, uid: u32, gid: u32, mode: &str) {
-    for (cmd, arg) in [("chown", format!("{uid}:{gid}")), ("chmod", mode.to_owned())] {
+    for (cmd, arg) in [
+        ("chown", format!("{uid}:{gid}")),
+        ("chmod", mode.to_owned()),
+    ] {
         assert!(
-            Command::new(cmd).arg(&arg).arg(path).status().unwrap().success(),
+            Command::new(cmd)
+                .arg(&arg)
+                .arg(path)
+                .status()
+                .unwrap()
+                .success(),
             "{cmd} {arg} {}",
             path.display()
         );
@@ -1080,7 +1088,10 @@ async fn a_log_held_open_by_another_users_process_keeps_every_later_line() {
         // Rounds while the writer is silent: the old judgement (no writer seen, not
         // modified within settle_ms 0) deleted it here.
         eventually(Duration::from_secs(20), "archived while held", || async {
-            daemon.metric("canarygate_maintenance_archived_files_total").await >= 1.0
+            daemon
+                .metric("canarygate_maintenance_archived_files_total")
+                .await
+                >= 1.0
         })
         .await;
         let rounds = daemon.metric("canarygate_maintenance_rounds_total").await;
@@ -1093,7 +1104,10 @@ async fn a_log_held_open_by_another_users_process_keeps_every_later_line() {
         assert!(writer.0.wait().unwrap().success());
         let mut daemon = daemon;
         let log = daemon.stop();
-        assert!(log.contains("live log: its archived prefix punched out"), "{log}");
+        assert!(
+            log.contains("live log: its archived prefix punched out"),
+            "{log}"
+        );
         let meta = std::fs::metadata(&path).unwrap();
         assert!(meta.blocks() * 512 < meta.len(), "space freed in place");
         let expected: Vec<u8> = (1..=25_000).flat_map(|i| line(i).into_bytes()).collect();
@@ -1131,7 +1145,8 @@ impl Store {
                                 let path = req.uri().path().to_owned();
                                 let method = req.method().clone();
                                 let body = req.into_body().collect().await.unwrap().to_bytes();
-                                let mut response = http::Response::new(Full::new(bytes::Bytes::new()));
+                                let mut response =
+                                    http::Response::new(Full::new(bytes::Bytes::new()));
                                 let status = match method.as_str() {
                                     "MKCOL" => 201,
                                     "PUT" => {
@@ -1143,7 +1158,10 @@ impl Store {
                                         Some(stored) => {
                                             *response.body_mut() = Full::new(stored.clone());
                                             let h = response.headers_mut();
-                                            h.insert("last-modified", "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap());
+                                            h.insert(
+                                                "last-modified",
+                                                "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap(),
+                                            );
                                             h.insert("etag", "\"1\"".parse().unwrap());
                                             200
                                         }
@@ -1155,7 +1173,8 @@ impl Store {
                                     }
                                     _ => 405,
                                 };
-                                *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                                *response.status_mut() =
+                                    http::StatusCode::from_u16(status).unwrap();
                                 Ok::<_, std::convert::Infallible>(response)
                             }
                         },
@@ -1230,7 +1249,10 @@ async fn a_log_truncated_between_archive_and_punch_loses_nothing() {
         let (ok, out, log) = maintenance(&config, &["--once"], &[]);
         assert!(ok, "{out}{log}");
         assert!(out.contains("archived 3, failed 0"), "{out}");
-        assert!(out.contains("(truncated meanwhile): nothing punched"), "{out}");
+        assert!(
+            out.contains("(truncated meanwhile): nothing punched"),
+            "{out}"
+        );
         assert!(
             out.contains("holds other bytes now (truncated and written again): nothing punched"),
             "{out}"
@@ -1258,7 +1280,10 @@ async fn a_file_with_more_than_one_name_is_never_punched_nor_counted_as_freed() 
         let linked = site.log("linked.log", 100_000);
         std::fs::hard_link(site.logs.join("linked.log"), outside.0.join("keep.log")).unwrap();
         site.log("alone.log", 100_000);
-        let alone_blocks = std::fs::metadata(site.logs.join("alone.log")).unwrap().blocks() * 512;
+        let alone_blocks = std::fs::metadata(site.logs.join("alone.log"))
+            .unwrap()
+            .blocks()
+            * 512;
         // settle_ms 0: closed, deleted if it were a candidate; a minute: live, punched.
         for settle in ["0", "60000"] {
             let config = site.config(
@@ -1272,18 +1297,31 @@ async fn a_file_with_more_than_one_name_is_never_punched_nor_counted_as_freed() 
             let (ok, out, log) = maintenance(&config, &["--once"], &[]);
             assert!(ok, "{out}{log}");
             assert!(
-                out.contains("linked.log: 2 names (hard links): never archived, punched or deleted"),
+                out.contains(
+                    "linked.log: 2 names (hard links): never archived, punched or deleted"
+                ),
                 "{out}"
             );
             for name in [site.logs.join("linked.log"), outside.0.join("keep.log")] {
                 let meta = std::fs::metadata(&name).unwrap();
-                assert!(std::fs::read(&name).unwrap() == linked, "{}", name.display());
-                assert!(meta.blocks() * 512 >= meta.len(), "not punched: {}", name.display());
+                assert!(
+                    std::fs::read(&name).unwrap() == linked,
+                    "{}",
+                    name.display()
+                );
+                assert!(
+                    meta.blocks() * 512 >= meta.len(),
+                    "not punched: {}",
+                    name.display()
+                );
             }
             let freed = if settle == "0" { alone_blocks } else { 0 };
             assert!(out.contains(&format!("freed {freed} bytes")), "{out}");
             let stored = archives(&site.backup);
-            assert!(stored.keys().all(|k| !k.contains("linked.log")), "{stored:?}");
+            assert!(
+                stored.keys().all(|k| !k.contains("linked.log")),
+                "{stored:?}"
+            );
         }
     })
     .await;
@@ -1318,7 +1356,12 @@ async fn a_file_that_cannot_be_freed_is_not_archived_again_until_it_changes() {
         .await;
         assert_eq!(archives(&site.backup).len(), 1, "{}", daemon.log());
         assert_eq!(daemon.metric(key).await, 1.0);
-        assert_eq!(daemon.metric("canarygate_maintenance_freed_bytes_total").await, 0.0);
+        assert_eq!(
+            daemon
+                .metric("canarygate_maintenance_freed_bytes_total")
+                .await,
+            0.0
+        );
         // It changes: archived again.
         std::fs::OpenOptions::new()
             .append(true)
@@ -1326,9 +1369,11 @@ async fn a_file_that_cannot_be_freed_is_not_archived_again_until_it_changes() {
             .unwrap()
             .write_all(b"one more line\n")
             .unwrap();
-        eventually(Duration::from_secs(20), "archived after the change", || async {
-            archives(&site.backup).len() == 2
-        })
+        eventually(
+            Duration::from_secs(20),
+            "archived after the change",
+            || async { archives(&site.backup).len() == 2 },
+        )
         .await;
         let log = daemon.stop();
         assert!(log.contains("archived, not freed"), "{log}");
@@ -1348,7 +1393,13 @@ async fn a_file_archive_and_its_directories_are_fsynced_before_the_source_is_tou
         // strace shows each syscall with its descriptors' paths (-y), in order.
         let trace = site.dir.0.join("trace");
         let out = Command::new("strace")
-            .args(["-f", "-y", "-e", "trace=fsync,fdatasync,unlinkat,renameat2", "-o"])
+            .args([
+                "-f",
+                "-y",
+                "-e",
+                "trace=fsync,fdatasync,unlinkat,renameat2",
+                "-o",
+            ])
             .arg(&trace)
             .arg(binary())
             .args(["maintenance", "--once", "--config"])
@@ -1362,18 +1413,23 @@ async fn a_file_archive_and_its_directories_are_fsynced_before_the_source_is_tou
         let lines: Vec<&str> = trace.lines().collect();
         let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
         let backup = site.backup.display().to_string();
-        let file = at(&|l| l.contains("fsync(") && l.contains("/web1/app.log.") && l.contains(".zst>"));
+        let file =
+            at(&|l| l.contains("fsync(") && l.contains("/web1/app.log.") && l.contains(".zst>"));
         let host_dir = at(&|l| l.contains("fsync(") && l.contains(&format!("{backup}/web1>")));
         let root = at(&|l| l.contains("fsync(") && l.contains(&format!("{backup}>")));
         let logs = site.logs.display().to_string();
         let touched = at(&|l| {
             (l.contains("unlinkat(") || l.contains("renameat2(")) && l.contains(&format!("{logs}>"))
         });
-        let (Some(file), Some(host_dir), Some(root), Some(touched)) = (file, host_dir, root, touched)
+        let (Some(file), Some(host_dir), Some(root), Some(touched)) =
+            (file, host_dir, root, touched)
         else {
             panic!("fsyncs of the archive and its dirs, then the source:\n{trace}");
         };
-        assert!(file < host_dir && host_dir < root && root < touched, "{trace}");
+        assert!(
+            file < host_dir && host_dir < root && root < touched,
+            "{trace}"
+        );
         assert!(!site.logs.join("app.log").exists());
     })
     .await;

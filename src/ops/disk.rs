@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use rustix::fs::{statvfs, stat};
+use rustix::fs::{stat, statvfs};
 use rustix::io::Errno;
 
 /// A filesystem's usage as `df` counts it.

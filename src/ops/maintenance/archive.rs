@@ -55,7 +55,10 @@ pub struct Target {
 enum Write_ {
     /// `object_store`'s `BufWriter`, with parts of this size (a multipart upload
     /// past the first); `root`: the directory of a `file://` target, fsynced.
-    Store { part_bytes: usize, root: Option<PathBuf> },
+    Store {
+        part_bytes: usize,
+        root: Option<PathBuf>,
+    },
     /// One streamed PUT (after MKCOL of the parent collections).
     Http(HttpPut),
 }
@@ -362,7 +365,7 @@ fn sync_local(root: &std::path::Path, object: &ObjectPath) -> std::io::Result<()
 
 /// Where an archive's compressed chunks go as they are made.
 enum Sink {
-    Store(BufWriter),
+    Store(Box<BufWriter>),
     Http {
         chunks: Option<tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
         /// The PUT; taken once awaited.
@@ -373,10 +376,10 @@ enum Sink {
 impl Sink {
     fn open(handle: &Handle, target: &Target, object: &ObjectPath) -> Self {
         match &target.write {
-            Write_::Store { part_bytes, .. } => Self::Store(
+            Write_::Store { part_bytes, .. } => Self::Store(Box::new(
                 BufWriter::with_capacity(Arc::clone(&target.store), object.clone(), *part_bytes)
                     .with_max_concurrency(2),
-            ),
+            )),
             Write_::Http(put) => {
                 let (tx, rx) = tokio::sync::mpsc::channel(HTTP_QUEUE);
                 let put = handle.spawn(put.clone().put(object.clone(), rx));

@@ -72,7 +72,7 @@ impl Shape {
             allocated: u64::try_from(stat.st_blocks).unwrap_or(0) * 512,
             modified: SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
             block: u64::try_from(stat.st_blksize).unwrap_or(4096).max(512),
-            links: u64::from(stat.st_nlink),
+            links: stat.st_nlink,
         }
     }
 }
@@ -159,11 +159,13 @@ impl Candidate {
                 done
             }
             Err(e) => {
-                writers()
-                    .judge(now.id, e)
-                    .map_err(FileError::Open)?;
-                let stat = statat(&*self.parent, self.name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
-                    .map_err(|e| FileError::io("stat", e))?;
+                writers().judge(now.id, e).map_err(FileError::Open)?;
+                let stat = statat(
+                    &*self.parent,
+                    self.name.as_c_str(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| FileError::io("stat", e))?;
                 if Shape::of(&stat).id != archived.id {
                     return Err(FileError::Replaced);
                 }
@@ -191,7 +193,8 @@ impl Candidate {
                 "opened while it was being deleted (the lease broke): kept".to_owned(),
             ));
         }
-        unlinkat(dir, aside.as_c_str(), AtFlags::empty()).map_err(|e| FileError::io("unlink", e))?;
+        unlinkat(dir, aside.as_c_str(), AtFlags::empty())
+            .map_err(|e| FileError::io("unlink", e))?;
         Ok("deleted (proven closed: write lease)")
     }
 
@@ -349,9 +352,13 @@ pub enum FileError {
     Open(String),
     #[error("it has {0} names (hard links): freeing one frees nothing; left whole")]
     Linked(u64),
-    #[error("it is now {now} bytes, shorter than the {archived} archived (truncated meanwhile): nothing punched")]
+    #[error(
+        "it is now {now} bytes, shorter than the {archived} archived (truncated meanwhile): nothing punched"
+    )]
     Truncated { now: u64, archived: u64 },
-    #[error("the archived range holds other bytes now (truncated and written again): nothing punched")]
+    #[error(
+        "the archived range holds other bytes now (truncated and written again): nothing punched"
+    )]
     Rewritten,
 }
 
@@ -472,7 +479,7 @@ impl Walk<'_> {
                     }
                 }
                 FileType::RegularFile if self.wanted(&path) && stat.st_nlink > 1 => {
-                    self.out.linked.push((self.root, path, u64::from(stat.st_nlink)));
+                    self.out.linked.push((self.root, path, stat.st_nlink));
                 }
                 FileType::RegularFile if self.wanted(&path) => {
                     self.out.candidates.push(Candidate {
@@ -594,7 +601,6 @@ pub fn open_for_writing(wanted: &HashSet<FileId>) -> Writers {
     }
 }
 
-
 /// Whether an fdinfo's `flags:` (octal) say O_WRONLY or O_RDWR.
 fn writes(fdinfo: &str) -> bool {
     fdinfo
@@ -615,5 +621,4 @@ mod tests {
         assert!(!writes("pos:\t0\nflags:\t0100000\n"));
         assert!(!writes("nothing"));
     }
-
 }

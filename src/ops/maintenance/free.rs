@@ -63,7 +63,12 @@ pub fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
     let block = done.shape.block;
     let punch = |why: &str| {
         candidate
-            .punch(done.start, done.end / block * block, done.end, &done.fingerprint)
+            .punch(
+                done.start,
+                done.end / block * block,
+                done.end,
+                &done.fingerprint,
+            )
             .map(|n| (format!("{why}: its archived prefix punched out"), n))
             .map_err(|e| ("punch", e))
     };
@@ -80,4 +85,3 @@ pub fn free_file(candidate: &Candidate, live: bool, done: &Archived) -> Freed {
         Err(e) => Err(("delete", e)),
     }
 }
-

@@ -448,7 +448,8 @@ impl Maintenance {
                     s.candidate.shape.size,
                     s.candidate.shape.allocated,
                     match &s.closed {
-                        Err(why) => format!("live ({why}): its archived prefix would be punched out"),
+                        Err(why) =>
+                            format!("live ({why}): its archived prefix would be punched out"),
                         Ok(how) => format!("closed ({how}): it would be deleted"),
                     }
                 ));
