@@ -499,11 +499,12 @@ async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
         );
         let maintenance = unit("canarygate-maintenance.service");
         assert!(
-            maintenance.contains("CapabilityBoundingSet=\n"),
+            maintenance
+                .contains("AmbientCapabilities=CAP_LEASE\nCapabilityBoundingSet=CAP_LEASE\n"),
             "{maintenance}"
         );
         assert!(
-            maintenance.contains(&format!("ReadWritePaths={}", "/var/log/canarygate")),
+            maintenance.contains("ReadWritePaths=/var/log/canarygate /var/backups/canarygate\n"),
             "{maintenance}"
         );
         assert!(unit("canarygate-app.service").contains("--drain-ms 3000"));

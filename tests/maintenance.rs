@@ -6,6 +6,7 @@
 mod support;
 
 use std::collections::HashMap;
+use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -127,6 +128,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(config: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_as(config, env, None)
+    }
+
+    /// As `uid` (its group `gid`, no other groups), through `setpriv`.
+    fn start_as(config: &Path, env: &[(&str, &str)], user: Option<(u32, u32)>) -> Self {
         let text = std::fs::read_to_string(config).unwrap();
         let admin: u16 = text
             .split("[maintenance]\nadmin_listen = \"127.0.0.1:")
@@ -135,7 +141,20 @@ impl Daemon {
             .and_then(|p| p.parse().ok())
             .expect("the config names the admin port");
         let log = config.with_extension("log");
-        let child = Command::new(binary())
+        let mut command = match user {
+            Some((uid, gid)) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={gid}"),
+                    "--clear-groups",
+                    binary(),
+                ]);
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = command
             .args(["maintenance", "--config"])
             .arg(config)
             .envs(env.iter().copied())
@@ -223,7 +242,10 @@ async fn only_logs_are_archived_each_archive_is_the_original_and_the_rest_untouc
             );
         }
         assert_eq!(dry.matches("would archive").count(), 3, "{dry}");
-        assert!(dry.contains("closed: it would be deleted"), "{dry}");
+        assert!(
+            dry.contains("closed (proven closed: write lease): it would be deleted"),
+            "{dry}"
+        );
         assert!(
             archives(&site.backup).is_empty(),
             "a dry run stores nothing"
@@ -419,7 +441,7 @@ async fn a_live_log_loses_no_line_and_repeats_none() {
         tokio::time::sleep(Duration::from_millis(800)).await;
         let log = daemon.stop();
         assert!(
-            log.contains("its archived prefix punched out (live log)"),
+            log.contains("live log: its archived prefix punched out"),
             "{log}"
         );
         assert_eq!(punched_while_live.ok(), Some(true), "space freed in place");
@@ -970,6 +992,544 @@ async fn the_access_log_follows_a_move_and_a_truncation_without_losing_a_line() 
         assert_eq!(all, expected, "every line once, in order");
         assert_eq!(proxy.state.metrics.log_dropped.get(), 0);
         proxy.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------
+// What maintenance must never destroy (issue 29): real processes under users of
+// their own, real files, a real HTTP store.
+
+/// Runs `chown uid:gid` and `chmod mode` on `path`.
+fn own(path: &Path, uid: u32, gid: u32, mode: &str) {
+    for (cmd, arg) in [
+        ("chown", format!("{uid}:{gid}")),
+        ("chmod", mode.to_owned()),
+    ] {
+        assert!(
+            Command::new(cmd)
+                .arg(&arg)
+                .arg(path)
+                .status()
+                .unwrap()
+                .success(),
+            "{cmd} {arg} {}",
+            path.display()
+        );
+    }
+}
+
+/// The archives of one file in time order (their names sort so), then what is
+/// left in the file after its holes.
+fn reassembled(backup: &Path, path: &Path) -> Vec<u8> {
+    let stored = archives(backup);
+    let mut names: Vec<&String> = stored.keys().collect();
+    names.sort();
+    let mut all: Vec<u8> = names.iter().flat_map(|n| stored[*n].clone()).collect();
+    let archived = all.len();
+    let rest = std::fs::read(path).unwrap_or_default();
+    if rest.len() >= archived {
+        assert!(
+            rest[..archived].iter().all(|b| *b == 0),
+            "the archived prefix reads as a hole"
+        );
+        all.extend_from_slice(&rest[archived..]);
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_held_open_by_another_users_process_keeps_every_later_line() {
+    within(90, async {
+        // The application (uid 45131) writes the log; maintenance runs as its own
+        // user (45132), sharing only the log group (45133): it may write the dir and
+        // the file, but cannot see the application's descriptors in /proc, and
+        // neither owns the file nor has CAP_LEASE. Uids nothing else uses.
+        let (app, maint, group) = (45131, 45132, 45133);
+        let site = Site::new("maint-held");
+        own(&site.dir.0, 0, 0, "755");
+        own(&site.logs, 0, group, "2775");
+        own(&site.backup, maint, maint, "700");
+        let path = site.logs.join("held.log");
+        let go = site.dir.0.join("go");
+        let line = |i: u32| format!("line {i} of the held log\n");
+        // Phase 1: 20,000 lines, then the writer keeps the file open, silent, until
+        // told to go on; phase 2: 5,000 more.
+        let script = format!(
+            "umask 002\nexec 3>>{path}\nfor i in $(seq 1 20000); do echo \"line $i of the held \
+             log\" >&3; done\nfor i in $(seq 1 1200); do [ -e {go} ] && break; sleep 0.05; done\n\
+             for i in $(seq 20001 25000); do echo \"line $i of the held log\" >&3; done\n",
+            path = path.display(),
+            go = go.display()
+        );
+        let mut writer = KillOnDrop(
+            Command::new("setpriv")
+                .args([
+                    &format!("--reuid={app}"),
+                    &format!("--regid={group}"),
+                    "--clear-groups",
+                    "bash",
+                    "-c",
+                    &script,
+                ])
+                .spawn()
+                .unwrap(),
+        );
+        let phase1: usize = (1..=20_000).map(|i| line(i).len()).sum();
+        eventually(Duration::from_secs(20), "phase 1 written", || async {
+            std::fs::metadata(&path).is_ok_and(|m| m.len() == phase1 as u64)
+        })
+        .await;
+        let config = site.config(
+            &format!("file://{}", site.backup.display()),
+            "max_file_bytes = 1\n",
+        );
+        let daemon = Daemon::start_as(&config, &[], Some((maint, group)));
+        // Rounds while the writer is silent: the old judgement (no writer seen, not
+        // modified within settle_ms 0) deleted it here.
+        eventually(Duration::from_secs(20), "archived while held", || async {
+            daemon
+                .metric("canarygate_maintenance_archived_files_total")
+                .await
+                >= 1.0
+        })
+        .await;
+        let rounds = daemon.metric("canarygate_maintenance_rounds_total").await;
+        eventually(Duration::from_secs(20), "two more rounds", || async {
+            daemon.metric("canarygate_maintenance_rounds_total").await >= rounds + 2.0
+        })
+        .await;
+        assert!(path.exists(), "held open: never deleted\n{}", daemon.log());
+        std::fs::write(&go, "").unwrap();
+        assert!(writer.0.wait().unwrap().success());
+        let mut daemon = daemon;
+        let log = daemon.stop();
+        assert!(
+            log.contains("live log: its archived prefix punched out"),
+            "{log}"
+        );
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.blocks() * 512 < meta.len(), "space freed in place");
+        let expected: Vec<u8> = (1..=25_000).flat_map(|i| line(i).into_bytes()).collect();
+        let all = reassembled(&site.backup, &path);
+        assert_eq!(all.len(), expected.len(), "{log}");
+        assert!(all == expected, "every line once, in order");
+    })
+    .await;
+}
+
+/// A store on loopback speaking the HTTP/WebDAV that maintenance uses (MKCOL, PUT,
+/// GET, DELETE), which calls `on_put` with the object's path once a PUT's body has
+/// all arrived and before it answers: the moment between archive and free.
+struct Store {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type OnPut = Arc<dyn Fn(&str) + Send + Sync>;
+
+impl Store {
+    async fn start(on_put: OnPut) -> Self {
+        use http_body_util::{BodyExt as _, Full};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let objects = Arc::new(std::sync::Mutex::new(HashMap::<String, bytes::Bytes>::new()));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (objects, on_put) = (Arc::clone(&objects), Arc::clone(&on_put));
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (objects, on_put) = (Arc::clone(&objects), Arc::clone(&on_put));
+                            async move {
+                                let path = req.uri().path().to_owned();
+                                let method = req.method().clone();
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let mut response =
+                                    http::Response::new(Full::new(bytes::Bytes::new()));
+                                let status = match method.as_str() {
+                                    "MKCOL" => 201,
+                                    "PUT" => {
+                                        objects.lock().unwrap().insert(path.clone(), body);
+                                        on_put(&path);
+                                        201
+                                    }
+                                    "GET" => match objects.lock().unwrap().get(&path) {
+                                        Some(stored) => {
+                                            *response.body_mut() = Full::new(stored.clone());
+                                            let h = response.headers_mut();
+                                            h.insert(
+                                                "last-modified",
+                                                "Wed, 21 Oct 2026 07:28:00 GMT".parse().unwrap(),
+                                            );
+                                            h.insert("etag", "\"1\"".parse().unwrap());
+                                            200
+                                        }
+                                        None => 404,
+                                    },
+                                    "DELETE" => {
+                                        objects.lock().unwrap().remove(&path);
+                                        204
+                                    }
+                                    _ => 405,
+                                };
+                                *response.status_mut() =
+                                    http::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(response)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_truncated_between_archive_and_punch_loses_nothing() {
+    within(60, async {
+        let site = Site::new("maint-trunc");
+        site.log("short.log", 200_000);
+        site.log("long.log", 200_000);
+        site.log("opened.log", 200_000);
+        // At the PUT of each archive (its bytes all read): `> short.log` and a few
+        // fresh lines; long.log rewritten from 0 with more than was archived (same
+        // size or more: only the fingerprint tells); opened.log opened by a process
+        // that keeps writing to it.
+        let fresh_short = lines("fresh short", 5_000);
+        let fresh_long = lines("fresh long", 300_000);
+        let logs = site.logs.clone();
+        let (fs, fl) = (fresh_short.clone(), fresh_long.clone());
+        let holder: Arc<std::sync::Mutex<Option<KillOnDrop>>> = Arc::default();
+        let held = Arc::clone(&holder);
+        let opened_path = logs.join("opened.log");
+        let go = site.dir.0.join("go");
+        let go_path = go.clone();
+        let store = Store::start(Arc::new(move |object: &str| {
+            if object.contains("/short.log.") {
+                std::fs::write(logs.join("short.log"), &fs).unwrap();
+            } else if object.contains("/long.log.") {
+                std::fs::write(logs.join("long.log"), &fl).unwrap();
+            } else if object.contains("/opened.log.") {
+                // A process that opens it and stays silent until told: held open
+                // from before the unlink's check on, then writes a line.
+                let child = Command::new("bash")
+                    .arg("-c")
+                    .arg(format!(
+                        "exec 3>>{}\nfor i in $(seq 1 600); do [ -e {go} ] && break; sleep 0.05; \
+                         done\necho 'written after the archive' >&3\n",
+                        opened_path.display(),
+                        go = go_path.display()
+                    ))
+                    .spawn()
+                    .unwrap();
+                let fd = format!("/proc/{}/fd/3", child.id());
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while std::fs::read_link(&fd).is_err() && std::time::Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+                *held.lock().unwrap() = Some(KillOnDrop(child));
+            }
+        }))
+        .await;
+        let config = site.config(
+            &format!("http://{}/store/", store.addr),
+            "max_file_bytes = 1\n",
+        );
+        let (ok, out, log) = maintenance(&config, &["--once"], &[]);
+        assert!(ok, "{out}{log}");
+        assert!(out.contains("archived 3, failed 0"), "{out}");
+        assert!(
+            out.contains("(truncated meanwhile): nothing punched"),
+            "{out}"
+        );
+        assert!(
+            out.contains("holds other bytes now (truncated and written again): nothing punched"),
+            "{out}"
+        );
+        // Every fresh byte is there, no run of zeros before it.
+        assert!(std::fs::read(site.logs.join("short.log")).unwrap() == fresh_short);
+        assert!(std::fs::read(site.logs.join("long.log")).unwrap() == fresh_long);
+        // Opened between the scan and the unlink: kept, its new line after the hole.
+        assert!(out.contains("the write lease was refused"), "{out}");
+        std::fs::write(&go, "").unwrap();
+        let holder = holder.lock().unwrap().take().unwrap();
+        let mut holder = holder;
+        assert!(holder.0.wait().unwrap().success());
+        let opened = std::fs::read(site.logs.join("opened.log")).unwrap();
+        assert!(opened.ends_with(b"written after the archive\n"), "{out}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_with_more_than_one_name_is_never_punched_nor_counted_as_freed() {
+    within(60, async {
+        let site = Site::new("maint-links");
+        let outside = TempDir::new("maint-links-outside");
+        let linked = site.log("linked.log", 100_000);
+        std::fs::hard_link(site.logs.join("linked.log"), outside.0.join("keep.log")).unwrap();
+        site.log("alone.log", 100_000);
+        let alone_blocks = std::fs::metadata(site.logs.join("alone.log"))
+            .unwrap()
+            .blocks()
+            * 512;
+        // settle_ms 0: closed, deleted if it were a candidate; a minute: live, punched.
+        for settle in ["0", "60000"] {
+            let config = site.config(
+                &format!("file://{}", site.backup.display()),
+                "max_file_bytes = 1\n",
+            );
+            let text = std::fs::read_to_string(&config)
+                .unwrap()
+                .replace("settle_ms = 0\n", &format!("settle_ms = {settle}\n"));
+            std::fs::write(&config, text).unwrap();
+            let (ok, out, log) = maintenance(&config, &["--once"], &[]);
+            assert!(ok, "{out}{log}");
+            assert!(
+                out.contains(
+                    "linked.log: 2 names (hard links): never archived, punched or deleted"
+                ),
+                "{out}"
+            );
+            for name in [site.logs.join("linked.log"), outside.0.join("keep.log")] {
+                let meta = std::fs::metadata(&name).unwrap();
+                assert!(
+                    std::fs::read(&name).unwrap() == linked,
+                    "{}",
+                    name.display()
+                );
+                assert!(
+                    meta.blocks() * 512 >= meta.len(),
+                    "not punched: {}",
+                    name.display()
+                );
+            }
+            let freed = if settle == "0" { alone_blocks } else { 0 };
+            assert!(out.contains(&format!("freed {freed} bytes")), "{out}");
+            let stored = archives(&site.backup);
+            assert!(
+                stored.keys().all(|k| !k.contains("linked.log")),
+                "{stored:?}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_freed_is_not_archived_again_until_it_changes() {
+    within(60, async {
+        // Maintenance (uid 45134) may read the log but not write it or its dir.
+        let maint = 45134;
+        let site = Site::new("maint-stuck");
+        own(&site.dir.0, 0, 0, "755");
+        own(&site.logs, 0, 0, "755");
+        own(&site.backup, maint, maint, "700");
+        site.log("app.log", 100_000);
+        own(&site.logs.join("app.log"), 0, 0, "644");
+        let config = site.config(
+            &format!("file://{}", site.backup.display()),
+            "max_file_bytes = 1\n",
+        );
+        let mut daemon = Daemon::start_as(&config, &[], Some((maint, maint)));
+        let key = "canarygate_maintenance_failures_total{stage=\"punch\"}";
+        eventually(Duration::from_secs(20), "the punch refused", || async {
+            daemon.metric(key).await >= 1.0
+        })
+        .await;
+        // Rounds every 300 ms, the backoff 200 ms: many chances to archive it again.
+        let rounds = daemon.metric("canarygate_maintenance_rounds_total").await;
+        eventually(Duration::from_secs(20), "five more rounds", || async {
+            daemon.metric("canarygate_maintenance_rounds_total").await >= rounds + 5.0
+        })
+        .await;
+        assert_eq!(archives(&site.backup).len(), 1, "{}", daemon.log());
+        assert_eq!(daemon.metric(key).await, 1.0);
+        assert_eq!(
+            daemon
+                .metric("canarygate_maintenance_freed_bytes_total")
+                .await,
+            0.0
+        );
+        // It changes: archived again.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(site.logs.join("app.log"))
+            .unwrap()
+            .write_all(b"one more line\n")
+            .unwrap();
+        eventually(
+            Duration::from_secs(20),
+            "archived after the change",
+            || async { archives(&site.backup).len() == 2 },
+        )
+        .await;
+        let log = daemon.stop();
+        assert!(log.contains("archived, not freed"), "{log}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_file_archive_and_its_directories_are_fsynced_before_the_source_is_touched() {
+    within(60, async {
+        let site = Site::new("maint-fsync");
+        site.log("app.log", 100_000);
+        let config = site.config(
+            &format!("file://{}", site.backup.display()),
+            "max_file_bytes = 1\n",
+        );
+        // strace shows each syscall with its descriptors' paths (-y), in order.
+        let trace = site.dir.0.join("trace");
+        let out = Command::new("strace")
+            .args([
+                "-f",
+                "-y",
+                "-e",
+                "trace=fsync,fdatasync,unlinkat,renameat2",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(binary())
+            .args(["maintenance", "--once", "--config"])
+            .arg(&config)
+            .output()
+            .expect("strace");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("archived 1, failed 0"), "{text}");
+        let trace = std::fs::read_to_string(&trace).unwrap();
+        let lines: Vec<&str> = trace.lines().collect();
+        let at = |what: &dyn Fn(&str) -> bool| lines.iter().position(|l| what(l));
+        let backup = site.backup.display().to_string();
+        let file =
+            at(&|l| l.contains("fsync(") && l.contains("/web1/app.log.") && l.contains(".zst>"));
+        let host_dir = at(&|l| l.contains("fsync(") && l.contains(&format!("{backup}/web1>")));
+        let root = at(&|l| l.contains("fsync(") && l.contains(&format!("{backup}>")));
+        let logs = site.logs.display().to_string();
+        let touched = at(&|l| {
+            (l.contains("unlinkat(") || l.contains("renameat2(")) && l.contains(&format!("{logs}>"))
+        });
+        let (Some(file), Some(host_dir), Some(root), Some(touched)) =
+            (file, host_dir, root, touched)
+        else {
+            panic!("fsyncs of the archive and its dirs, then the source:\n{trace}");
+        };
+        assert!(
+            file < host_dir && host_dir < root && root < touched,
+            "{trace}"
+        );
+        assert!(!site.logs.join("app.log").exists());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn on_ext4_with_a_large_reserve_the_proxy_maintenance_and_df_agree() {
+    within(90, async {
+        // A 64 MiB ext4 image with half its blocks reserved for root (mkfs.ext4 -m
+        // 50), loop-mounted in a mount namespace of this test's own; the proxy (its
+        // resource watch) and maintenance run inside it, as does df.
+        let site = Site::new("maint-ext4");
+        let (img, mnt, out) = (site.dir.0.join("img"), site.dir.0.join("mnt"), &site.dir.0);
+        std::fs::create_dir_all(&mnt).unwrap();
+        let admin = free_port();
+        let proxy_config = site.dir.write(
+            "proxy.toml",
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n{}",
+                free_port(),
+                config_toml(
+                    &[dead_addr().await],
+                    &[],
+                    &format!(
+                        "[resources]\ninterval_ms = 200\ndisk_paths = [\"{}\"]\n",
+                        mnt.display()
+                    )
+                )
+            ),
+        );
+        let maint_config = site.dir.write(
+            "maint.toml",
+            &format!(
+                "[maintenance]\nadmin_listen = \"127.0.0.1:{}\"\ndirs = [\"{}\"]\n\
+                 target_url = \"file://{}\"\nproxy_metrics_url = \"http://127.0.0.1:{admin}/metrics\"\n",
+                free_port(),
+                mnt.display(),
+                site.backup.display()
+            ),
+        );
+        let script = format!(
+            "set -e\ntruncate -s 64M {img}\nmkfs.ext4 -q -F -m 50 {img}\nmount -o loop {img} {mnt}\n\
+             head -c 10485760 /dev/urandom > {mnt}/fill.bin\nsync -f {mnt}\n\
+             {bin} run --config {proxy} > {out}/proxy.log 2>&1 &\nproxy=$!\n\
+             {bin} maintenance --once --dry-run --config {maint} > {out}/maint 2>&1\n\
+             df -B1 --output=used,avail,size {mnt} | tail -1 > {out}/df\ntouch {out}/ready\n\
+             for i in $(seq 1 1200); do [ -e {out}/stop ] && break; sleep 0.05; done\n\
+             kill $proxy; wait $proxy || true\numount {mnt}\n",
+            img = img.display(),
+            mnt = mnt.display(),
+            out = out.display(),
+            bin = binary(),
+            proxy = proxy_config.display(),
+            maint = maint_config.display()
+        );
+        let mut child = KillOnDrop(
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "bash", "-c", &script])
+                .spawn()
+                .unwrap(),
+        );
+        let ready = out.join("ready");
+        eventually(Duration::from_secs(30), "the namespace ready", || async {
+            ready.exists()
+        })
+        .await;
+        let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_default();
+        let df: Vec<f64> = read("df").split_whitespace().map(|n| n.parse().unwrap()).collect();
+        let (used, avail, size) = (df[0], df[1], df[2]);
+        let df_ratio = used / (used + avail);
+        // The reserve matters here: total minus available over total says far more.
+        let old_ratio = (size - avail) / size;
+        assert!(old_ratio - df_ratio > 0.15, "df {df_ratio}, old {old_ratio}");
+        // Maintenance's figure (one decimal in its report).
+        let report = read("maint");
+        let percent: f64 = report
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{}: ", mnt.display())))
+            .and_then(|l| l.strip_suffix("% used"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("{report}"));
+        assert!((percent - df_ratio * 100.0).abs() <= 0.05 + 1e-9, "{percent} vs df {df_ratio}\n{report}");
+        // The proxy's gauge.
+        let c = client();
+        let url = format!("http://127.0.0.1:{admin}/metrics");
+        let key = format!("canarygate_host_disk_used_ratio{{path=\"{}\"}}", mnt.display());
+        let gauge = Arc::new(std::sync::Mutex::new(None));
+        eventually(Duration::from_secs(20), "the proxy's disk gauge", || {
+            let (got, key, gauge) = (try_get(&c, &url), key.clone(), Arc::clone(&gauge));
+            async move {
+                let value = got.await.ok().and_then(|p| parse_scrape(p.text()).get(&key).copied());
+                *gauge.lock().unwrap() = value;
+                value.is_some()
+            }
+        })
+        .await;
+        let gauge = gauge.lock().unwrap().unwrap();
+        assert!((gauge - df_ratio).abs() < 1e-3, "gauge {gauge} vs df {df_ratio}\n{}", read("proxy.log"));
+        std::fs::write(out.join("stop"), "").unwrap();
+        assert!(child.0.wait().unwrap().success(), "{}", read("proxy.log"));
     })
     .await;
 }

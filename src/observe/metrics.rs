@@ -328,7 +328,8 @@ impl Metrics {
         let host_disk = must(GaugeVec::new(
             Opts::new(
                 "canarygate_host_disk_used_ratio",
-                "Used share of the filesystem holding each configured path, 0..1.",
+                "Used share of the filesystem holding each configured path, as df counts it \
+                 (used / (used + available)), 0..1.",
             ),
             &["path"],
         ));

@@ -3,6 +3,7 @@
 //! - [`alerts`]: the one way to tell a human (Twilio SMS, email, Alertmanager,
 //!   webhook), with noise control.
 //! - [`resources`]: the host resource watch (CPU, memory, disks) and its alerts.
+//! - [`disk`]: what "disk used" means, for every process and threshold (`df`'s).
 //! - [`memory`]: returns the memory idle connections hold.
 //! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
 //! - [`fleet`]: heartbeats to Redis and the fleet view (`/fleet`).
@@ -15,6 +16,7 @@
 
 pub mod alerts;
 pub mod analysis;
+pub mod disk;
 pub mod doctor;
 pub mod fleet;
 pub mod maintenance;

@@ -6,17 +6,20 @@
 //!
 //! The gauges are a contract: the co-located doctor and maintenance read them from
 //! this proxy's `/metrics` (`canarygate_host_cpu_ratio`,
-//! `canarygate_host_memory_ratio`, `canarygate_host_disk_used_ratio{path}`).
+//! `canarygate_host_memory_ratio`, `canarygate_host_disk_used_ratio{path}`). The
+//! disk figure is `df`'s, the one [`disk`] defines for maintenance too, so
+//! `disk_percent` means the same in both processes.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sysinfo::{Disks, ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind, Users};
+use sysinfo::{ProcessRefreshKind, ProcessesToUpdate, System, UpdateKind, Users};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::ops::alerts::{Dispatcher, Severity};
+use crate::ops::disk;
 use crate::state::AppState;
 
 /// One sample of the host.
@@ -24,8 +27,8 @@ use crate::state::AppState;
 pub struct Sample {
     pub cpu_ratio: f64,
     pub memory_ratio: f64,
-    /// Each configured path and its filesystem's used ratio (absent when no mounted
-    /// filesystem holds it).
+    /// Each configured path and its filesystem's used ratio, `df`'s
+    /// ([`disk::Usage::ratio`]; absent when the path cannot be read).
     pub disks: Vec<(PathBuf, Option<f64>)>,
 }
 
@@ -44,13 +47,12 @@ impl Sampler {
         self.system.refresh_memory();
         let total = self.system.total_memory();
         let used = total.saturating_sub(self.system.available_memory());
-        let disks = Disks::new_with_refreshed_list().ok();
         Sample {
             cpu_ratio: f64::from(self.system.global_cpu_usage()) / 100.0,
             memory_ratio: ratio(used, total),
             disks: paths
                 .iter()
-                .map(|p| (p.clone(), disks.as_ref().and_then(|d| used_ratio(d, p))))
+                .map(|p| (p.clone(), disk::Usage::read(p).ok().map(|u| u.ratio())))
                 .collect(),
         }
     }
@@ -131,22 +133,6 @@ fn ratio(part: u64, whole: u64) -> f64 {
     #[allow(clippy::cast_precision_loss)]
     let r = part as f64 / whole as f64;
     r.clamp(0.0, 1.0)
-}
-
-/// The used ratio of the filesystem holding `path`: the mounted disk with the
-/// longest mount point that is a prefix of it.
-fn used_ratio(disks: &Disks, path: &Path) -> Option<f64> {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    disks
-        .iter()
-        .filter(|d| path.starts_with(d.mount_point()))
-        .max_by_key(|d| d.mount_point().as_os_str().len())
-        .map(|d| {
-            ratio(
-                d.total_space().saturating_sub(d.available_space()),
-                d.total_space(),
-            )
-        })
 }
 
 /// One watched resource: when it went above its threshold, and whether its alert

@@ -5,8 +5,17 @@
 //!
 //! One archive runs on a blocking thread (file reads, compression and hashing are
 //! CPU and disk work); it drives the store's async calls with the runtime's handle.
+//!
+//! Memory is bounded whatever the file: the file is read 256 KiB at a time and
+//! compressed output leaves in chunks of about 1 MiB. A directory or S3 takes them
+//! through `object_store`'s buffered writer, in parts of 8 MiB, at most two in
+//! flight; HTTP/WebDAV has no multipart, so the chunks stream as one chunked PUT
+//! body through a queue of [`HTTP_QUEUE`] chunks. Before the source is touched, a
+//! `file://` archive and every directory entry leading to it are fsynced: a crash
+//! after the punch or unlink cannot lose the only copy to the page cache.
 
 use std::io::{Read as _, Seek as _, SeekFrom, Write};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -26,17 +35,43 @@ use tokio::runtime::Handle;
 
 use crate::config::maintenance::{MaintenanceConfig, TargetKind, target_kind};
 
-use super::files::{Candidate, FileError, Shape, data_start};
+use super::files::{Candidate, FileError, Fingerprint, Fingerprinting, Shape, data_start};
+
+/// Compressed chunks (about 1 MiB each) queued for an HTTP PUT body at most: with
+/// the one being compressed, an HTTP archive holds about 5 MiB however big the file.
+pub const HTTP_QUEUE: usize = 4;
 
 /// Where archives go, and how they are written there.
 #[derive(Clone)]
 pub struct Target {
     pub store: Arc<dyn ObjectStore>,
-    /// `BufWriter` buffers this much before it turns to a multipart upload
-    /// (`usize::MAX` for HTTP, which has none: the archive is sent in one PUT).
-    part_bytes: usize,
+    /// How an archive is written: through the store, or streamed (HTTP).
+    write: Write_,
     pub url: String,
 }
+
+/// The write side of a target.
+#[derive(Clone)]
+enum Write_ {
+    /// `object_store`'s `BufWriter`, with parts of this size (a multipart upload
+    /// past the first); `root`: the directory of a `file://` target, fsynced.
+    Store {
+        part_bytes: usize,
+        root: Option<PathBuf>,
+    },
+    /// One streamed PUT (after MKCOL of the parent collections).
+    Http(HttpPut),
+}
+
+#[derive(Clone)]
+struct HttpPut {
+    client: reqwest::Client,
+    base: reqwest::Url,
+    authorization: Option<http::HeaderValue>,
+}
+
+/// Parts of a multipart upload (S3's must be 5 MiB or more, but the last).
+const PART: usize = 8 << 20;
 
 /// Why a target could not be built (a bad URL, a missing directory).
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +101,19 @@ impl Target {
                 .with_connect_timeout(Duration::from_secs(5))
         };
         let kind = target_kind(&url).map_err(&fail)?;
-        let (store, part_bytes): (Arc<dyn ObjectStore>, usize) = match kind {
+        let (store, write): (Arc<dyn ObjectStore>, Write_) = match kind {
             TargetKind::File => {
                 let dir = url.trim_start_matches("file://");
                 let local =
                     LocalFileSystem::new_with_prefix(dir).map_err(|e| fail(e.to_string()))?;
-                (Arc::new(local), 8 << 20)
+                let root = Some(PathBuf::from(dir));
+                (
+                    Arc::new(local),
+                    Write_::Store {
+                        part_bytes: PART,
+                        root,
+                    },
+                )
             }
             TargetKind::S3 => {
                 let rest = url.trim_start_matches("s3://");
@@ -97,16 +139,19 @@ impl Target {
                 }
                 let store = builder.build().map_err(|e| fail(e.to_string()))?;
                 let prefix = prefix.trim_matches('/');
-                // S3's multipart parts must be 5 MiB or more (but the last).
-                let part = 8 << 20;
+                let write = Write_::Store {
+                    part_bytes: PART,
+                    root: None,
+                };
                 if prefix.is_empty() {
-                    (Arc::new(store), part)
+                    (Arc::new(store), write)
                 } else {
-                    (Arc::new(PrefixStore::new(store, prefix)), part)
+                    (Arc::new(PrefixStore::new(store, prefix)), write)
                 }
             }
             TargetKind::Http => {
                 let mut options = options().with_allow_http(true);
+                let mut authorization = None;
                 if let Some(user) = &config.webdav.username {
                     let password = config
                         .webdav
@@ -120,6 +165,7 @@ impl Target {
                     let mut value = http::HeaderValue::try_from(format!("Basic {token}"))
                         .map_err(|e| fail(e.to_string()))?;
                     value.set_sensitive(true);
+                    authorization = Some(value.clone());
                     headers.insert(http::header::AUTHORIZATION, value);
                     options = options.with_default_headers(headers);
                 }
@@ -129,14 +175,19 @@ impl Target {
                     .with_client_options(options)
                     .build()
                     .map_err(|e| fail(e.to_string()))?;
-                (Arc::new(store), usize::MAX)
+                let put = HttpPut {
+                    client: reqwest::Client::builder()
+                        .connect_timeout(Duration::from_secs(5))
+                        .read_timeout(Duration::from_secs(60))
+                        .build()
+                        .map_err(|e| fail(e.to_string()))?,
+                    base: reqwest::Url::parse(&url).map_err(|e| fail(e.to_string()))?,
+                    authorization,
+                };
+                (Arc::new(store), Write_::Http(put))
             }
         };
-        Ok(Self {
-            store,
-            part_bytes,
-            url,
-        })
+        Ok(Self { store, write, url })
     }
 }
 
@@ -177,6 +228,8 @@ pub struct Archived {
     pub end: u64,
     pub stored_bytes: u64,
     pub sha256: String,
+    /// Samples of `[start, end)` as read: checked again before punching.
+    pub fingerprint: Fingerprint,
     /// The file as it was when read.
     pub shape: Shape,
 }
@@ -219,19 +272,15 @@ pub fn archive(
     }
     file.seek(SeekFrom::Start(start))
         .map_err(|e| ArchiveError::Read(e.to_string()))?;
-    let mut writer =
-        BufWriter::with_capacity(Arc::clone(&target.store), object.clone(), target.part_bytes);
+    let mut sink = Sink::open(handle, target, object);
     let mut encoder = zstd::stream::write::Encoder::new(Vec::with_capacity(1 << 20), level)
         .map_err(|e| ArchiveError::Read(e.to_string()))?;
     let mut hasher = Sha256::new();
+    let mut fingerprint = Fingerprinting::new(start, end);
     let mut remaining = end - start;
+    let mut offset = start;
     let mut buf = vec![0u8; 256 << 10];
     let mut stored = 0u64;
-    let upload = |writer: &mut BufWriter, bytes: &[u8]| {
-        handle
-            .block_on(writer.write_all(bytes))
-            .map_err(|e| ArchiveError::Upload(e.to_string()))
-    };
     let streamed = (|| {
         while remaining > 0 {
             let want = usize::try_from(remaining.min(buf.len() as u64)).unwrap_or(buf.len());
@@ -244,31 +293,33 @@ pub fn archive(
                 )));
             }
             hasher.update(&buf[..n]);
+            fingerprint.feed(offset, &buf[..n]);
             encoder
                 .write_all(&buf[..n])
                 .map_err(|e| ArchiveError::Read(e.to_string()))?;
             remaining -= n as u64;
+            offset += n as u64;
             if encoder.get_ref().len() >= 1 << 20 {
                 let out = std::mem::take(encoder.get_mut());
                 stored += out.len() as u64;
-                upload(&mut writer, &out)?;
+                sink.send(handle, out)?;
             }
         }
         let out = encoder
             .finish()
             .map_err(|e| ArchiveError::Read(e.to_string()))?;
         stored += out.len() as u64;
-        upload(&mut writer, &out)
+        sink.send(handle, out)
     })();
     if let Err(e) = streamed {
-        // Parts already sent are discarded (a multipart upload is aborted).
-        let _ = handle.block_on(writer.abort());
+        // Parts already sent are discarded (a multipart upload is aborted, a PUT
+        // body cut short).
+        sink.abort(handle);
+        let _ = handle.block_on(target.store.delete(object));
         return Err(e);
     }
     // The upload completes (or fails) here; a failed one leaves nothing to abort.
-    handle
-        .block_on(writer.shutdown())
-        .map_err(|e| ArchiveError::Upload(e.to_string()))?;
+    sink.finish(handle)?;
     let sha256 = hex(&hasher.finalize());
     let length = end - start;
     if let Err(e) = verify(handle, target, object, &sha256, length) {
@@ -276,14 +327,190 @@ pub fn archive(
         let _ = handle.block_on(target.store.delete(object));
         return Err(e);
     }
+    if let Write_::Store {
+        root: Some(root), ..
+    } = &target.write
+    {
+        sync_local(root, object).map_err(|e| ArchiveError::Upload(format!("fsync: {e}")))?;
+    }
     Ok(Some(Archived {
         object: object.to_string(),
         start,
         end,
         stored_bytes: stored,
         sha256,
+        fingerprint: fingerprint.finish(),
         shape,
     }))
+}
+
+/// Makes a `file://` archive durable before the source is touched: the file, then
+/// each directory from its own up to the target's root (their entries: a new
+/// subdirectory is itself an entry of its parent).
+fn sync_local(root: &std::path::Path, object: &ObjectPath) -> std::io::Result<()> {
+    let mut path = root.to_path_buf();
+    let parts: Vec<String> = object.parts().map(|p| p.as_ref().to_owned()).collect();
+    for part in &parts {
+        path.push(part);
+    }
+    std::fs::File::open(&path)?.sync_all()?;
+    while path.pop() && path.starts_with(root) {
+        std::fs::File::open(&path)?.sync_all()?;
+        if path == root {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Where an archive's compressed chunks go as they are made.
+enum Sink {
+    Store(Box<BufWriter>),
+    Http {
+        chunks: Option<tokio::sync::mpsc::Sender<std::io::Result<Bytes>>>,
+        /// The PUT; taken once awaited.
+        put: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    },
+}
+
+impl Sink {
+    fn open(handle: &Handle, target: &Target, object: &ObjectPath) -> Self {
+        match &target.write {
+            Write_::Store { part_bytes, .. } => Self::Store(Box::new(
+                BufWriter::with_capacity(Arc::clone(&target.store), object.clone(), *part_bytes)
+                    .with_max_concurrency(2),
+            )),
+            Write_::Http(put) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(HTTP_QUEUE);
+                let put = handle.spawn(put.clone().put(object.clone(), rx));
+                Self::Http {
+                    chunks: Some(tx),
+                    put: Some(put),
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, handle: &Handle, bytes: Vec<u8>) -> Result<(), ArchiveError> {
+        match self {
+            Self::Store(writer) => handle
+                .block_on(writer.write_all(&bytes))
+                .map_err(|e| ArchiveError::Upload(e.to_string())),
+            Self::Http { chunks, put } => {
+                let sent = chunks
+                    .as_ref()
+                    .is_some_and(|tx| tx.blocking_send(Ok(Bytes::from(bytes))).is_ok());
+                if sent {
+                    return Ok(());
+                }
+                // The request ended early: its own error says why.
+                chunks.take();
+                Err(ArchiveError::Upload(
+                    ended(handle, put.take())
+                        .err()
+                        .unwrap_or_else(|| "the PUT ended before its body".to_owned()),
+                ))
+            }
+        }
+    }
+
+    fn abort(self, handle: &Handle) {
+        match self {
+            Self::Store(mut writer) => {
+                let _ = handle.block_on(writer.abort());
+            }
+            Self::Http { chunks, put } => {
+                if let Some(tx) = chunks {
+                    let _ = tx.blocking_send(Err(std::io::Error::other("archive aborted")));
+                }
+                let _ = ended(handle, put);
+            }
+        }
+    }
+
+    fn finish(self, handle: &Handle) -> Result<(), ArchiveError> {
+        match self {
+            Self::Store(mut writer) => handle
+                .block_on(writer.shutdown())
+                .map_err(|e| ArchiveError::Upload(e.to_string())),
+            Self::Http { chunks, put } => {
+                drop(chunks);
+                ended(handle, put).map_err(ArchiveError::Upload)
+            }
+        }
+    }
+}
+
+/// How the PUT ended (`Err` also when it was already awaited: it failed then).
+fn ended(
+    handle: &Handle,
+    put: Option<tokio::task::JoinHandle<Result<(), String>>>,
+) -> Result<(), String> {
+    let put = put.ok_or_else(|| "the PUT failed".to_owned())?;
+    handle
+        .block_on(put)
+        .map_err(|e| e.to_string())
+        .and_then(|done| done)
+}
+
+impl HttpPut {
+    fn url(&self, parts: &[&str]) -> reqwest::Url {
+        let mut url = self.base.clone();
+        if let Ok(mut segments) = url.path_segments_mut() {
+            segments.extend(parts);
+        }
+        url
+    }
+
+    fn request(&self, method: reqwest::Method, url: reqwest::Url) -> reqwest::RequestBuilder {
+        let request = self.client.request(method, url);
+        match &self.authorization {
+            Some(value) => request.header(http::header::AUTHORIZATION, value.clone()),
+            None => request,
+        }
+    }
+
+    /// MKCOL of each parent collection (201 made, 405 there already; any other
+    /// answer is left to the PUT to report), then the PUT with a streamed body.
+    async fn put(
+        self,
+        object: ObjectPath,
+        chunks: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    ) -> Result<(), String> {
+        let parts: Vec<String> = object.parts().map(|p| p.as_ref().to_owned()).collect();
+        let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let mkcol = reqwest::Method::from_bytes(b"MKCOL").map_err(|e| e.to_string())?;
+        for depth in 1..parts.len() {
+            let _ = self
+                .request(mkcol.clone(), self.url(&parts[..depth]))
+                .send()
+                .await;
+        }
+        let body = futures_util::stream::unfold(chunks, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let url = self.url(&parts);
+        let response = self
+            .request(reqwest::Method::PUT, url.clone())
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(|e| format!("PUT {}: {e}", redact(&url)))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(format!("PUT {}: {}", redact(&url), response.status()))
+        }
+    }
+}
+
+/// A URL without userinfo or query (they may carry a secret).
+fn redact(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.set_query(None);
+    url.to_string()
 }
 
 /// Reads `object` back, decompresses it and checks its SHA-256 and length.

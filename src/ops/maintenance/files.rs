@@ -5,6 +5,16 @@
 //! and the action is refused, not followed. Also: who writes a file (`/proc`), where
 //! a file's data starts (`SEEK_DATA`), freeing a prefix in place
 //! (`FALLOC_FL_PUNCH_HOLE`), and filesystem usage (`statvfs`).
+//!
+//! Two proofs guard what is destroyed. A file is unlinked only when it is proven
+//! closed, right then: a write lease ([`lease`]) is granted only when no other
+//! descriptor of it is open anywhere, and holds off new opens while the file is
+//! renamed aside and removed; without a lease (not the owner, no `CAP_LEASE`), a
+//! `/proc` scan that could read every process's descriptors. A range is punched only
+//! when the file still holds, there, the bytes that were archived ([`Fingerprint`]),
+//! so a truncation and rewrite in between (copytruncate, `> app.log`) zeroes
+//! nothing. A file with more than one name is never a candidate: freeing one name
+//! frees nothing, and punching it would zero it under every name.
 
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
@@ -15,12 +25,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use std::os::unix::fs::FileExt as _;
+
 use rustix::fs::{
-    AtFlags, Dir, FallocateFlags, FileType, Mode, OFlags, SeekFrom, Stat, fallocate, fstat, openat,
-    seek, statat, statvfs, unlinkat,
+    AtFlags, Dir, FallocateFlags, FileType, Mode, OFlags, RenameFlags, SeekFrom, Stat, fallocate,
+    fstat, openat, renameat_with, seek, statat, unlinkat,
 };
 use rustix::io::Errno;
+use sha2::{Digest as _, Sha256};
 
+use super::lease;
 use crate::glob;
 
 /// A file's identity: device and inode (a name can be reused, these cannot while
@@ -41,6 +55,8 @@ pub struct Shape {
     pub modified: SystemTime,
     /// The filesystem's preferred I/O size: holes are punched in whole ones.
     pub block: u64,
+    /// Its names (hard links): more than one and it is never touched.
+    pub links: u64,
 }
 
 impl Shape {
@@ -56,6 +72,7 @@ impl Shape {
             allocated: u64::try_from(stat.st_blocks).unwrap_or(0) * 512,
             modified: SystemTime::UNIX_EPOCH + Duration::new(secs, nanos),
             block: u64::try_from(stat.st_blksize).unwrap_or(4096).max(512),
+            links: stat.st_nlink,
         }
     }
 }
@@ -104,35 +121,111 @@ impl Candidate {
         Ok((File::from(fd), shape))
     }
 
-    /// Removes the file if its name still holds the file archived and it has not
-    /// changed since (`archived` is its shape when it was read).
-    pub fn unlink_if_unchanged(&self, archived: &Shape) -> Result<(), FileError> {
-        let stat = statat(
-            &*self.parent,
-            self.name.as_c_str(),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| FileError::io("stat", e))?;
-        let now = Shape::of(&stat);
-        if now.id != archived.id {
-            return Err(FileError::Replaced);
+    /// Whether no other process has the file open, proven now: `Ok(how)`, or
+    /// `Err(why not)` (then it must be treated as live).
+    pub fn closed(&self, writers: &Writers) -> Result<&'static str, String> {
+        let (file, shape) = self.open(OFlags::RDONLY).map_err(|e| e.to_string())?;
+        match lease::take_write(&file) {
+            Ok(()) => {
+                let _ = lease::release(&file);
+                Ok("proven closed: write lease")
+            }
+            Err(e) => writers.judge(shape.id, e),
+        }
+    }
+
+    /// Removes the file if it is still the file archived, unchanged since
+    /// (`archived`: its shape when it was read), and proven closed at this moment:
+    /// under a write lease it is renamed aside, the lease is checked unbroken (no
+    /// one opened it meanwhile, or it goes back), and removed; without a lease
+    /// only when `/proc` (`writers()`, read now) shows every process and no writer.
+    /// `Err(FileError::Open)`: someone has it open; only its archived prefix may go.
+    pub fn unlink_if_closed(
+        &self,
+        archived: &Shape,
+        writers: impl FnOnce() -> Writers,
+    ) -> Result<&'static str, FileError> {
+        let (file, now) = self.open(OFlags::RDONLY)?;
+        if now.links > 1 {
+            return Err(FileError::Linked(now.links));
         }
         if now.size != archived.size || now.modified != archived.modified {
             return Err(FileError::Changed);
         }
-        unlinkat(&*self.parent, self.name.as_c_str(), AtFlags::empty())
-            .map_err(|e| FileError::io("unlink", e))
+        match lease::take_write(&file) {
+            Ok(()) => {
+                let done = self.unlink_leased(&file);
+                let _ = lease::release(&file);
+                done
+            }
+            Err(e) => {
+                writers().judge(now.id, e).map_err(FileError::Open)?;
+                let stat = statat(
+                    &*self.parent,
+                    self.name.as_c_str(),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+                .map_err(|e| FileError::io("stat", e))?;
+                if Shape::of(&stat).id != archived.id {
+                    return Err(FileError::Replaced);
+                }
+                unlinkat(&*self.parent, self.name.as_c_str(), AtFlags::empty())
+                    .map_err(|e| FileError::io("unlink", e))?;
+                Ok("deleted (proven closed: /proc shows no writer)")
+            }
+        }
+    }
+
+    /// The unlink under a write lease on `file`. An `open` that looked the name up
+    /// before the lease waits on it, and would get the inode once it is released:
+    /// renamed aside first, a broken lease says so, and the file goes back.
+    fn unlink_leased(&self, file: &File) -> Result<&'static str, FileError> {
+        let aside = CString::new(format!(".canarygate-deleting-{}", self.shape.id.ino))
+            .map_err(|_| FileError::Replaced)?;
+        let (dir, name) = (&*self.parent, self.name.as_c_str());
+        renameat_with(dir, name, dir, aside.as_c_str(), RenameFlags::NOREPLACE)
+            .map_err(|e| FileError::io("rename", e))?;
+        let intact = lease::held(file).map_err(|e| FileError::io("fcntl", e))?;
+        if intact != lease::Held::Write {
+            renameat_with(dir, aside.as_c_str(), dir, name, RenameFlags::NOREPLACE)
+                .map_err(|e| FileError::io("rename back", e))?;
+            return Err(FileError::Open(
+                "opened while it was being deleted (the lease broke): kept".to_owned(),
+            ));
+        }
+        unlinkat(dir, aside.as_c_str(), AtFlags::empty())
+            .map_err(|e| FileError::io("unlink", e))?;
+        Ok("deleted (proven closed: write lease)")
     }
 
     /// Frees `[start, end)` of the file in place (both multiples of its block),
-    /// keeping its size: a writer's offsets stay valid and its next line lands
-    /// after the hole.
-    pub fn punch(&self, start: u64, end: u64) -> Result<(), FileError> {
+    /// keeping its size, when it still holds the bytes archived there: at least
+    /// `archived_end` long and matching `fingerprint`. A writer's offsets stay
+    /// valid and its next line lands after the hole.
+    pub fn punch(
+        &self,
+        start: u64,
+        end: u64,
+        archived_end: u64,
+        fingerprint: &Fingerprint,
+    ) -> Result<u64, FileError> {
         if end <= start {
             // Less than a block archived: nothing whole to free.
-            return Ok(());
+            return Ok(0);
         }
-        let (file, _) = self.open(OFlags::WRONLY)?;
+        let (file, now) = self.open(OFlags::RDWR)?;
+        if now.links > 1 {
+            return Err(FileError::Linked(now.links));
+        }
+        if now.size < archived_end {
+            return Err(FileError::Truncated {
+                now: now.size,
+                archived: archived_end,
+            });
+        }
+        if !fingerprint.matches(&file)? {
+            return Err(FileError::Rewritten);
+        }
         fallocate(
             &file,
             FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
@@ -145,7 +238,93 @@ impl Candidate {
             } else {
                 FileError::io("fallocate", e)
             }
-        })
+        })?;
+        Ok(end - start)
+    }
+}
+
+/// Bytes sampled from the range a file's archive holds, and their hash: enough to
+/// tell, before punching, that the range still holds them (a log truncated and
+/// written again has other bytes at its first block, at the least). Up to
+/// [`SAMPLES`] blocks of 4 KiB spread over the range, first and last included; a
+/// range of 64 KiB or less is hashed whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    ranges: Vec<(u64, u64)>,
+    hash: Vec<u8>,
+}
+
+/// Blocks sampled by a [`Fingerprint`].
+pub const SAMPLES: u64 = 16;
+const SAMPLE: u64 = 4096;
+
+/// A fingerprint being taken from the bytes as they are read.
+pub struct Fingerprinting {
+    ranges: Vec<(u64, u64)>,
+    hasher: Sha256,
+}
+
+impl Fingerprinting {
+    /// For the range `[start, end)`.
+    pub fn new(start: u64, end: u64) -> Self {
+        let len = end.saturating_sub(start);
+        let ranges = if len <= SAMPLES * SAMPLE {
+            vec![(start, end)]
+        } else {
+            let step = (len - SAMPLE) / (SAMPLES - 1);
+            (0..SAMPLES)
+                .map(|k| {
+                    let at = start + k * step;
+                    (at, at + SAMPLE)
+                })
+                .collect()
+        };
+        Self {
+            ranges,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The bytes `bytes` read at `offset`, in order.
+    pub fn feed(&mut self, offset: u64, bytes: &[u8]) {
+        let end = offset + bytes.len() as u64;
+        for &(a, b) in &self.ranges {
+            let (from, to) = (a.max(offset), b.min(end));
+            if from < to {
+                let at = usize::try_from(from - offset).unwrap_or(usize::MAX);
+                let until = usize::try_from(to - offset).unwrap_or(usize::MAX);
+                self.hasher.update(&bytes[at..until]);
+            }
+        }
+    }
+
+    pub fn finish(self) -> Fingerprint {
+        Fingerprint {
+            ranges: self.ranges,
+            hash: self.hasher.finalize().to_vec(),
+        }
+    }
+}
+
+impl Fingerprint {
+    /// Whether `file` holds, now, the bytes it was taken from.
+    pub fn matches(&self, file: &File) -> Result<bool, FileError> {
+        let mut hasher = Sha256::new();
+        let mut buf = Vec::new();
+        for &(a, b) in &self.ranges {
+            buf.resize(usize::try_from(b - a).unwrap_or(0), 0);
+            match file.read_exact_at(&mut buf, a) {
+                Ok(()) => hasher.update(&buf),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => {
+                    return Err(FileError::io(
+                        "read",
+                        Errno::from_io_error(&e).unwrap_or(Errno::IO),
+                    ));
+                }
+            }
+        }
+        Ok(hasher.finalize().as_slice() == self.hash.as_slice())
     }
 }
 
@@ -169,6 +348,18 @@ pub enum FileError {
     Changed,
     #[error("this filesystem cannot punch holes (FALLOC_FL_PUNCH_HOLE unsupported)")]
     NoPunch,
+    #[error("still open: {0}")]
+    Open(String),
+    #[error("it has {0} names (hard links): freeing one frees nothing; left whole")]
+    Linked(u64),
+    #[error(
+        "it is now {now} bytes, shorter than the {archived} archived (truncated meanwhile): nothing punched"
+    )]
+    Truncated { now: u64, archived: u64 },
+    #[error(
+        "the archived range holds other bytes now (truncated and written again): nothing punched"
+    )]
+    Rewritten,
 }
 
 impl FileError {
@@ -177,64 +368,20 @@ impl FileError {
     }
 }
 
-/// Filesystem usage, as `df` counts it: used / (used + available to non-root).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Usage {
-    /// The device of the filesystem (`st_dev` of the dir; its files share it).
-    pub dev: u64,
-    pub used_percent: f64,
-    /// Bytes that must be freed to get down to a percent (see [`Usage::to_free`]).
-    total_for_users: u64,
-    used: u64,
-}
+pub use crate::ops::disk::Usage;
 
-impl Usage {
-    pub fn read(path: &Path) -> Result<Self, FileError> {
-        let dev = rustix::fs::stat(path)
-            .map_err(|e| FileError::io("stat", e))?
-            .st_dev;
-        let v = statvfs(path).map_err(|e| FileError::io("statvfs", e))?;
-        let unit = if v.f_frsize > 0 {
-            v.f_frsize
-        } else {
-            v.f_bsize
-        };
-        let used = v.f_blocks.saturating_sub(v.f_bfree).saturating_mul(unit);
-        let total_for_users = used.saturating_add(v.f_bavail.saturating_mul(unit));
-        Ok(Self::new(dev, used, total_for_users))
-    }
-
-    pub fn new(dev: u64, used: u64, total_for_users: u64) -> Self {
-        #[allow(clippy::cast_precision_loss)]
-        let used_percent = if total_for_users == 0 {
-            0.0
-        } else {
-            used as f64 * 100.0 / total_for_users as f64
-        };
-        Self {
-            dev,
-            used_percent,
-            total_for_users,
-            used,
-        }
-    }
-
-    /// Bytes to free to be at or below `percent`.
-    pub fn to_free(&self, percent: f64) -> u64 {
-        #[allow(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss
-        )]
-        let allowed = (self.total_for_users as f64 * percent / 100.0).floor() as u64;
-        self.used.saturating_sub(allowed)
-    }
+/// The usage of the filesystem holding `path` ([`crate::ops::disk`]: `df`'s figure,
+/// the one the proxy's gauge shows too).
+pub fn usage(path: &Path) -> Result<Usage, FileError> {
+    Usage::read(path).map_err(|e| FileError::io("statvfs", e))
 }
 
 /// What a scan found, and what it skipped on the way (for the logs).
 #[derive(Debug, Default)]
 pub struct Scan {
     pub candidates: Vec<Candidate>,
+    /// Matching files with more than one name: never archived, punched or deleted.
+    pub linked: Vec<(usize, PathBuf, u64)>,
     /// Problems met (an unreadable subdirectory, say), as messages.
     pub problems: Vec<String>,
 }
@@ -331,6 +478,9 @@ impl Walk<'_> {
                         Err(e) => self.problem(&path, e),
                     }
                 }
+                FileType::RegularFile if self.wanted(&path) && stat.st_nlink > 1 => {
+                    self.out.linked.push((self.root, path, stat.st_nlink));
+                }
                 FileType::RegularFile if self.wanted(&path) => {
                     self.out.candidates.push(Candidate {
                         root: self.root,
@@ -366,16 +516,48 @@ impl Walk<'_> {
     }
 }
 
+/// Who writes the files of interest, as `/proc` shows it.
+#[derive(Debug, Default)]
+pub struct Writers {
+    /// Files some other process has open for writing.
+    pub writing: HashSet<FileId>,
+    /// Processes whose descriptors could not be read (another user's, without
+    /// `CAP_SYS_PTRACE`): while any, `/proc` proves nothing closed.
+    pub unreadable: usize,
+}
+
+impl Writers {
+    /// The `/proc` verdict on `id` after the lease was refused with `lease`.
+    fn judge(&self, id: FileId, lease: Errno) -> Result<&'static str, String> {
+        if lease == Errno::AGAIN {
+            return Err("another process has it open (the write lease was refused)".to_owned());
+        }
+        if self.writing.contains(&id) {
+            return Err("a process has it open for writing (/proc)".to_owned());
+        }
+        if self.unreadable > 0 {
+            return Err(format!(
+                "not provably closed: no write lease ({lease}; needs the owner or CAP_LEASE) and \
+                 {} processes' open files unreadable",
+                self.unreadable
+            ));
+        }
+        Ok("proven closed: /proc shows no writer")
+    }
+}
+
 /// The files among `wanted` that some other process has open for writing, read
 /// from `/proc/<pid>/fd` and `fdinfo`; and how many processes could not be looked
-/// at (another user's, without CAP_SYS_PTRACE: their writers go unseen, which is
-/// why a recently written file counts as live anyway).
-pub fn open_for_writing(wanted: &HashSet<FileId>) -> (HashSet<FileId>, usize) {
+/// at (another user's, without CAP_SYS_PTRACE).
+pub fn open_for_writing(wanted: &HashSet<FileId>) -> Writers {
     let mut writing = HashSet::new();
     let mut unreadable = 0;
     let own = std::process::id().to_string();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return (writing, 0);
+        return Writers {
+            writing,
+            unreadable: 1,
+        };
     };
     for entry in procs.flatten() {
         let pid = entry.file_name();
@@ -383,9 +565,14 @@ pub fn open_for_writing(wanted: &HashSet<FileId>) -> (HashSet<FileId>, usize) {
         if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == own {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            unreadable += 1;
-            continue;
+        let fds = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            // Gone meanwhile: it holds nothing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                unreadable += 1;
+                continue;
+            }
         };
         for fd in fds.flatten() {
             let Ok(stat) = rustix::fs::stat(fd.path()) else {
@@ -408,7 +595,10 @@ pub fn open_for_writing(wanted: &HashSet<FileId>) -> (HashSet<FileId>, usize) {
             }
         }
     }
-    (writing, unreadable)
+    Writers {
+        writing,
+        unreadable,
+    }
 }
 
 /// Whether an fdinfo's `flags:` (octal) say O_WRONLY or O_RDWR.
@@ -430,15 +620,5 @@ mod tests {
         assert!(writes("flags:\t02\n"));
         assert!(!writes("pos:\t0\nflags:\t0100000\n"));
         assert!(!writes("nothing"));
-    }
-
-    #[test]
-    fn usage_counts_as_df_does() {
-        // 100 units for users, 90 used: 90%; down to 70% frees 20.
-        let u = Usage::new(1, 90, 100);
-        assert!((u.used_percent - 90.0).abs() < 1e-9);
-        assert_eq!(u.to_free(70.0), 20);
-        assert_eq!(u.to_free(95.0), 0);
-        assert_eq!(Usage::new(1, 0, 0).used_percent, 0.0);
     }
 }

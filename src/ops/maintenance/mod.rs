@@ -7,7 +7,11 @@
 //! back and checked (SHA-256 and length), and only then freed: deleted when no one
 //! writes it, or, for a live log, its archived prefix punched out in place (the
 //! writer goes on at its offset; logrotate's copytruncate loses the lines written
-//! between its copy and its truncate, this does not).
+//! between its copy and its truncate, this does not). "No one writes it" is
+//! proven, not guessed, and proven again at the unlink ([`files`]: a write lease,
+//! or a `/proc` that shows every process); a punch checks first that the range
+//! still holds what was archived. A file that cannot be freed is not archived
+//! again until it changes.
 //!
 //! It is separate from the proxy on purpose: it needs write access to the log
 //! dirs, and the internet-facing proxy must not have it. It reads the proxy's
@@ -21,6 +25,9 @@
 
 pub mod archive;
 pub mod files;
+mod free;
+#[allow(unsafe_code)]
+pub mod lease;
 pub mod plan;
 
 use std::collections::{HashMap, HashSet};
@@ -40,6 +47,7 @@ use crate::ops::service::{self, Figures, Scrape};
 use crate::ops::sidecar::{self, SidecarError, SidecarMetrics};
 use archive::{ArchiveError, Archived, Target, TargetError};
 use files::{Candidate, FileError, FileId, Usage};
+use free::{Backoff, Freed, Stuck, free_file};
 use plan::{Item, Limits, Why};
 
 /// Why maintenance could not start.
@@ -51,6 +59,10 @@ pub enum MaintenanceError {
     Target(#[from] TargetError),
     #[error("cannot build the HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    /// Without a SIGIO handler a lease broken by an `open` elsewhere would end the
+    /// process (SIGIO's default action).
+    #[error("cannot handle SIGIO (needed for write leases): {0}")]
+    Signal(std::io::Error),
 }
 
 /// `canarygate_maintenance_*`, in the process's own registry.
@@ -59,11 +71,13 @@ struct MaintenanceMetrics {
     archived_files: IntCounter,
     archived_bytes: IntCounter,
     stored_bytes: IntCounter,
+    freed_bytes: IntCounter,
     failures: IntCounterVec,
     deferred: IntCounter,
     disk_used: GaugeVec,
     proxy_up: IntGauge,
     last_round: IntGauge,
+    rounds: IntCounter,
 }
 
 impl MaintenanceMetrics {
@@ -72,7 +86,7 @@ impl MaintenanceMetrics {
         let metrics = Self {
             archived_files: own.total(
                 "canarygate_maintenance_archived_files_total",
-                "Files (or live logs' prefixes) archived, verified and freed.",
+                "Files (or live logs' prefixes) archived and verified.",
             ),
             archived_bytes: own.total(
                 "canarygate_maintenance_archived_bytes_total",
@@ -81,6 +95,12 @@ impl MaintenanceMetrics {
             stored_bytes: own.total(
                 "canarygate_maintenance_stored_bytes_total",
                 "Bytes written to secondary storage (compressed).",
+            ),
+            freed_bytes: own.total(
+                "canarygate_maintenance_freed_bytes_total",
+                "Bytes freed on disk: files deleted (proven closed) and ranges punched out \
+                 (verified to hold what was archived). A file that could not be freed, or \
+                 has more than one name, adds nothing.",
             ),
             failures: own.counter(
                 "canarygate_maintenance_failures_total",
@@ -100,6 +120,10 @@ impl MaintenanceMetrics {
             proxy_up: own.gauge(
                 "canarygate_maintenance_proxy_metrics_up",
                 "1 if the proxy's /metrics answered at the last round, else 0.",
+            ),
+            rounds: own.total(
+                "canarygate_maintenance_rounds_total",
+                "Rounds done (dry runs aside).",
             ),
             last_round: own.gauge(
                 "canarygate_maintenance_last_round_timestamp_seconds",
@@ -134,19 +158,14 @@ fn proxy_sees_full(disks: &[(String, f64)], dirs: &[PathBuf], disk_percent: f64)
     })
 }
 
-/// A file's failed attempts: it waits until `until` before the next.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    failures: u32,
-    until: Instant,
-}
-
 /// What one round saw and did, for `--once` and the logs.
 #[derive(Debug, Default)]
 pub struct Report {
     pub lines: Vec<String>,
     pub archived: usize,
     pub failed: usize,
+    /// Bytes freed on disk.
+    pub freed: u64,
 }
 
 impl Report {
@@ -165,9 +184,11 @@ struct Maintenance {
     metrics: Arc<MaintenanceMetrics>,
     alerts: Dispatcher,
     backoff: HashMap<FileId, Backoff>,
-    /// Live logs on filesystems that cannot punch holes: archiving them again would
-    /// only copy the same bytes again.
-    cannot_free: HashSet<FileId>,
+    /// Files archived but not freed: archiving them again would only copy the same
+    /// bytes again.
+    cannot_free: HashMap<FileId, Stuck>,
+    /// Keeps SIGIO (a lease being broken) from ending the process.
+    _sigio: tokio::signal::unix::Signal,
     last_scrape: Option<Scrape>,
     figures: Option<Figures>,
     /// Whether the proxy's disk gauge showed a dir's filesystem past `disk_percent`.
@@ -182,7 +203,14 @@ type PerDir = Vec<(PathBuf, Result<Usage, FileError>)>;
 /// A candidate with what the round knows of it.
 struct Seen {
     candidate: Candidate,
-    live: bool,
+    /// `Err(why)` when it is live: not proven closed, or written within settle_ms.
+    closed: Result<&'static str, String>,
+}
+
+impl Seen {
+    fn live(&self) -> bool {
+        self.closed.is_err()
+    }
 }
 
 impl Maintenance {
@@ -204,7 +232,9 @@ impl Maintenance {
             metrics,
             alerts,
             backoff: HashMap::new(),
-            cannot_free: HashSet::new(),
+            cannot_free: HashMap::new(),
+            _sigio: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::io())
+                .map_err(MaintenanceError::Signal)?,
             last_scrape: None,
             figures: None,
             proxy_full: false,
@@ -297,7 +327,7 @@ impl Maintenance {
             .config
             .dirs
             .iter()
-            .map(|d| (d.clone(), Usage::read(d)))
+            .map(|d| (d.clone(), files::usage(d)))
             .collect();
         let by_dev = per_dir
             .iter()
@@ -314,11 +344,12 @@ impl Maintenance {
         let scanned = tokio::task::spawn_blocking(move || {
             let scan = files::scan(&config.dirs, &config.patterns, &config.exclude);
             let wanted: HashSet<FileId> = scan.candidates.iter().map(|c| c.shape.id).collect();
-            let (writing, unreadable) = files::open_for_writing(&wanted);
-            (scan, writing, unreadable)
+            let writers = files::open_for_writing(&wanted);
+            let closed: Vec<_> = scan.candidates.iter().map(|c| c.closed(&writers)).collect();
+            (scan, writers.unreadable, closed)
         })
         .await;
-        let Ok((scan, writing, unreadable)) = scanned else {
+        let Ok((scan, unreadable, closed)) = scanned else {
             self.metrics.fail("scan");
             report.line("scanning failed (the task panicked)".to_owned());
             return report;
@@ -330,8 +361,14 @@ impl Maintenance {
         }
         if unreadable > 0 {
             report.line(format!(
-                "{unreadable} processes' open files unreadable (other users'): a file written to \
-                 within settle_ms counts as live"
+                "{unreadable} processes' open files unreadable (other users'): a file is deleted \
+                 only under a write lease (its owner, or CAP_LEASE), else treated as live"
+            ));
+        }
+        for (root, path, links) in &scan.linked {
+            report.line(format!(
+                "{}: {links} names (hard links): never archived, punched or deleted",
+                self.config.dirs[*root].join(path).display()
             ));
         }
         let (usage, per_dir) = self.usage();
@@ -341,8 +378,8 @@ impl Maintenance {
                     self.metrics
                         .disk_used
                         .with_label_values(&[&dir.display().to_string()])
-                        .set(u.used_percent / 100.0);
-                    report.line(format!("{}: {:.1}% used", dir.display(), u.used_percent));
+                        .set(u.ratio());
+                    report.line(format!("{}: {:.1}% used", dir.display(), u.percent()));
                 }
                 Err(e) => {
                     self.metrics.fail("statvfs");
@@ -353,18 +390,29 @@ impl Maintenance {
         let now_system = SystemTime::now();
         let settle = Duration::from_millis(self.config.settle_ms);
         let now = Instant::now();
-        let seen: Vec<Seen> = scan
-            .candidates
-            .into_iter()
-            .filter(|c| !self.cannot_free.contains(&c.shape.id))
-            .map(|candidate| {
-                let recent = now_system
-                    .duration_since(candidate.shape.modified)
-                    .map_or(true, |age| age < settle);
-                let live = writing.contains(&candidate.shape.id) || recent;
-                Seen { candidate, live }
-            })
-            .collect();
+        let mut seen: Vec<Seen> = Vec::new();
+        for (candidate, closed) in scan.candidates.into_iter().zip(closed) {
+            if let Some(stuck) = self.cannot_free.get(&candidate.shape.id) {
+                if stuck.holds(&candidate.shape, now) {
+                    report.line(format!(
+                        "{}: archived before but not freed ({}): not archived again until it \
+                         changes",
+                        candidate.display_path(&self.config.dirs).display(),
+                        stuck.why
+                    ));
+                    continue;
+                }
+                self.cannot_free.remove(&candidate.shape.id);
+            }
+            let recent = now_system
+                .duration_since(candidate.shape.modified)
+                .map_or(true, |age| age < settle);
+            let closed = match closed {
+                Ok(_) if recent => Err("written to within settle_ms".to_owned()),
+                other => other,
+            };
+            seen.push(Seen { candidate, closed });
+        }
         let items: Vec<Item> = seen
             .iter()
             .map(|s| Item {
@@ -380,7 +428,7 @@ impl Maintenance {
         let picks = plan::plan(&items, &usage, self.limits());
         let critical = usage
             .values()
-            .any(|u| u.used_percent >= self.config.critical_percent);
+            .any(|u| u.percent() >= self.config.critical_percent);
         if picks.is_empty() {
             report.line(format!("nothing to archive ({} candidates)", seen.len()));
         } else if let Some(why) = self.busy().filter(|_| !critical) {
@@ -399,10 +447,10 @@ impl Maintenance {
                     s.candidate.display_path(&self.config.dirs).display(),
                     s.candidate.shape.size,
                     s.candidate.shape.allocated,
-                    if s.live {
-                        "live: its archived prefix would be punched out"
-                    } else {
-                        "closed: it would be deleted"
+                    match &s.closed {
+                        Err(why) =>
+                            format!("live ({why}): its archived prefix would be punched out"),
+                        Ok(how) => format!("closed ({how}): it would be deleted"),
                     }
                 ));
             }
@@ -432,12 +480,12 @@ impl Maintenance {
             let path = s.candidate.display_path(&self.config.dirs);
             if let Why::Disk { .. } = why {
                 let dir = &self.config.dirs[s.candidate.root];
-                match Usage::read(dir) {
-                    Ok(u) if u.used_percent < self.config.target_percent => {
+                match files::usage(dir) {
+                    Ok(u) if u.percent() < self.config.target_percent => {
                         report.line(format!(
                             "{}: {:.1}% used, under target_percent: skipped {}",
                             dir.display(),
-                            u.used_percent,
+                            u.percent(),
                             path.display()
                         ));
                         continue;
@@ -454,7 +502,7 @@ impl Maintenance {
             let job = (
                 self.target.clone(),
                 s.candidate.clone(),
-                s.live,
+                s.live(),
                 object,
                 self.config.compression_level,
             );
@@ -462,10 +510,14 @@ impl Maintenance {
             let outcome = tokio::task::spawn_blocking(move || {
                 let (target, candidate, live, object, level) = job;
                 let archived = archive::archive(&handle, &target, &candidate, live, &object, level);
-                (candidate, archived)
+                let freed = match &archived {
+                    Ok(Some(done)) => Some(free_file(&candidate, live, done)),
+                    _ => None,
+                };
+                (candidate, archived, freed)
             })
             .await;
-            let (candidate, archived) = match outcome {
+            let (candidate, archived, freed) = match outcome {
                 Ok(done) => done,
                 Err(e) => {
                     self.metrics.fail("read");
@@ -476,50 +528,40 @@ impl Maintenance {
             };
             match archived {
                 Ok(None) => report.line(format!("{}: nothing new to archive", path.display())),
-                Ok(Some(done)) => self.free(&candidate, s.live, &done, &path, why, report),
+                Ok(Some(done)) => {
+                    let freed = freed.unwrap_or(Err(("delete", FileError::Changed)));
+                    self.freed(freed, &done, &path, why, report);
+                }
                 Err(e) => self.failed(&candidate, &path, &e, report),
             }
         }
     }
 
-    /// After a verified archive: delete the file, or punch out the archived prefix
-    /// of a live one.
-    fn free(
+    /// Accounts for a verified archive and what freeing it did.
+    fn freed(
         &mut self,
-        candidate: &Candidate,
-        live: bool,
+        freed: Freed,
         done: &Archived,
         path: &std::path::Path,
         why: &Why,
         report: &mut Report,
     ) {
-        let block = done.shape.block;
-        let punch = |end: u64| candidate.punch(done.start, end / block * block);
-        let freed = if live {
-            punch(done.end).map(|()| "its archived prefix punched out (live log)")
-        } else {
-            match candidate.unlink_if_unchanged(&done.shape) {
-                Ok(()) => Ok("deleted"),
-                // Written to since it was read: it is live after all; free what is
-                // archived, in whole blocks.
-                Err(FileError::Changed) => punch(done.end)
-                    .map(|()| "written to meanwhile: its archived prefix punched out"),
-                Err(e) => Err(e),
-            }
-        };
         let bytes = done.end - done.start;
         self.backoff.remove(&done.shape.id);
         self.metrics.archived_files.inc();
         self.metrics.archived_bytes.inc_by(bytes);
         self.metrics.stored_bytes.inc_by(done.stored_bytes);
         report.archived += 1;
-        match freed {
-            Ok(how) => {
+        let (stage, e) = match freed {
+            Ok((how, freed)) => {
+                self.metrics.freed_bytes.inc_by(freed);
+                report.freed += freed;
                 info!(
                     path = %path.display(),
                     object = %done.object,
                     bytes,
                     stored = done.stored_bytes,
+                    freed,
                     sha256 = %done.sha256,
                     why = %why,
                     how,
@@ -533,34 +575,58 @@ impl Maintenance {
                     done.object,
                     done.stored_bytes
                 ));
+                return;
             }
-            Err(e) => {
-                let stage = if live { "punch" } else { "delete" };
-                self.metrics.fail(stage);
-                report.failed += 1;
-                if matches!(e, FileError::NoPunch) {
-                    self.cannot_free.insert(done.shape.id);
-                }
-                warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
-                report.line(format!(
-                    "archived {} to {} (verified) but could not free it: {e}",
-                    path.display(),
-                    done.object
-                ));
-                self.alerts.notify(
-                    Severity::Warning,
-                    "maintenance_cannot_free",
-                    &format!(
-                        "maintenance archived {} but could not free it: {e}",
-                        path.display()
-                    ),
-                    &format!(
-                        "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
-                        done.object, done.start, done.end
-                    ),
-                );
-            }
+            Err(failed) => failed,
+        };
+        // The file changed under the archive (truncated, rewritten, replaced): the
+        // archive holds what was there; what is there now is the next round's.
+        if matches!(
+            e,
+            FileError::Truncated { .. } | FileError::Rewritten | FileError::Replaced
+        ) {
+            warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
+            report.line(format!(
+                "archived {} to {} (verified), not freed: {e}",
+                path.display(),
+                done.object
+            ));
+            return;
         }
+        self.metrics.fail(stage);
+        report.failed += 1;
+        let base = Duration::from_millis(self.config.retry_backoff_ms);
+        let previous = self.cannot_free.get(&done.shape.id).map(|s| s.backoff);
+        self.cannot_free.insert(
+            done.shape.id,
+            Stuck {
+                size: done.shape.size,
+                modified: done.shape.modified,
+                links: done.shape.links,
+                backoff: Backoff::fail(previous, base),
+                forever: matches!(e, FileError::NoPunch),
+                why: e.to_string(),
+            },
+        );
+        warn!(path = %path.display(), object = %done.object, error = %e, "archived, not freed");
+        report.line(format!(
+            "archived {} to {} (verified) but could not free it: {e}; not archived again until \
+             it changes",
+            path.display(),
+            done.object
+        ));
+        self.alerts.notify(
+            Severity::Warning,
+            "maintenance_cannot_free",
+            &format!(
+                "maintenance archived {} but could not free it: {e}",
+                path.display()
+            ),
+            &format!(
+                "archive: {} (verified, bytes {}..{})\nthe file is left as it is",
+                done.object, done.start, done.end
+            ),
+        );
     }
 
     /// A failed archive: the file is untouched; it waits, doubling, before the next
@@ -575,15 +641,9 @@ impl Maintenance {
         self.metrics.fail(e.stage());
         report.failed += 1;
         let base = Duration::from_millis(self.config.retry_backoff_ms);
-        let entry = self.backoff.entry(candidate.shape.id).or_insert(Backoff {
-            failures: 0,
-            until: Instant::now(),
-        });
-        entry.failures += 1;
-        let wait = base
-            .saturating_mul(1 << entry.failures.saturating_sub(1).min(16))
-            .min(Duration::from_secs(3_600).max(base));
-        entry.until = Instant::now() + wait;
+        let entry = Backoff::fail(self.backoff.get(&candidate.shape.id).copied(), base);
+        self.backoff.insert(candidate.shape.id, entry);
+        let wait = entry.until.saturating_duration_since(Instant::now());
         warn!(path = %path.display(), stage = e.stage(), error = %e, retry_s = wait.as_secs(), "archive failed; file untouched");
         report.line(format!(
             "{}: {e}; the file is untouched; next try in {} s",
@@ -621,8 +681,8 @@ impl Maintenance {
             .filter_map(|(dir, u)| {
                 u.as_ref()
                     .ok()
-                    .filter(|u| u.used_percent >= self.config.critical_percent)
-                    .map(|u| format!("{} {:.1}%", dir.display(), u.used_percent))
+                    .filter(|u| u.percent() >= self.config.critical_percent)
+                    .map(|u| format!("{} {:.1}%", dir.display(), u.percent()))
             })
             .collect();
         if critical.is_empty() {
@@ -646,6 +706,7 @@ impl Maintenance {
                 &report.lines.join("\n"),
             );
         }
+        self.metrics.rounds.inc();
         self.metrics
             .last_round
             .set(i64::try_from(crate::clock::unix_ms() / 1_000).unwrap_or(i64::MAX));
@@ -744,8 +805,8 @@ pub async fn once(file: &MaintenanceFile, dry_run: bool) -> Result<String, Maint
     if !dry_run {
         let _ = writeln!(
             out,
-            "archived {}, failed {}",
-            report.archived, report.failed
+            "archived {}, failed {}, freed {} bytes",
+            report.archived, report.failed, report.freed
         );
     }
     Ok(out)

@@ -59,8 +59,8 @@ pub fn plan(items: &[Item], usage: &HashMap<u64, Usage>, limits: Limits) -> Vec<
     let mut picks = Vec::new();
     let mut to_free: HashMap<u64, (u64, f64)> = usage
         .values()
-        .filter(|u| u.used_percent > limits.disk_percent)
-        .map(|u| (u.dev, (u.to_free(limits.target_percent), u.used_percent)))
+        .filter(|u| u.percent() > limits.disk_percent)
+        .map(|u| (u.dev, (u.to_free(limits.target_percent), u.percent())))
         .collect();
     for &i in &order {
         let item = items[i];
