@@ -610,10 +610,15 @@ struct TestCgroup(PathBuf);
 impl TestCgroup {
     /// `None` (with the reason) where cgroup v2 is not mounted or not writable.
     fn create(name: &str) -> Result<Self, String> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+        let mountinfo =
+            std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
         let mount = mountinfo
             .lines()
-            .find(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("cgroup2 ")))
+            .find(|l| {
+                l.split(" - ")
+                    .nth(1)
+                    .is_some_and(|t| t.starts_with("cgroup2 "))
+            })
             .and_then(|l| l.split_whitespace().nth(4))
             .ok_or("no cgroup2 mount")?
             .to_owned();
@@ -671,19 +676,28 @@ async fn a_hog_in_a_protected_unit_is_spared_whatever_its_name() {
             "",
         );
         // The same kind of hog outside the unit is stopped: the doctor was able to.
-        assert_eq!(ns.wait_exit("control", Duration::from_secs(10)).await, "143");
-        eventually(Duration::from_secs(10), "the unit's hog reported", || async {
-            ns.action("report", "protected").await >= 1.0
-        })
+        assert_eq!(
+            ns.wait_exit("control", Duration::from_secs(10)).await,
+            "143"
+        );
+        eventually(
+            Duration::from_secs(10),
+            "the unit's hog reported",
+            || async { ns.action("report", "protected").await >= 1.0 },
+        )
         .await;
         assert_eq!(ns.exit_of("unit"), None);
         assert_eq!(ns.action("sigterm", "ok").await, 1.0);
         let pid = std::fs::read_to_string(ns.path("unit.pid")).unwrap();
         let cgroups = std::fs::read_to_string(cgroup.0.join("cgroup.procs")).unwrap_or_default();
-        assert!(!cgroups.trim().is_empty(), "the hog is in the test's cgroup");
+        assert!(
+            !cgroups.trim().is_empty(),
+            "the hog is in the test's cgroup"
+        );
         let log = ns.stop();
         assert!(
-            log.lines().any(|l| l.contains("doctor report") && l.contains(&format!("pid={}", pid.trim()))),
+            log.lines()
+                .any(|l| l.contains("doctor report") && l.contains(&format!("pid={}", pid.trim()))),
             "{log}"
         );
         drop(cgroup);
@@ -699,14 +713,29 @@ async fn an_unresolvable_protected_user_is_a_config_error_naming_file_line_and_k
             "c.toml",
             "[doctor]\nadmin_listen = \"127.0.0.1:0\"\nprotected_users = [\"root\", \"no-such-user-cg29\"]\n",
         );
-        let out = Command::new(binary())
+        let mut doctor = Command::new(binary())
             .args(["doctor", "--config"])
             .arg(&config)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("stderr")).unwrap())
+            .spawn()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        // It must refuse at once; one that runs is stopped (by its PID) and fails.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = doctor.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = doctor.kill();
+                let _ = doctor.wait();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let stderr = std::fs::read_to_string(dir.0.join("stderr")).unwrap_or_default();
+        assert_eq!(status.and_then(|s| s.code()), Some(64), "{stderr}");
         assert!(
             stderr.contains(&format!(
                 "{}:3: key `doctor.protected_users[1]`: no user \"no-such-user-cg29\"",

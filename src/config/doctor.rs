@@ -306,10 +306,14 @@ mod tests {
         assert_eq!(uid_of("root"), Some(0));
         assert_eq!(uid_of("45123"), Some(45_123));
         assert_eq!(uid_of("no-such-user-canarygate"), None);
-        let e = doctor("[doctor]\nprotected_users = [\n  \"root\",\n  \"no-such-user-canarygate\",\n]\n")
-            .unwrap_err();
+        let e = doctor(
+            "[doctor]\nprotected_users = [\n  \"root\",\n  \"no-such-user-canarygate\",\n]\n",
+        )
+        .unwrap_err();
         assert!(
-            e.starts_with("d.toml:2: key `doctor.protected_users[1]`: no user \"no-such-user-canarygate\""),
+            e.starts_with(
+                "d.toml:2: key `doctor.protected_users[1]`: no user \"no-such-user-canarygate\""
+            ),
             "{e}"
         );
     }

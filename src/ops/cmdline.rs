@@ -121,7 +121,10 @@ mod tests {
         let table: &[(&[&str], &str)] = &[
             (&[], ""),
             (&["yes"], "yes"),
-            (&["mysql", "-uapp", "-pS3CRET", "db"], "mysql -uapp -p<redacted> db"),
+            (
+                &["mysql", "-uapp", "-pS3CRET", "db"],
+                "mysql -uapp -p<redacted> db",
+            ),
             (&["mysql", "-p", "S3CRET", "db"], "mysql -p <redacted> db"),
             (
                 &["app", "--password=hunter2", "--password-file", "/run/p"],
@@ -137,7 +140,10 @@ mod tests {
                 &["curl", "https://x/?access_token=abc", "-H", "X-Secret: s"],
                 "curl https://x/?access_token=<redacted> -H <redacted>",
             ),
-            (&["env", "CLIENT_SECRET=s3", "run"], "env CLIENT_SECRET=<redacted> run"),
+            (
+                &["env", "CLIENT_SECRET=s3", "run"],
+                "env CLIENT_SECRET=<redacted> run",
+            ),
             (&["tool", "mysecretvalue"], "tool <redacted>"),
             (&["Tool", "--TOKEN=a"], "Tool --TOKEN=<redacted>"),
             // A newline would forge a log line: escaped, as other control characters.
@@ -146,10 +152,16 @@ mod tests {
                 "sh a\\nlevel=ERROR doctor acted b\\tc\\u{1b}[31m",
             ),
             (&["a\\b"], "a\\\\b"),
-            (&["bin", "1", "2", "3", "4", "5", "6"], "bin 1 2 3 4 … (+2 more)"),
+            (
+                &["bin", "1", "2", "3", "4", "5", "6"],
+                "bin 1 2 3 4 … (+2 more)",
+            ),
             (&["bin", &long], &format!("bin {cut}")),
             // `-p` past the shown arguments is not shown at all.
-            (&["bin", "1", "2", "3", "4", "-pS3CRET"], "bin 1 2 3 4 … (+1 more)"),
+            (
+                &["bin", "1", "2", "3", "4", "-pS3CRET"],
+                "bin 1 2 3 4 … (+1 more)",
+            ),
         ];
         for (argv, want) in table {
             assert_eq!(sanitize(argv), *want, "{argv:?}");

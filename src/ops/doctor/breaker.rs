@@ -67,8 +67,18 @@ mod tests {
         let table: &[(u32, u64, &[u64], &[bool])] = &[
             (1, 1_000, &[0, 0, 0], &[true, false, false]),
             (2, 1_000, &[0, 0, 0, 0], &[true, true, false, false]),
-            (1, 1_000, &[0, 999, 1_000, 1_001], &[true, false, false, true]),
-            (3, 600_000, &[0, 10, 20, 30, 600_011], &[true, true, true, false, true]),
+            (
+                1,
+                1_000,
+                &[0, 999, 1_000, 1_001],
+                &[true, false, false, true],
+            ),
+            (
+                3,
+                600_000,
+                &[0, 10, 20, 30, 600_011],
+                &[true, true, true, false, true],
+            ),
         ];
         for (max, window, at, want) in table {
             let mut b = Breaker::new(*max, ms(*window));

@@ -266,8 +266,13 @@ impl Reach {
     pub fn new(config: &crate::config::doctor::DoctorConfig) -> Self {
         use crate::config::doctor::{ALWAYS_PROTECTED_NAMES, ALWAYS_PROTECTED_UNITS, uid_of};
         Self {
-            watch_uids: (!config.watch_users.is_empty())
-                .then(|| config.watch_users.iter().filter_map(|u| uid_of(u)).collect()),
+            watch_uids: (!config.watch_users.is_empty()).then(|| {
+                config
+                    .watch_users
+                    .iter()
+                    .filter_map(|u| uid_of(u))
+                    .collect()
+            }),
             protected_uids: config
                 .protected_users
                 .iter()
@@ -352,7 +357,9 @@ pub fn in_unit(path: &str, unit: &str) -> bool {
         let unit = unit.trim_end_matches('/');
         return path == unit
             || unit.is_empty()
-            || path.strip_prefix(unit).is_some_and(|rest| rest.starts_with('/'));
+            || path
+                .strip_prefix(unit)
+                .is_some_and(|rest| rest.starts_with('/'));
     }
     path.split('/').any(|component| component == unit)
 }
@@ -394,7 +401,10 @@ mod tests {
             watch_uids: Some([45_123, 0].into_iter().collect()),
             protected_uids: [(45_200, "postgres".to_owned())].into_iter().collect(),
             protected_names: ["redis-server".to_owned()].into_iter().collect(),
-            protected_units: vec!["canarygate.service".to_owned(), "/system.slice/app".to_owned()],
+            protected_units: vec![
+                "canarygate.service".to_owned(),
+                "/system.slice/app".to_owned(),
+            ],
             protected_pids: [777].into_iter().collect(),
             own_line: [4_000, 3_000].into_iter().collect(),
         }
@@ -467,16 +477,31 @@ mod tests {
             Some(Protected::Unit("/system.slice/app".to_owned()))
         );
         // A similar name is another unit.
-        app.cgroups = vec!["/system.slice/application/x".to_owned(), "/system.slice/canarygate.service2".to_owned()];
+        app.cgroups = vec![
+            "/system.slice/application/x".to_owned(),
+            "/system.slice/canarygate.service2".to_owned(),
+        ];
         assert_eq!(r.protection(&app), None);
     }
 
     #[test]
     fn cgroup_paths_match_units_by_component_or_prefix() {
         let table = [
-            ("/system.slice/redis-server.service", "redis-server.service", true),
-            ("/system.slice/redis-server.service/sub", "redis-server.service", true),
-            ("/system.slice/redis-server.servicex", "redis-server.service", false),
+            (
+                "/system.slice/redis-server.service",
+                "redis-server.service",
+                true,
+            ),
+            (
+                "/system.slice/redis-server.service/sub",
+                "redis-server.service",
+                true,
+            ),
+            (
+                "/system.slice/redis-server.servicex",
+                "redis-server.service",
+                false,
+            ),
             ("/system.slice", "system.slice", true),
             ("/a/b", "/a", true),
             ("/ab", "/a", false),
