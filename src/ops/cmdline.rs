@@ -9,6 +9,8 @@
 //! [`REDACTED`], control characters escaped, each argument cut to [`MAX_ARG_CHARS`].
 //! A pure function, table-tested below.
 
+use std::fmt::Write as _;
+
 /// Arguments shown after the executable; the rest are counted, not shown.
 pub const MAX_ARGS: usize = 4;
 /// Characters shown of one argument (an argument is cut after this, with `…`).
@@ -45,7 +47,7 @@ pub fn sanitize<S: AsRef<str>>(argv: &[S]) -> String {
         }
     }
     if args.len() > MAX_ARGS {
-        out.push_str(&format!(" … (+{} more)", args.len() - MAX_ARGS));
+        let _ = write!(out, " … (+{} more)", args.len() - MAX_ARGS);
     }
     out
 }

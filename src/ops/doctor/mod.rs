@@ -321,26 +321,24 @@ impl Doctor {
         for (p, held, decision) in hogs {
             match decision {
                 Decision::Report(result, why) => {
-                    if result == "breaker_open" {
-                        if !self.breaker_alerted {
-                            self.breaker_alerted = true;
-                            self.alerts.fire(
-                                Severity::Critical,
-                                "doctor_breaker",
-                                &format!(
-                                    "doctor stopped killing: {} kills decided within {} s \
+                    if result == "breaker_open" && !self.breaker_alerted {
+                        self.breaker_alerted = true;
+                        self.alerts.fire(
+                            Severity::Critical,
+                            "doctor_breaker",
+                            &format!(
+                                "doctor stopped killing: {} kills decided within {} s \
                                      (max_kills); {} hog(s) spared",
-                                    self.config.max_kills,
-                                    self.config.window_ms / 1_000,
-                                    spared.len()
-                                ),
-                                &format!(
-                                    "spared:\n{}\nservice: {}\n{why}",
-                                    spared.join("\n"),
-                                    self.figures
-                                ),
-                            );
-                        }
+                                self.config.max_kills,
+                                self.config.window_ms / 1_000,
+                                spared.len()
+                            ),
+                            &format!(
+                                "spared:\n{}\nservice: {}\n{why}",
+                                spared.join("\n"),
+                                self.figures
+                            ),
+                        );
                     }
                     if !self.reported.insert((p.live.clone(), result)) {
                         continue;
