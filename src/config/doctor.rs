@@ -34,6 +34,9 @@ pub struct DoctorConfig {
     pub watch_users: Vec<String>,
     pub protected_users: Vec<String>,
     pub protected_names: Vec<String>,
+    /// systemd units (or cgroup paths) whose processes are never signalled: matched
+    /// against `/proc/<pid>/cgroup`, which a process cannot rename its way out of.
+    pub protected_units: Vec<String>,
     pub protected_pids: Vec<u32>,
     pub mode: Mode,
     /// SIGTERM, then SIGKILL after this if the process still runs.
@@ -51,6 +54,34 @@ pub struct DoctorConfig {
 
 /// Executables never signalled, whatever `protected_names` says: the proxy itself.
 pub const ALWAYS_PROTECTED_NAMES: [&str; 1] = ["canarygate"];
+/// Units never signalled, whatever `protected_units` says: the proxy's.
+pub const ALWAYS_PROTECTED_UNITS: [&str; 1] = ["canarygate.service"];
+
+/// The uid of a user name (or a numeric uid), through the host's NSS (`getent
+/// passwd`: files, LDAP, sssd, as a login would see it); `/etc/passwd` when
+/// `getent` cannot run.
+pub fn uid_of(user: &str) -> Option<u32> {
+    if let Ok(uid) = user.parse() {
+        return Some(uid);
+    }
+    let field = |entry: &str| -> Option<u32> {
+        let mut fields = entry.split(':');
+        (fields.next()? == user).then_some(())?;
+        fields.nth(1)?.trim().parse().ok()
+    };
+    match std::process::Command::new("getent")
+        .args(["passwd", "--", user])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => field(String::from_utf8_lossy(&out.stdout).lines().next()?),
+        Err(_) => std::fs::read_to_string("/etc/passwd")
+            .ok()?
+            .lines()
+            .find_map(field),
+    }
+}
 
 impl Default for DoctorConfig {
     fn default() -> Self {
@@ -61,7 +92,9 @@ impl Default for DoctorConfig {
             cpu_percent: 90.0,
             sustain_ms: 30_000,
             watch_users: Vec::new(),
-            protected_users: vec!["root".to_owned(), "admin_user".to_owned()],
+            // Only users every host has: an entry that does not resolve stops the
+            // doctor (the Ansible role adds its own users and the admin's).
+            protected_users: vec!["root".to_owned()],
             protected_names: [
                 "canarygate",
                 "redis-server",
@@ -77,6 +110,15 @@ impl Default for DoctorConfig {
                 "postgres",
                 "mysqld",
                 "prometheus",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            protected_units: [
+                "canarygate.service",
+                "canarygate-doctor.service",
+                "canarygate-maintenance.service",
+                "redis-server.service",
+                "redis.service",
             ]
             .map(str::to_owned)
             .to_vec(),
@@ -121,6 +163,20 @@ impl DoctorConfig {
                 ),
             );
         }
+        if let Some((i, unit)) = self
+            .protected_units
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.is_empty() || u.as_str() == "/" || u.contains(char::is_whitespace))
+        {
+            return fail(
+                &format!("protected_units[{i}]"),
+                format!(
+                    "{unit:?} is not a unit: name one (`app.service`) or a cgroup path \
+                     (`/system.slice/app.service`), not the root"
+                ),
+            );
+        }
         if !(0.0..=1.0).contains(&self.impact_cpu_ratio) {
             return fail(
                 "impact_cpu_ratio",
@@ -131,6 +187,30 @@ impl DoctorConfig {
             );
         }
         check_metrics_url("doctor", self.proxy_metrics_url.as_ref())
+    }
+}
+
+impl DoctorConfig {
+    /// Every `protected_users` entry resolves through `resolve` (a uid or a user
+    /// name). Not part of [`DoctorConfig::validate`]: `canarygate check` may run
+    /// where the host's users do not exist (a CI machine); the doctor runs it at
+    /// start, on its host.
+    pub fn validate_users(&self, resolve: impl Fn(&str) -> Option<u32>) -> Result<(), Violation> {
+        match self
+            .protected_users
+            .iter()
+            .enumerate()
+            .find(|(_, user)| resolve(user).is_none())
+        {
+            Some((i, user)) => Err(Violation {
+                key: format!("doctor.protected_users[{i}]"),
+                message: format!(
+                    "no user {user:?} on this host (getent passwd): create it first or \
+                     remove it; a protected user that does not resolve would protect nothing"
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -146,9 +226,14 @@ pub struct DoctorFile {
 }
 
 impl DoctorFile {
+    /// What the doctor checks at start: its keys, its alerts, and that every
+    /// protected user exists on this host. An entry that does not resolve (an LDAP
+    /// user while the directory is down, a user not created yet) is refused: taken
+    /// as "nobody", it would leave that user's processes killable.
     pub fn validate(&self) -> Result<(), Violation> {
         self.doctor.validate()?;
-        self.alerts.validate()
+        self.alerts.validate()?;
+        self.doctor.validate_users(uid_of)
     }
 
     /// The proxy's `/metrics` ([`ServerAddress::metrics_url`]).
@@ -177,7 +262,12 @@ mod tests {
         .unwrap();
         assert_eq!(file.doctor.mode, Mode::Report);
         assert_eq!(file.proxy_metrics_url(), "http://127.0.0.1:9300/metrics");
-        assert_eq!(file.doctor.protected_users, ["root", "admin_user"]);
+        assert_eq!(file.doctor.protected_users, ["root"]);
+        assert!(
+            file.doctor
+                .protected_units
+                .contains(&"canarygate.service".to_owned())
+        );
         assert_eq!(
             doctor("").unwrap().proxy_metrics_url(),
             "http://127.0.0.1:9090/metrics"
@@ -203,6 +293,28 @@ mod tests {
         assert_eq!(
             doctor("[doctor]\nimpact_cpu_ratio = 1.5\n").unwrap_err(),
             "d.toml:2: key `doctor.impact_cpu_ratio`: 1.5 is out of range; it must be 0..=1"
+        );
+        assert!(
+            doctor("[doctor]\nprotected_units = [\"a.service\", \"/\"]\n")
+                .unwrap_err()
+                .starts_with("d.toml:2: key `doctor.protected_units[1]`"),
+        );
+    }
+
+    #[test]
+    fn protected_users_must_resolve() {
+        assert_eq!(uid_of("root"), Some(0));
+        assert_eq!(uid_of("45123"), Some(45_123));
+        assert_eq!(uid_of("no-such-user-canarygate"), None);
+        let e = doctor(
+            "[doctor]\nprotected_users = [\n  \"root\",\n  \"no-such-user-canarygate\",\n]\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with(
+                "d.toml:2: key `doctor.protected_users[1]`: no user \"no-such-user-canarygate\""
+            ),
+            "{e}"
         );
     }
 }

@@ -7,6 +7,7 @@
 //! - [`memory`]: returns the memory idle connections hold.
 //! - [`analysis`]: the canary analysis task: judges, rolls back, steps up.
 //! - [`fleet`]: heartbeats to Redis and the fleet view (`/fleet`).
+//! - [`cmdline`]: other users' command lines as they may appear in an alert.
 //! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
 //! - [`maintenance`]: `canarygate maintenance`, a process of its own: archives logs
 //!   to secondary storage, verified, before the disk fills.
@@ -16,6 +17,7 @@
 
 pub mod alerts;
 pub mod analysis;
+pub mod cmdline;
 pub mod disk;
 pub mod doctor;
 pub mod fleet;

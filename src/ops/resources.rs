@@ -72,7 +72,8 @@ impl Sampler {
         );
     }
 
-    /// The top five processes by CPU and by memory: pid, user, CPU %, RSS, command.
+    /// The top five processes by CPU and by memory: pid, user, CPU %, RSS, command
+    /// ([`crate::ops::cmdline::sanitize`]d).
     /// CPU shares are measured over a fresh window of `sysinfo`'s minimum interval
     /// (two reads): a process started since the last round has no earlier read and
     /// would show 0% however hard it spins, hiding the very hog that fired the alert.
@@ -101,15 +102,17 @@ impl Sampler {
                     })
                     .or_else(|| p.user_id().map(|uid| uid.to_string()))
                     .unwrap_or_else(|| "?".to_owned());
+                // Other users' argv leaves the host in this alert: cut, secrets
+                // redacted, control characters escaped.
                 let cmd: Vec<String> = p
                     .cmd()
                     .iter()
                     .map(|a| a.to_string_lossy().into_owned())
                     .collect();
                 let cmd = if cmd.is_empty() {
-                    p.name().to_string_lossy().into_owned()
+                    crate::ops::cmdline::escape(&p.name().to_string_lossy())
                 } else {
-                    cmd.join(" ")
+                    crate::ops::cmdline::sanitize(&cmd)
                 };
                 let _ = writeln!(
                     out,
@@ -117,7 +120,7 @@ impl Sampler {
                     p.pid(),
                     p.cpu_usage(),
                     p.memory() >> 20,
-                    cmd.chars().take(120).collect::<String>()
+                    cmd
                 );
             }
         }

@@ -8,12 +8,18 @@
 //! suffer before it kills.
 //!
 //! - [`procs`]: sampling, identities, and the rules that put processes out of reach.
-//! - [`signal`]: pidfd signalling: the process sampled, or nobody.
+//! - [`signal`]: pidfd signalling: the process judged, as judged, or nobody.
+//! - [`breaker`]: at most `max_kills` decided within `window_ms`.
+//!
+//! A round samples, then decides hog by hog: each hog's identity is read again from
+//! `/proc` as it is decided, and each `Kill` takes its place in the breaker at once,
+//! so the next hog of the same round meets a breaker that already counts it.
 
+pub mod breaker;
 pub mod procs;
 pub mod signal;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +34,8 @@ use crate::config::doctor::{DoctorConfig, DoctorFile, Mode};
 use crate::ops::alerts::Dispatcher;
 use crate::ops::service::{self, Figures, Scrape};
 use crate::ops::sidecar::{self, SidecarError, SidecarMetrics};
-use procs::{Identity, Proc, Reach, Sampler};
+use breaker::Breaker;
+use procs::{Identity, Live, Proc, Reach, Sampler};
 use signal::{Sent, hold};
 
 /// Why the doctor could not start.
@@ -57,7 +64,8 @@ impl DoctorMetrics {
             actions: own.counter(
                 "canarygate_doctor_actions_total",
                 "Doctor actions: action sigterm, sigkill or report; result ok, gone, denied, \
-                 error (signals) or protected, dry_run, not_impacting, breaker_open (reports).",
+                 changed, error (signals) or protected, dry_run, not_impacting, breaker_open \
+                 (reports).",
                 &["action", "result"],
             ),
             hogs: own.gauge(
@@ -102,10 +110,11 @@ struct Doctor {
     metrics: Arc<DoctorMetrics>,
     alerts: Dispatcher,
     above: HashMap<Identity, Above>,
-    /// Hogs already signalled, and reports already made (identity, result).
-    acted: HashSet<Identity>,
-    reported: HashSet<(Identity, &'static str)>,
-    kills: VecDeque<Instant>,
+    /// Hogs already signalled, and reports already made (what it was, result): a
+    /// process that exec'd or changed uid since is judged again.
+    acted: HashSet<Live>,
+    reported: HashSet<(Live, &'static str)>,
+    breaker: Breaker,
     breaker_alerted: bool,
     last_scrape: Option<Scrape>,
     figures: Figures,
@@ -119,12 +128,8 @@ impl Doctor {
     ) -> Result<Self, DoctorError> {
         let config = file.doctor.clone();
         Ok(Self {
-            reach: Reach::new(
-                &config.watch_users,
-                &config.protected_users,
-                &config.protected_names,
-                &config.protected_pids,
-            ),
+            reach: Reach::new(&config),
+            breaker: Breaker::new(config.max_kills, Duration::from_millis(config.window_ms)),
             url: file.proxy_metrics_url(),
             sampler: Some(Sampler::new().ok_or(DoctorError::NoSampler)?),
             http: reqwest::Client::builder().build()?,
@@ -134,21 +139,21 @@ impl Doctor {
             above: HashMap::new(),
             acted: HashSet::new(),
             reported: HashSet::new(),
-            kills: VecDeque::new(),
             breaker_alerted: false,
             last_scrape: None,
             figures: Figures::default(),
         })
     }
 
-    /// One round: the service, the processes, the hogs; returns the hogs with what
-    /// would be done about each.
-    async fn observe(&mut self) -> Vec<(Proc, Duration, Decision)> {
+    /// One round: the service, the processes; returns the hogs (above the line for
+    /// `sustain_ms`) and for how long.
+    async fn observe(&mut self) -> Vec<(Proc, Duration)> {
         let Some(mut sampler) = self.sampler.take() else {
             return Vec::new();
         };
+        let threshold = self.config.cpu_percent;
         let (sampler, (procs, host_cpu)) = match tokio::task::spawn_blocking(move || {
-            let sample = sampler.sample();
+            let sample = sampler.sample(threshold);
             (sampler, sample)
         })
         .await
@@ -186,15 +191,14 @@ impl Doctor {
             }
         }
         let now = Instant::now();
-        let threshold = self.config.cpu_percent;
         let mut seen = HashSet::new();
         for p in procs {
-            if p.cpu_percent < threshold || !self.reach.watches(&p) {
+            if p.cpu_percent < threshold || !self.reach.watches(&p.live) {
                 continue;
             }
-            seen.insert(p.identity);
+            seen.insert(p.live.identity);
             self.above
-                .entry(p.identity)
+                .entry(p.live.identity)
                 .and_modify(|a| a.proc = p.clone())
                 .or_insert(Above {
                     since: now,
@@ -203,11 +207,11 @@ impl Doctor {
         }
         // Above the line in every sample, or not a hog.
         self.above.retain(|identity, _| seen.contains(identity));
-        self.acted.retain(|identity| seen.contains(identity));
+        self.acted.retain(|live| seen.contains(&live.identity));
         self.reported
-            .retain(|(identity, _)| seen.contains(identity));
+            .retain(|(live, _)| seen.contains(&live.identity));
         let sustain = Duration::from_millis(self.config.sustain_ms);
-        let hogs: Vec<(Proc, Duration)> = self
+        let mut hogs: Vec<(Proc, Duration)> = self
             .above
             .values()
             .map(|a| (a.proc.clone(), now.duration_since(a.since)))
@@ -216,47 +220,51 @@ impl Doctor {
         self.metrics
             .hogs
             .set(i64::try_from(hogs.len()).unwrap_or(i64::MAX));
-        hogs.into_iter()
-            .map(|(p, held)| {
-                let decision = self.decide(&p);
-                (p, held, decision)
-            })
-            .collect()
+        // The greediest first: when the breaker leaves room for fewer than all, it
+        // goes to the one that costs the host most (then the oldest, for a stable
+        // order).
+        hogs.sort_by(|(a, a_held), (b, b_held)| {
+            b.cpu_percent
+                .total_cmp(&a.cpu_percent)
+                .then(b_held.cmp(a_held))
+                .then(a.live.identity.pid.cmp(&b.live.identity.pid))
+        });
+        hogs
     }
 
-    fn breaker_open(&mut self) -> bool {
-        let window = Duration::from_millis(self.config.window_ms);
-        while self.kills.front().is_some_and(|t| t.elapsed() > window) {
-            self.kills.pop_front();
+    /// Decides this round's hogs one at a time, each on a fresh read of `/proc`, the
+    /// breaker counting each `Kill` as it is decided. Hogs gone since the sample,
+    /// and hogs already acted on as what they are now, are left out.
+    fn decide_all(&mut self, hogs: Vec<(Proc, Duration)>) -> Vec<(Proc, Duration, Decision)> {
+        let mut decided = Vec::with_capacity(hogs.len());
+        for (mut p, held) in hogs {
+            match procs::current(p.live.identity.pid) {
+                Some(now) if now.identity == p.live.identity => p.live = now,
+                _ => continue,
+            }
+            if self.acted.contains(&p.live) {
+                continue;
+            }
+            let decision = self.decide(&p.live);
+            decided.push((p, held, decision));
         }
-        let open = self.kills.len() >= usize::try_from(self.config.max_kills).unwrap_or(usize::MAX);
-        if !open && self.breaker_alerted {
+        if self.breaker_alerted && !self.breaker.is_open(Instant::now()) {
             self.breaker_alerted = false;
             self.alerts.resolve(
                 "doctor_breaker",
                 "doctor kills again: the breaker's window has passed",
             );
         }
-        open
+        decided
     }
 
-    fn decide(&mut self, p: &Proc) -> Decision {
+    /// What to do about `p` as it is now; a `Kill` is counted in the breaker here.
+    fn decide(&mut self, p: &Live) -> Decision {
         if let Some(why) = self.reach.protection(p) {
             return Decision::Report("protected", format!("not signalled: it {why}"));
         }
         if self.config.mode == Mode::Report {
             return Decision::Report("dry_run", "not signalled: mode = \"report\"".to_owned());
-        }
-        if self.breaker_open() {
-            return Decision::Report(
-                "breaker_open",
-                format!(
-                    "not signalled: {} kills within {} s already (max_kills); something keeps \
-                     restarting a hog",
-                    self.kills.len(),
-                    self.config.window_ms / 1_000
-                ),
-            );
         }
         if self.config.only_when_impacting && !self.impacting() {
             return Decision::Report(
@@ -270,7 +278,18 @@ impl Doctor {
                 ),
             );
         }
-        Decision::Kill
+        match self.breaker.admit(Instant::now()) {
+            Ok(()) => Decision::Kill,
+            Err(kills) => Decision::Report(
+                "breaker_open",
+                format!(
+                    "not signalled (spared): {kills} kills decided within {} s already \
+                     (max_kills {}); something keeps restarting a hog, or many crossed at once",
+                    self.config.window_ms / 1_000,
+                    self.config.max_kills
+                ),
+            ),
+        }
     }
 
     /// Whether the service suffers: production p99 or host CPU above the lines (on
@@ -293,33 +312,56 @@ impl Doctor {
         hogs: Vec<(Proc, Duration, Decision)>,
         tasks: &tokio_util::task::TaskTracker,
     ) {
+        // The hogs the breaker spared this round, named together in its alert.
+        let spared: Vec<String> = hogs
+            .iter()
+            .filter(|(_, _, d)| matches!(d, Decision::Report("breaker_open", _)))
+            .map(|(p, held, _)| p.summary(*held))
+            .collect();
         for (p, held, decision) in hogs {
-            if self.acted.contains(&p.identity) {
-                continue;
-            }
             match decision {
                 Decision::Report(result, why) => {
-                    if !self.reported.insert((p.identity, result)) {
-                        continue;
-                    }
-                    self.metrics.count("report", result);
-                    info!(pid = p.identity.pid, user = %p.user, cpu = p.cpu_percent, result, "doctor report");
                     if result == "breaker_open" && !self.breaker_alerted {
                         self.breaker_alerted = true;
                         self.alerts.fire(
                             Severity::Critical,
                             "doctor_breaker",
-                            "doctor stopped killing: something keeps restarting a hog",
-                            &describe(&p, held, &self.figures, &why),
+                            &format!(
+                                "doctor stopped killing: {} kills decided within {} s \
+                                     (max_kills); {} hog(s) spared",
+                                self.config.max_kills,
+                                self.config.window_ms / 1_000,
+                                spared.len()
+                            ),
+                            &format!(
+                                "spared:\n{}\nservice: {}\n{why}",
+                                spared.join("\n"),
+                                self.figures
+                            ),
                         );
+                    }
+                    if !self.reported.insert((p.live.clone(), result)) {
+                        continue;
+                    }
+                    self.metrics.count("report", result);
+                    if result == "breaker_open" {
+                        warn!(
+                            pid = p.live.identity.pid,
+                            comm = %p.name(),
+                            user = %p.user,
+                            cpu = p.cpu_percent,
+                            "doctor spared a hog: the breaker is open"
+                        );
+                    } else {
+                        info!(pid = p.live.identity.pid, comm = %p.name(), user = %p.user, cpu = p.cpu_percent, result, "doctor report");
                     }
                     self.alerts.notify(
                         Severity::Warning,
                         "doctor_report",
                         &format!(
                             "CPU hog pid {} ({}, user {}) at {:.0}% for {} s: {why}",
-                            p.identity.pid,
-                            p.name,
+                            p.live.identity.pid,
+                            p.name(),
                             p.user,
                             p.cpu_percent,
                             held.as_secs()
@@ -328,8 +370,7 @@ impl Doctor {
                     );
                 }
                 Decision::Kill => {
-                    self.acted.insert(p.identity);
-                    self.kills.push_back(Instant::now());
+                    self.acted.insert(p.live.clone());
                     let job = Kill {
                         proc: p,
                         held,
@@ -347,6 +388,29 @@ impl Doctor {
             }
         }
     }
+}
+
+/// What became of a process judged `then`, now `now`: for the alert and the log.
+fn changed(then: &Live, now: &Live) -> String {
+    let exe = |l: &Live| {
+        l.exe.as_ref().map_or_else(
+            || "unreadable".to_owned(),
+            |e| crate::ops::cmdline::escape(&e.to_string_lossy()),
+        )
+    };
+    format!(
+        "it is no longer what was judged (it exec'd, changed uid or moved cgroup): was comm \
+         {} exe {} uid {}/{}, now comm {} exe {} uid {}/{}; it is judged again as what it is \
+         now",
+        crate::ops::cmdline::escape(&then.comm),
+        exe(then),
+        then.uid,
+        then.euid,
+        crate::ops::cmdline::escape(&now.comm),
+        exe(now),
+        now.uid,
+        now.euid
+    )
 }
 
 /// The alert's details: the process, the service, the decision.
@@ -373,8 +437,12 @@ impl Kill {
     async fn run(self) {
         let p = &self.proc;
         let mut log = String::new();
-        let outcome = match hold(p.identity, p.uid) {
-            Ok(None) => {
+        let outcome = match hold(&p.live) {
+            Ok(Err(Sent::Changed(now))) => {
+                self.metrics.count("sigterm", "changed");
+                format!("SIGTERM not sent: {}", changed(&p.live, &now))
+            }
+            Ok(Err(_)) => {
                 self.metrics.count("sigterm", "gone");
                 "the process was gone before any signal (exited, or its PID now belongs to another)"
                     .to_owned()
@@ -383,7 +451,7 @@ impl Kill {
                 self.metrics.count("sigterm", "error");
                 format!("could not take hold of it: {error}")
             }
-            Ok(Some(handle)) => {
+            Ok(Ok(handle)) => {
                 let started = Instant::now();
                 match handle.send(Signal::TERM) {
                     Ok(Sent::Delivered) => {
@@ -399,16 +467,21 @@ impl Kill {
                                 "SIGTERM: still running after {} s; ",
                                 self.grace.as_secs_f64()
                             );
+                            // `send` reads the process again: one that exec'd a
+                            // protected name during the grace is not killed.
                             match handle.send(Signal::KILL) {
                                 Ok(sent) => {
                                     self.metrics.count("sigkill", sent.as_str());
-                                    let exited = handle.exited_within(Duration::from_secs(5)).await;
+                                    let exited = sent == Sent::Delivered
+                                        && handle.exited_within(Duration::from_secs(5)).await;
                                     format!(
                                         "{log}SIGKILL: {}",
                                         match (sent, exited) {
                                             (Sent::Delivered, true) => "killed".to_owned(),
                                             (Sent::Delivered, false) =>
                                                 "sent, still not gone after 5 s".to_owned(),
+                                            (Sent::Changed(now), _) =>
+                                                format!("not sent: {}", changed(&p.live, &now)),
                                             (other, _) => other.as_str().to_owned(),
                                         }
                                     )
@@ -430,6 +503,10 @@ impl Kill {
                         self.metrics.count("sigterm", "gone");
                         "the process exited before SIGTERM".to_owned()
                     }
+                    Ok(Sent::Changed(now)) => {
+                        self.metrics.count("sigterm", "changed");
+                        format!("SIGTERM not sent: {}", changed(&p.live, &now))
+                    }
                     Err(error) => {
                         self.metrics.count("sigterm", "error");
                         format!("SIGTERM failed: {error}")
@@ -446,7 +523,8 @@ impl Kill {
             _ => Figures::own(self.own_cpu.unwrap_or(0.0)),
         };
         warn!(
-            pid = p.identity.pid,
+            pid = p.live.identity.pid,
+            comm = %p.name(),
             user = %p.user,
             command = %p.cmdline,
             cpu = p.cpu_percent,
@@ -467,8 +545,8 @@ impl Kill {
             "doctor_kill",
             &format!(
                 "doctor stopped pid {} ({}, user {}) at {:.0}% CPU for {} s: {outcome}",
-                p.identity.pid,
-                p.name,
+                p.live.identity.pid,
+                p.name(),
                 p.user,
                 p.cpu_percent,
                 self.held.as_secs()
@@ -496,7 +574,8 @@ pub async fn run(file: DoctorFile, shutdown: CancellationToken) -> Result<(), Do
             () = shutdown.cancelled() => break,
             _ = tick.tick() => {
                 let hogs = doctor.observe().await;
-                doctor.act(hogs, &kills);
+                let decided = doctor.decide_all(hogs);
+                doctor.act(decided, &kills);
             }
         }
     }
@@ -529,6 +608,8 @@ pub async fn once(file: &DoctorFile) -> Result<String, DoctorError> {
         }
         hogs = doctor.observe().await;
     }
+    // Decided once, on the last round: as a running doctor would, breaker included.
+    let hogs = doctor.decide_all(hogs);
     let mut out = format!(
         "doctor --once: sampled {} s; service: {}\n",
         (interval * u32::try_from(rounds).unwrap_or(u32::MAX)).as_secs(),
