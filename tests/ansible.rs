@@ -124,6 +124,7 @@ impl Site {
                  \x20   canarygate_binary_src: {bin}\n    canarygate_listen: \"127.0.0.1:{proxy}\"\n\
                  \x20   canarygate_admin_listen: \"127.0.0.1:{admin}\"\n    canarygate_redis_port: {redis}\n\
                  \x20   redis_port: {redis}\n    redis_password: s3cret\n    canarygate_redis_password: s3cret\n\
+                 \x20   canarygate_sticky_secret: sticky-s3cret-of-the-fleet\n\
                  \x20   canarygate_analysis_interval_ms: 500\n    canarygate_analysis_window_ms: 6000\n\
                  \x20   canarygate_analysis_min_requests: 20\n    canarygate_analysis_steps: [20, 50]\n\
                  \x20   canarygate_analysis_step_ms: 2000\n    app_drain_ms: 4000\n\
@@ -243,6 +244,21 @@ async fn site_installs_a_serving_stack_idempotently_and_deploy_promotes_or_rolls
             "{config}"
         );
         assert!(!config.contains("s3cret"), "no secret in the config");
+        assert!(
+            config.contains("sticky_secret_env = \"CANARYGATE_STICKY_SECRET\""),
+            "{config}"
+        );
+        // The proxy's own secrets file, readable by its owner only.
+        let env_file = site.root.join("etc/canarygate/canarygate.env");
+        let secrets = std::fs::read_to_string(&env_file).unwrap();
+        assert!(
+            secrets.contains("CANARYGATE_REDIS_PASSWORD=s3cret\n")
+                && secrets.contains("CANARYGATE_STICKY_SECRET=sticky-s3cret-of-the-fleet\n"),
+            "{secrets}"
+        );
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&env_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
 
         // A second run changes nothing.
         let (ok, again) = site.playbook("site.yml", &[]);
@@ -257,10 +273,17 @@ async fn site_installs_a_serving_stack_idempotently_and_deploy_promotes_or_rolls
             let stop = stop.clone();
             let url = format!("http://127.0.0.1:{}/", site.proxy);
             tokio::spawn(async move {
-                let c = client();
+                // Users from 32 addresses: the analysis counts one client's requests
+                // only up to a small share of a window.
+                let users: Vec<_> = (1..=32u8)
+                    .map(|u| client_from([127, 3, 0, u].into()))
+                    .collect();
                 let mut failed = 0u32;
-                while !stop.is_cancelled() {
-                    match try_get(&c, &url).await {
+                for c in users.iter().cycle() {
+                    if stop.is_cancelled() {
+                        break;
+                    }
+                    match try_get(c, &url).await {
                         Ok(g)
                             if g.status.as_u16() < 500
                                 || g.text().contains("demo app is broken") => {}
@@ -508,6 +531,39 @@ async fn the_systemd_units_pass_systemd_analyze_verify_with_least_privilege() {
             "{maintenance}"
         );
         assert!(unit("canarygate-app.service").contains("--drain-ms 3000"));
+        // Only the proxy holds the Redis password and the cookie key; every service
+        // may send alerts.
+        let proxy_env = unit("canarygate.env");
+        assert!(
+            proxy_env.contains("CANARYGATE_REDIS_PASSWORD=redis-s3cret\n"),
+            "{proxy_env}"
+        );
+        assert!(
+            proxy_env.contains("CANARYGATE_STICKY_SECRET=sticky-s3cret\n"),
+            "{proxy_env}"
+        );
+        for name in ["canarygate-doctor.env", "canarygate-maintenance.env"] {
+            let env = unit(name);
+            assert!(
+                !env.contains("redis-s3cret") && !env.contains("sticky-s3cret"),
+                "{env}"
+            );
+            assert!(
+                env.contains("CANARYGATE_WEBHOOK_URL=https://hooks.example/"),
+                "{env}"
+            );
+        }
+        // Each service reads a secrets file of its own (only what it needs).
+        for name in ["canarygate", "canarygate-doctor", "canarygate-maintenance"] {
+            let expected = format!(
+                "EnvironmentFile={}/etc/canarygate/{name}.env\n",
+                root.display()
+            );
+            assert!(
+                unit(&format!("{name}.service")).contains(&expected),
+                "{name}"
+            );
+        }
         // Issue 29: no unit is left at systemd's default soft limit of 1024.
         for name in [
             "canarygate.service",

@@ -225,7 +225,7 @@ pub struct Upgraded {
     leftover: Bytes,
     /// A tunnel is an open connection to the backend: it counts against
     /// `max_connections` until it closes.
-    _slot: Option<crate::client::conn_pool::Slot>,
+    _slot: Option<crate::client::conn::Held>,
 }
 
 impl AsyncRead for Upgraded {

@@ -1,8 +1,8 @@
 //! One connection to a backend and the bytes read from it but not yet consumed.
 //!
-//! It carries its backend's [`Slot`] (from [`crate::client::conn_pool`], the one
-//! import that runs up here): the connection counts against `max_connections` for
-//! exactly as long as it lives.
+//! It carries its place under its backend's `max_connections` ([`Held`]: the pool's
+//! slot, opaque here so this file needs nothing from the pool): the connection
+//! counts against the limit for exactly as long as it lives.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -14,11 +14,26 @@ use http::uri::Authority;
 use tokio::net::TcpStream;
 
 use crate::client::codec::{Head, parse_head};
-use crate::client::conn_pool::Slot;
 use crate::client::error::ExchangeError;
 
 /// First read of a response: the head and, usually, the whole of a small body.
 const HEAD_READ: usize = 8 * 1024;
+
+/// Whatever a connection holds while it lives and gives back when it closes (by
+/// being dropped with it).
+pub struct Held(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+impl Held {
+    pub fn new(guard: impl std::any::Any + Send + Sync) -> Self {
+        Self(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for Held {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Held")
+    }
+}
 
 /// A connection to a backend and the bytes read from it but not yet consumed.
 #[derive(Debug)]
@@ -27,7 +42,7 @@ pub struct BackendConn {
     pub buf: BytesMut,
     /// Its place under the backend's `max_connections` (none for a connection made
     /// outside a pool).
-    pub slot: Option<Slot>,
+    pub slot: Option<Held>,
     /// The worker thread whose runtime the socket is registered with.
     pub worker: usize,
 }

@@ -37,7 +37,7 @@ use std::time::Duration;
 use http::uri::Authority;
 use tokio::sync::oneshot;
 
-use crate::client::conn::BackendConn;
+use crate::client::conn::{BackendConn, Held};
 use crate::client::error::ExchangeError;
 use crate::clock::now_ms;
 
@@ -117,7 +117,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Counts one open connection against its backend's `max_connections` while it
 /// lives; dropping it (the connection closed) may let a queued request connect.
-pub struct Slot(Arc<Shared>);
+struct Slot(Arc<Shared>);
 
 impl std::fmt::Debug for Slot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -143,7 +143,7 @@ impl Connecting {
         if let Some(shared) = self.0.take() {
             shared.counts.fetch_sub(ONE_CONNECTING, Ordering::SeqCst);
             shared.pump();
-            conn.slot = Some(Slot(shared));
+            conn.slot = Some(Held::new(Slot(shared)));
         }
         conn
     }

@@ -4,7 +4,7 @@
 
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts};
 
-use super::metrics::must;
+use super::metric_def::must;
 use crate::canary::window::Counted;
 use crate::routing::{PoolKind, Reason};
 

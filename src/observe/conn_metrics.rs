@@ -5,7 +5,7 @@
 use prometheus::core::Collector;
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 
-use super::metrics::must;
+use super::metric_def::must;
 use crate::routing::PoolKind;
 
 /// The families, registered by [`crate::observe::metrics::Metrics::new`].

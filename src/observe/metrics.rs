@@ -17,6 +17,7 @@ use prometheus::{
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use super::metric_def::must;
 use crate::routing::PoolKind;
 
 /// Request duration buckets, seconds: 0.5 ms to 10 s.
@@ -187,15 +188,6 @@ pub struct PoolMetrics {
     /// 5xx responses, for the status page's error ratio (the exported view is the
     /// `code` label of `canarygate_requests_total`).
     errors_5xx: AtomicU64,
-}
-
-/// Metric construction only fails on invalid names or label sets, which are constants
-/// here: a failure is a programming error caught by the tests.
-pub(super) fn must<T>(result: prometheus::Result<T>) -> T {
-    match result {
-        Ok(v) => v,
-        Err(e) => panic!("metric definition: {e}"),
-    }
 }
 
 impl Metrics {

@@ -19,5 +19,6 @@ pub mod analysis_page;
 pub mod conn_metrics;
 pub mod events;
 pub mod html;
+pub mod metric_def;
 pub mod metrics;
 pub mod stats;

@@ -51,12 +51,14 @@ impl Alert {
         details: impl Into<String>,
         instance: &str,
     ) -> Self {
+        // Whatever error text an alert carries, a URL in it goes out without its
+        // userinfo and query values (a storage or Redis error may quote one).
         Self {
             id: new_id(),
             severity,
             kind: kind.to_owned(),
-            summary: summary.into(),
-            details: details.into(),
+            summary: crate::redact::urls_in(&summary.into()),
+            details: crate::redact::urls_in(&details.into()),
             host: hostname(),
             instance: instance.to_owned(),
             time: now_rfc3339(),
@@ -161,6 +163,22 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_in_an_alert_lose_their_secrets() {
+        let alert = Alert::firing(
+            Severity::Critical,
+            "archive_failed",
+            "upload to https://u:pw@dav.example/logs/ failed",
+            "GET s3://b/k?X-Amz-Signature=abc: 403",
+            "",
+        );
+        assert_eq!(
+            alert.summary,
+            "upload to https://***@dav.example/logs/ failed"
+        );
+        assert_eq!(alert.details, "GET s3://b/k?X-Amz-Signature=***: 403");
+    }
 
     #[test]
     fn renderings_carry_every_field_and_sms_fits() {
