@@ -53,7 +53,7 @@ pub fn url(url: &str) -> String {
 }
 
 /// `text` with every URL in it (a `scheme://` run up to whitespace or a quote or
-/// bracket) passed through [`url`].
+/// bracket, less the sentence's punctuation after it) passed through [`url`].
 pub fn urls_in(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -62,11 +62,15 @@ pub fn urls_in(text: &str) -> String {
         let scheme_start = rest[..sep]
             .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-')))
             .map_or(0, |i| i + 1);
-        let end = rest[sep..]
+        let mut end = rest[sep..]
             .find(|c: char| {
                 c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ']')
             })
             .map_or(rest.len(), |i| sep + i);
+        // Punctuation that ends a sentence is not the URL's (`...?k=v: timed out`).
+        while end > sep + 3 && rest[..end].ends_with(['.', ',', ';', ':', '!', '?']) {
+            end -= 1;
+        }
         out.push_str(&rest[..scheme_start]);
         if scheme_start == sep {
             // `://` with no scheme: not a URL.

@@ -16,9 +16,9 @@
 //! and counted as `capped`, never judged. The cap comes from the requests that were
 //! judged, so a flood cannot raise it for itself.
 //!
-//! Counting is a count-min sketch per pool and key kind (two rows of
-//! [`WIDTH`] counters, each tagged with the slot it counts), shared by all workers
-//! with atomics: no lock on the request path, 128 KiB in all. Keys are hashed with a
+//! Counting is a count-min sketch per key kind (two rows of [`WIDTH`] counters,
+//! each tagged with the slot it counts), shared by all workers with atomics: no lock
+//! on the request path, 64 KiB in all. Keys are hashed with a
 //! per-process random key, so nobody can aim collisions at another client; a
 //! collision can only make a client look heavier than it is, and at the widths here
 //! that stays far below any cap worth having (a count-min error of at most
@@ -87,7 +87,7 @@ impl ClientHasher {
     }
 }
 
-/// One pool's sketch and cap.
+/// The sketch and the cap (both pools).
 #[derive(Debug)]
 pub struct Tally {
     /// `[kind][row][WIDTH]`; each counter holds `slot epoch << 32 | count`.
@@ -109,21 +109,22 @@ impl Default for Tally {
 impl Tally {
     /// Counts one request of `keys` in the slot `epoch`; true when every chosen
     /// identity is still within the cap (the request is judged).
+    ///
+    /// The address is counted first, and the sticky key only while the address is
+    /// within its cap: one address flooding with ever new keys fills no counters
+    /// but its own, so it cannot push other clients over the cap by collisions.
     pub fn admit(&self, limit: &ClientLimit, keys: ClientKeys, epoch: u64) -> bool {
         if limit.is_off() {
             return true;
         }
         let cap = self.cap.load(Ordering::Relaxed);
-        let mut within = true;
-        if limit.sticky
-            && let Some(sticky) = keys.sticky
-        {
-            within &= self.count(0, sticky, epoch) <= cap;
+        if limit.address && self.count(1, keys.address, epoch) > cap {
+            return false;
         }
-        if limit.address {
-            within &= self.count(1, keys.address, epoch) <= cap;
+        match keys.sticky {
+            Some(sticky) if limit.sticky => self.count(0, sticky, epoch) <= cap,
+            _ => true,
         }
-        within
     }
 
     /// Sets the cap from the judged requests of the last window of `slots` slots.
@@ -143,17 +144,23 @@ impl Tally {
         // for exactly 2^32 slots would be read as current, which no window lives to see.
         let tag = (epoch & 0xffff_ffff) << 32;
         let (h1, h2) = (hash & 0xffff_ffff, hash >> 32 | 1);
+        let width = u64::try_from(WIDTH).unwrap_or(u64::MAX);
         let mut estimate = u64::MAX;
         for (row, step) in [0u64, 1].into_iter().enumerate() {
             let column =
-                usize::try_from(h1.wrapping_add(h2.wrapping_mul(step))).unwrap_or(0) % WIDTH;
+                usize::try_from(h1.wrapping_add(h2.wrapping_mul(step)) % width).unwrap_or(0);
             let counter = &self.counters[(kind * ROWS + row) * WIDTH + column];
             let mut seen = counter.load(Ordering::Relaxed);
             let now = loop {
-                let next = if seen & !0xffff_ffff == tag {
-                    seen.saturating_add(u64::from(seen & 0xffff_ffff < 0xffff_ffff))
-                } else {
-                    tag | 1
+                let next = match (seen & !0xffff_ffff).cmp(&tag) {
+                    std::cmp::Ordering::Equal => {
+                        seen.saturating_add(u64::from(seen & 0xffff_ffff < 0xffff_ffff))
+                    }
+                    // An older slot's count: this slot starts from one.
+                    std::cmp::Ordering::Less => tag | 1,
+                    // A newer slot's (another worker crossed the boundary first):
+                    // never moved back; this late request is not judged.
+                    std::cmp::Ordering::Greater => return u64::MAX,
                 };
                 match counter.compare_exchange_weak(
                     seen,
@@ -209,8 +216,6 @@ mod tests {
         let heavy = hasher.keys(Some(b"heavy"), V4);
         let admitted = (0..50).filter(|_| tally.admit(&limit, heavy, 7)).count();
         assert_eq!(admitted, 5);
-        // The next slot starts from zero.
-        assert!(tally.admit(&limit, heavy, 8));
         // Other clients are not held back by the heavy one.
         for i in 0..200u32 {
             let other = hasher.keys(
@@ -219,6 +224,10 @@ mod tests {
             );
             assert!(tally.admit(&limit, other, 7), "client {i}");
         }
+        // The next slot starts from zero; a request counted late, in a slot older
+        // than its counters', is not judged (a tag never moves back).
+        assert!(tally.admit(&limit, heavy, 8));
+        assert!(!tally.admit(&limit, heavy, 7));
     }
 
     #[test]

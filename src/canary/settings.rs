@@ -30,8 +30,8 @@ pub struct AnalysisConfig {
     pub step_ms: u64,
     /// The Redis hash of the shared verdict (beside `flags.key`, on the same Redis).
     pub redis_key: String,
-    /// The most one client counts for, as a share of a pool's judged requests per
-    /// slot ([`super::clients`]); 1 turns the cap off.
+    /// The most one client counts for, as a share of both pools' judged requests
+    /// per slot ([`super::clients`]); 1 turns the cap off.
     pub max_client_share: f64,
     /// What a client is for that cap: its sticky key, its address, or both.
     pub client_keys: Vec<ClientKey>,

@@ -166,6 +166,9 @@ pub enum Placed {
     Bucket(ClientKeys),
     /// By anything else (override, failover, kill switch): counted apart.
     Apart,
+    /// Refused by the proxy before any backend (a bad request, a full queue): says
+    /// nothing of either version, counted apart.
+    Refused,
 }
 
 /// What became of a request in the analysis: the `counted` label of
@@ -177,6 +180,7 @@ pub enum Counted {
     Judged,
     Capped,
     Apart,
+    Refused,
 }
 
 /// Per-worker request windows of both pools. Records nothing until enabled.
@@ -186,8 +190,8 @@ pub struct Recorder {
     /// The [`ClientLimit`], packed so the request path reads it without a lock:
     /// the share in millionths, then a bit each for the sticky key and the address.
     limit: AtomicU64,
-    /// Per pool: how much each client counted in the current slot.
-    tallies: [Tally; 2],
+    /// How much each client counted in the current slot (both pools).
+    tally: Tally,
     hasher: ClientHasher,
     shards: Box<[Mutex<Shard>]>,
 }
@@ -218,7 +222,7 @@ impl Recorder {
         Self {
             enabled: AtomicBool::new(false),
             limit: AtomicU64::new(pack(&ClientLimit::default())),
-            tallies: [Tally::default(), Tally::default()],
+            tally: Tally::default(),
             hasher: ClientHasher::default(),
             shards: (0..shards.max(1))
                 .map(|_| Mutex::new(Shard::new(slot_ms)))
@@ -240,8 +244,10 @@ impl Recorder {
         self.enabled.store(enabled, Ordering::Relaxed);
     }
 
-    /// Forgets every record.
+    /// Forgets every record (and the client cap they set).
     pub fn clear(&self) {
+        let limit = unpack(self.limit.load(Ordering::Relaxed));
+        self.tally.set_cap(&limit, 0, SLOTS);
         for shard in &self.shards {
             let mut shard = lock(shard);
             let slot_ms = shard.slot_ms;
@@ -271,9 +277,10 @@ impl Recorder {
         let epoch = shard.epoch(now_ms);
         let counted = match placed {
             Placed::Apart => Counted::Apart,
+            Placed::Refused => Counted::Refused,
             Placed::Bucket(keys) => {
                 let limit = unpack(self.limit.load(Ordering::Relaxed));
-                if self.tallies[pool_index(pool)].admit(&limit, keys, epoch) {
+                if self.tally.admit(&limit, keys, epoch) {
                     Counted::Judged
                 } else {
                     Counted::Capped
@@ -288,7 +295,7 @@ impl Recorder {
                 window.record(latency_us, error);
             }
             Counted::Capped => window.capped += 1,
-            Counted::Apart | Counted::Off => window.apart += 1,
+            Counted::Apart | Counted::Refused | Counted::Off => window.apart += 1,
         }
         counted
     }
@@ -299,20 +306,29 @@ impl Recorder {
         self.hasher.keys(sticky, address)
     }
 
-    /// The per-slot cap of one client in `pool`'s judged requests, as of the last
-    /// [`Recorder::window`].
-    pub fn client_cap(&self, pool: PoolKind) -> u64 {
-        self.tallies[pool_index(pool)].cap()
+    /// The per-slot cap of one client's judged requests (both pools), as of the
+    /// last [`Recorder::window`].
+    pub fn client_cap(&self) -> u64 {
+        self.tally.cap()
     }
 
     /// Records an error of a request already judged (its response body failed).
-    pub fn record_late_error(&self, pool: PoolKind, now_ms: u64) {
+    ///
+    /// The error goes to the slot the request was recorded in (`recorded_ms`), and
+    /// only while that slot still holds it: errors cut long after cannot pile up in
+    /// one later window.
+    pub fn record_late_error(&self, pool: PoolKind, recorded_ms: u64) {
         if !self.is_enabled() {
             return;
         }
-        self.local().slot(now_ms).pools[pool_index(pool)]
-            .get_or_insert_with(PoolWindow::default)
-            .errors += 1;
+        let mut shard = self.local();
+        let epoch = shard.epoch(recorded_ms);
+        let slot = &mut shard.slots[usize::try_from(epoch % SLOTS).unwrap_or(0)];
+        if slot.epoch == epoch
+            && let Some(window) = &mut slot.pools[pool_index(pool)]
+        {
+            window.errors += 1;
+        }
     }
 
     /// Both pools' records of the window ending at `now_ms`, merged over the shards:
@@ -336,10 +352,12 @@ impl Recorder {
             }
         }
         let limit = unpack(self.limit.load(Ordering::Relaxed));
-        for (tally, window) in self.tallies.iter().zip(&mut merged) {
-            window.client_cap = tally.cap();
-            tally.set_cap(&limit, window.requests, SLOTS);
+        let in_force = self.tally.cap();
+        for window in &mut merged {
+            window.client_cap = in_force;
         }
+        let judged = merged[0].requests + merged[1].requests;
+        self.tally.set_cap(&limit, judged, SLOTS);
         merged
     }
 
@@ -432,14 +450,17 @@ mod tests {
                 s.spawn(|| {
                     crate::worker::set_index(worker);
                     recorder.record(PoolKind::Canary, 10, MS * 2, worker == 1, bucket());
+                    recorder.record(PoolKind::Production, 10, MS, false, bucket());
                     recorder.record_late_error(PoolKind::Production, 10);
                 });
             });
         }
         let [production, canary] = recorder.window(10);
         assert_eq!((canary.requests, canary.errors), (3, 1));
-        assert_eq!((production.requests, production.errors), (0, 3));
-        assert!((production.error_ratio() - 0.0).abs() < f64::EPSILON);
+        assert_eq!((production.requests, production.errors), (3, 3));
+        // A late error whose request's slot has left the window is dropped.
+        recorder.record_late_error(PoolKind::Production, 10 + 120_000);
+        assert_eq!(recorder.window(10)[0].errors, 3);
         // A new window length starts from empty; so does a clear.
         recorder.configure(true, 60_000, &UNCAPPED);
         assert_eq!(recorder.window(10)[1].requests, 0);
@@ -483,13 +504,42 @@ mod tests {
         // 5% of the judged requests per slot (24 slots).
         let cap = super::super::clients::cap(0.05, canary.requests, SLOTS);
         assert!(cap >= 2);
-        assert_eq!(recorder.client_cap(PoolKind::Canary), cap);
+        assert_eq!(recorder.client_cap(), cap);
         let cap = usize::try_from(cap).unwrap();
         let counted: Vec<_> = (0..8)
             .map(|_| recorder.record(PoolKind::Canary, 2_500, MS, true, heavy))
             .collect();
         assert_eq!(counted[cap - 1], Counted::Judged);
         assert_eq!(counted[cap], Counted::Capped);
+    }
+
+    #[test]
+    fn one_clients_judged_requests_follow_its_placement_across_the_pools() {
+        // At the floor (one judged request per slot), a client the bucket spreads
+        // 10/90 is judged 10/90: the cap is over both pools together.
+        let recorder = Recorder::new(1);
+        recorder.configure(true, 24_000, &ClientLimit::default());
+        let client = Placed::Bucket(recorder.client_keys(None, [192, 0, 2, 9].into()));
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut judged = [0u32; 2];
+        for slot in 0..2_000u64 {
+            for _ in 0..20 {
+                let pool = if rng.u8(..100) < 10 {
+                    PoolKind::Canary
+                } else {
+                    PoolKind::Production
+                };
+                if recorder.record(pool, slot * 1_000 + 1, MS, true, client) == Counted::Judged {
+                    judged[pool_index(pool)] += 1;
+                }
+            }
+        }
+        assert_eq!(judged[0] + judged[1], 2_000, "one per slot");
+        assert!(
+            (150..=250).contains(&judged[1]),
+            "canary judged {}",
+            judged[1]
+        );
     }
 
     #[test]

@@ -60,8 +60,8 @@ impl AnalysisMetrics {
                 Opts::new(
                     "canarygate_analysis_requests_total",
                     "Requests as the canary analysis counted them, by pool and `counted`: \
-                         judged; capped (placed by the bucket, past their client's cap); or \
-                         the routing reason of a request placed otherwise and never judged \
+                         judged; capped (placed by the bucket, past their client's cap); \
+                         refused (by the proxy, before any backend); or the routing reason of a request placed otherwise and never judged \
                          (override, failover, kill_switch, no_canary_backends).",
                 ),
                 &["pool", "counted"],
@@ -97,6 +97,7 @@ impl AnalysisMetrics {
             Counted::Off => return,
             Counted::Judged => "judged",
             Counted::Capped => "capped",
+            Counted::Refused => "refused",
             Counted::Apart => reason.as_str(),
         };
         self.requests

@@ -27,9 +27,10 @@ pub struct RequestNote {
     pub metrics: Arc<Metrics>,
     pub pool: PoolKind,
     pub request_id: HeaderValue,
-    /// The canary analysis judged the request: a body cut later is its failure.
-    /// Set once the request is recorded ([`TrackedBody::judged`]).
-    pub judged: bool,
+    /// When the canary analysis judged the request as a success (its monotonic
+    /// ms): a body cut later is its failure, in that request's slot. Set once the
+    /// request is recorded ([`TrackedBody::judged`]).
+    pub judged: Option<u64>,
 }
 
 impl RequestNote {
@@ -84,7 +85,7 @@ impl Drop for Unanswered<'_> {
                 metrics: Arc::clone(self.metrics),
                 pool: self.pool,
                 request_id: self.request_id.clone(),
-                judged: false,
+                judged: None,
             }
             .client_reset(ResetStage::BeforeResponse, Some(self.start.elapsed()));
         }
@@ -120,10 +121,10 @@ impl TrackedBody {
         }
     }
 
-    /// Whether the analysis judged this request (only then does a cut body count
-    /// against its pool).
-    pub fn judged(&mut self, judged: bool) {
-        self.note.judged = judged;
+    /// When the analysis judged this request a success, if it did (only then does
+    /// a cut body count against its pool).
+    pub fn judged(&mut self, recorded_ms: Option<u64>) {
+        self.note.judged = recorded_ms;
     }
 }
 
@@ -145,10 +146,10 @@ impl Body for TrackedBody {
                     note.metrics.pool(note.pool).upstream_error(kind);
                     // For the canary analysis, a body cut by the backend is a failure
                     // of a judged request (never of one counted apart or capped).
-                    if note.judged {
+                    if let Some(recorded_ms) = note.judged {
                         note.metrics
                             .recorder
-                            .record_late_error(note.pool, crate::clock::now_ms());
+                            .record_late_error(note.pool, recorded_ms);
                     }
                 }
                 warn!(

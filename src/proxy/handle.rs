@@ -8,8 +8,9 @@
 //! both ways with backpressure, so a 64 MiB upload costs the proxy a few buffers,
 //! not 64 MiB.
 
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -97,7 +98,11 @@ pub async fn handle(
     } else {
         (None, None)
     };
+    // Only a request with a body pays for the cell.
+    let upload_done =
+        (!hyper::body::Body::is_end_stream(req.body())).then(|| Arc::new(AtomicU64::new(0)));
     let extra = UpstreamHeaders {
+        upload_done: upload_done.as_ref(),
         request_id: &request_id,
         flags_header: &config.flags.header.0,
         flags: &snapshot.flags.header_value,
@@ -115,16 +120,18 @@ pub async fn handle(
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
     let tracked = |body| {
         let note = RequestNote {
-            metrics: std::sync::Arc::clone(&state.metrics),
+            metrics: Arc::clone(&state.metrics),
             pool: kind,
             request_id: request_id.clone(),
-            judged: false,
+            judged: None,
         };
         Either::Left(TrackedBody::new(body, note))
     };
 
     // Whether the request failed for the canary analysis: a 5xx from the backend or
     // an upstream error; refusals of the client's own request (4xx, no backend) not.
+    // Those refusals say nothing of either version: never judged.
+    let refused = matches!(&result, Err(error) if error.class().kind.is_none());
     let (mut response, failed) = match (result, upgrade) {
         (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
@@ -194,14 +201,22 @@ pub async fn handle(
     unanswered.answered();
     let elapsed = start.elapsed();
     pool_metrics.record(&method, response.status(), elapsed);
-    let placed = client.map_or(Placed::Apart, Placed::Bucket);
+    let placed = match client {
+        _ if refused => Placed::Refused,
+        Some(client) => Placed::Bucket(client),
+        None => Placed::Apart,
+    };
+    // The time of the answer, not of the request: a slot is only ever counted in
+    // while it is current, whatever a slow client or backend did.
+    let recorded_ms = now_ms();
+    let judged_latency = latency_after_upload(elapsed, now, upload_done.as_deref());
     let counted = state
         .metrics
         .recorder
-        .record(kind, now, elapsed, failed, placed);
+        .record(kind, recorded_ms, judged_latency, failed, placed);
     state.metrics.analysis.count(kind, counted, decision.reason);
     if let Either::Left(body) = response.body_mut() {
-        body.judged(counted == Counted::Judged);
+        body.judged((counted == Counted::Judged && !failed).then_some(recorded_ms));
     }
     let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     debug!(
@@ -245,6 +260,19 @@ pub async fn handle(
         response_headers.append(header::SET_COOKIE, sticky_set_cookie(&signed));
     }
     response
+}
+
+/// The latency the canary analysis judges: from the end of the client's upload (no
+/// backend can answer a request before it has it all; a client holding its body
+/// back must not make a version look slow) to the response head. `start_ms` is the
+/// request's start on the same clock as the cell.
+fn latency_after_upload(
+    elapsed: Duration,
+    start_ms: u64,
+    upload_done: Option<&AtomicU64>,
+) -> Duration {
+    let done_ms = upload_done.map_or(0, |cell| cell.load(Ordering::Relaxed));
+    elapsed.saturating_sub(Duration::from_millis(done_ms.saturating_sub(start_ms)))
 }
 
 /// A request's routing: the decision, a new sticky id to set if one was made, and,
@@ -306,10 +334,10 @@ fn route(
         decision = routing::decide(forced, bucket, percent, canary_state);
     }
     let recorder = &state.metrics.recorder;
-    let client = (decision.reason == Reason::Bucket && recorder.is_enabled()).then(|| {
-        let key = sticky_key.or(new_sticky_id.as_ref().map(|id| &id[..]));
-        recorder.client_keys(key, peer.peer.ip())
-    });
+    // An id minted for this request is no client's yet: only the address counts
+    // (a flood of cookie-less requests would otherwise fill the sketch with keys).
+    let client = (decision.reason == Reason::Bucket && recorder.is_enabled())
+        .then(|| recorder.client_keys(sticky_key, peer.peer.ip()));
     Route {
         decision,
         new_sticky_id,

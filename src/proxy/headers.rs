@@ -5,6 +5,7 @@
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
@@ -70,6 +71,19 @@ pub struct UpstreamHeaders<'a> {
     pub max_body_bytes: Option<u64>,
     /// A valid, allowed upgrade request, passed through.
     pub upgrade: Option<&'a UpgradeRequest>,
+    /// Set to the monotonic ms at which the client's body has all arrived (for a
+    /// request with a body): the canary analysis times the backend from there.
+    pub upload_done: Option<&'a Arc<AtomicU64>>,
+}
+
+/// Writes the time the client's body ended into its cell when dropped (with the
+/// body's end, failure or abandonment).
+struct UploadDone(Arc<AtomicU64>);
+
+impl Drop for UploadDone {
+    fn drop(&mut self) {
+        self.0.store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
 }
 
 /// Rewrites a client request into the request sent upstream: the client's header
@@ -138,7 +152,8 @@ pub fn upstream_request(
     let mut body = UpstreamBody::new(body, extra.max_body_bytes);
     if !body.is_end_stream() {
         // While it arrives, a quiet connection is the client's: the idle timeout runs.
-        body = body.holding(Box::new(peer.conn.upload_in_progress()));
+        let done = extra.upload_done.map(|cell| UploadDone(Arc::clone(cell)));
+        body = body.holding(Box::new((peer.conn.upload_in_progress(), done)));
     }
     Ok((Request::from_parts(parts, body), set))
 }
