@@ -109,11 +109,13 @@ async fn checks_under_way(proxy: &Proxy, n: usize) {
     .await;
 }
 
-/// Holds the attack for `secs` seconds of checks, then asserts none failed and the
-/// canary was never rolled back.
+/// Holds the attack for `secs` seconds of checks and asserts the canary was never
+/// rolled back while checks kept passing. (Not that no single check failed: with
+/// the attacker's failures spread over both pools in proportion, a lone failed check
+/// is the ordinary false alarm the judge allows, `1 - confidence` over its looks;
+/// a rollback needs `failure_threshold` of them in a row or decisive evidence.)
 async fn assert_no_verdict_against_canary(proxy: &Proxy, secs: u64) {
     let c = client();
-    let fails = |m: &std::collections::HashMap<String, f64>| m["canarygate_canary_checks_total{result=\"fail\"}"];
     let before = scrape_metrics(&c, proxy.admin_addr).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     while tokio::time::Instant::now() < deadline {
@@ -125,12 +127,8 @@ async fn assert_no_verdict_against_canary(proxy: &Proxy, secs: u64) {
     let passes = after["canarygate_canary_checks_total{result=\"pass\"}"]
         - before["canarygate_canary_checks_total{result=\"pass\"}"];
     assert!(passes >= 8.0, "{passes} passing checks in {secs} s");
-    assert_eq!(
-        fails(&after) - fails(&before),
-        0.0,
-        "{}",
-        analysis(proxy).await["checks"][0]
-    );
+    let a = analysis(proxy).await;
+    assert_ne!(a["state"], "rolled_back", "rolled back: {}", a["reason"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
