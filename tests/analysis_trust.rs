@@ -131,6 +131,23 @@ async fn assert_no_verdict_against_canary(proxy: &Proxy, secs: u64) {
     assert_ne!(a["state"], "rolled_back", "rolled back: {}", a["reason"]);
 }
 
+/// Sends `/broken` (failing on both versions) from the attacker with `headers` for
+/// 5 s of checks: no rollback, and the attacker's requests reached both versions
+/// as the bucket placed them (more production than canary at a 10% canary): its
+/// header or cookie chose nothing.
+async fn attack_chooses_nothing_and_rolls_nothing_back(
+    proxy: &Proxy,
+    headers: &[(&'static str, String)],
+) {
+    let attack = Attack::start(&proxy.url("/broken"), 4, headers);
+    assert_no_verdict_against_canary(proxy, 5).await;
+    let (on_canary, on_production) = attack.seen();
+    assert!(
+        on_production > on_canary && on_canary > 0,
+        "attacker's requests: {on_canary} canary, {on_production} production"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_client_with_the_override_header_cannot_roll_back_a_healthy_canary() {
     within(60, async {
@@ -147,20 +164,10 @@ async fn one_client_with_the_override_header_cannot_roll_back_a_healthy_canary()
         .await;
         let _users = Traffic::start(&[proxy.url("/")], 6);
         checks_under_way(&proxy, 2).await;
-        let attack = Attack::start(
-            &proxy.url("/broken"),
-            4,
-            &[("x-canary", "always".to_owned())],
-        );
-        assert_no_verdict_against_canary(&proxy, 5).await;
-        // The header was ignored: the bucket placed the attacker's requests, on both
+        // The header is ignored: the bucket places the attacker's requests, on both
         // versions in proportion, so its failures weigh on both alike.
-        let (on_canary, on_production) = attack.seen();
-        assert!(
-            on_production > on_canary && on_canary > 0,
-            "attacker's requests: {on_canary} canary, {on_production} production"
-        );
-        drop(attack);
+        attack_chooses_nothing_and_rolls_nothing_back(&proxy, &[("x-canary", "always".to_owned())])
+            .await;
         proxy.stop().await;
     })
     .await;
@@ -190,18 +197,11 @@ async fn one_client_with_a_forged_cookie_cannot_roll_back_a_healthy_canary() {
         let fresh = got.header("set-cookie");
         assert!(fresh.starts_with("canarygate_id="), "{fresh}");
         assert!(!fresh.contains(&id), "{fresh}");
-        let attack = Attack::start(
-            &proxy.url("/broken"),
-            4,
+        attack_chooses_nothing_and_rolls_nothing_back(
+            &proxy,
             &[("cookie", format!("canarygate_id={id}"))],
-        );
-        assert_no_verdict_against_canary(&proxy, 5).await;
-        let (on_canary, on_production) = attack.seen();
-        assert!(
-            on_production > on_canary && on_canary > 0,
-            "attacker's requests: {on_canary} canary, {on_production} production"
-        );
-        drop(attack);
+        )
+        .await;
         proxy.stop().await;
     })
     .await;
