@@ -19,7 +19,7 @@
 //! opening 100 streams each made a fresh proxy open 400 connections at once, the
 //! backend's accept queue (128) overflowed, and with `connect_ms = 500` the dropped
 //! SYNs (resent after 1 s) became 502s. Now at most `max_connections` are open
-//! (connecting, idle, busy or upgraded: each [`BackendConn`] holds a [`Slot`]) and at
+//! (connecting, idle, busy or upgraded: each [`BackendConn`] holds a `Slot`) and at
 //! most `max_connecting` connects are in progress. A request that finds no idle
 //! connection connects itself while nobody queues and both limits allow (the path
 //! of today, no task hop); otherwise it takes an idle connection from another

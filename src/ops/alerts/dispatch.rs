@@ -8,7 +8,7 @@
 //! waits. A full queue drops the least severe alert it holds (the oldest of them),
 //! or the newcomer when it is less severe than everything queued: a flood of
 //! warnings (refused SMS, say) can never push out a critical one, while the
-//! queue holds anything less severe ([`victim`]). A failed send is tried three
+//! queue holds anything less severe (`victim`). A failed send is tried three
 //! times with doubling delays, then logged and counted.
 
 use std::collections::{HashMap, VecDeque};
