@@ -1233,9 +1233,14 @@ async fn a_log_truncated_between_archive_and_punch_loses_nothing() {
                     ))
                     .spawn()
                     .unwrap();
+                // Until its fd 3 is the log: the child may start with an inherited
+                // fd 3 of the test's (cargo's jobserver pipe), so "fd 3 exists" is not
+                // "the log is open" (on a loaded machine the lease came first).
                 let fd = format!("/proc/{}/fd/3", child.id());
                 let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while std::fs::read_link(&fd).is_err() && std::time::Instant::now() < deadline {
+                while std::fs::read_link(&fd).ok().as_deref() != Some(opened_path.as_path())
+                    && std::time::Instant::now() < deadline
+                {
                     std::thread::yield_now();
                 }
                 *held.lock().unwrap() = Some(KillOnDrop(child));
