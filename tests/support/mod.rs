@@ -776,12 +776,27 @@ pub fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
 // Redis
 
 /// A free TCP port on 127.0.0.1 (bound, then released; redis-server cannot take 0).
+/// A port nothing listens on now, for a process that binds it later (Ansible's
+/// services, child processes given a port). Taken below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768 and up by default), in turn from a random start: a
+/// port-0 bind or an outbound connection elsewhere in the run is never given it
+/// between this check and the later bind, which a port the kernel chose could be
+/// (the site test once found its app's port taken that way).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    let (first, span) = (10_000u16, low.saturating_sub(10_000).max(1_000));
+    let _ = NEXT.compare_exchange(0, fastrand::u16(..span), Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = first + NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let free = |ip: [u8; 4]| std::net::TcpListener::bind(SocketAddr::from((ip, port))).is_ok();
+        if free([0, 0, 0, 0]) && free(LOCALHOST) {
+            return port;
+        }
+    }
 }
 
 /// A real `redis-server` child process on 127.0.0.1, persistence off, in its own temp
