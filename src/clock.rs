@@ -20,8 +20,15 @@ const JUMP_MS: u64 = 1_000;
 
 /// Milliseconds since the first call, on a monotonic clock shared by the process.
 pub fn now_ms() -> u64 {
+    ms_at(Instant::now())
+}
+
+/// [`now_ms`] at `instant`, without reading the clock again: the request path reads
+/// it once at each end of a request (0 for an instant before the first call).
+pub fn ms_at(instant: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
+    let start = *START.get_or_init(|| instant);
+    u64::try_from(instant.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the Unix epoch on this host's clock (0 if the clock is set

@@ -2,6 +2,8 @@
 //! analysis counted and concluded. Apart from the request metrics because the
 //! analysis owns their meaning (`crate::canary`).
 
+use std::sync::OnceLock;
+
 use prometheus::{GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts};
 
 use super::metric_def::must;
@@ -16,7 +18,39 @@ pub struct AnalysisMetrics {
     latency: GaugeVec,
     /// `canarygate_analysis_requests_total{pool,counted}`.
     requests: IntCounterVec,
+    /// Its counters, resolved once each: a label look-up (two hashes and a lock)
+    /// per request showed in the request path's profile.
+    request_counters: [[OnceLock<IntCounter>; COUNTED_LABELS.len()]; 2],
     store_errors: IntCounter,
+}
+
+/// The `counted` label's values, in the order of [`counted_index`].
+const COUNTED_LABELS: [&str; 8] = [
+    "judged",
+    "capped",
+    "refused",
+    Reason::Override.as_str(),
+    Reason::Bucket.as_str(),
+    Reason::KillSwitch.as_str(),
+    Reason::NoCanaryBackends.as_str(),
+    Reason::Failover.as_str(),
+];
+
+/// Where a request's `counted` label is in [`COUNTED_LABELS`] (`None`: not counted).
+const fn counted_index(counted: Counted, reason: Reason) -> Option<usize> {
+    Some(match counted {
+        Counted::Off => return None,
+        Counted::Judged => 0,
+        Counted::Capped => 1,
+        Counted::Refused => 2,
+        Counted::Apart => match reason {
+            Reason::Override => 3,
+            Reason::Bucket => 4,
+            Reason::KillSwitch => 5,
+            Reason::NoCanaryBackends => 6,
+            Reason::Failover => 7,
+        },
+    })
 }
 
 impl Default for AnalysisMetrics {
@@ -66,6 +100,7 @@ impl AnalysisMetrics {
                 ),
                 &["pool", "counted"],
             )),
+            request_counters: Default::default(),
             store_errors: must(IntCounter::new(
                 "canarygate_canary_store_errors_total",
                 "Canary analysis rounds that could not read or write the shared record \
@@ -93,15 +128,15 @@ impl AnalysisMetrics {
     /// Counts one request as the analysis took it (`reason`: why it went to `pool`,
     /// the label of a request counted apart).
     pub fn count(&self, pool: PoolKind, counted: Counted, reason: Reason) {
-        let label = match counted {
-            Counted::Off => return,
-            Counted::Judged => "judged",
-            Counted::Capped => "capped",
-            Counted::Refused => "refused",
-            Counted::Apart => reason.as_str(),
+        let Some(label) = counted_index(counted, reason) else {
+            return;
         };
-        self.requests
-            .with_label_values(&[pool.as_str(), label])
+        let p = usize::from(pool == PoolKind::Canary);
+        self.request_counters[p][label]
+            .get_or_init(|| {
+                self.requests
+                    .with_label_values(&[pool.as_str(), COUNTED_LABELS[label]])
+            })
             .inc();
     }
 

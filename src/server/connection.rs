@@ -1,9 +1,11 @@
 //! One accepted client connection for its whole life: hyper serves it until it
 //! ends, idles into parking (and wakes again), drains or is cut.
 
+use std::future::Future as _;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::{Body, Incoming};
@@ -13,11 +15,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use tracing::debug;
 
 use crate::observe::metrics::GaugeGuard;
 use crate::server::conn_state::ConnState;
+use crate::server::gate::Gate;
 use crate::server::guard::FramingGuard;
 use crate::server::idle::IdleTimeout;
 use crate::server::park::{PARK_AFTER, Parkable, Tracked};
@@ -117,21 +120,30 @@ impl ConnectionTask<'_> {
         };
         // Boxed so that a parked connection's task does not keep hyper's state inline.
         let mut connection = Box::pin(self.builder.serve_connection_with_upgrades(io, service));
-        let mut tick = park_after.map(|every| Box::pin(tokio::time::sleep(every)));
+        let mut watch = Watch {
+            drain: Box::pin(self.ends.drain.cancelled()),
+            force_close: Box::pin(self.ends.force_close.cancelled()),
+            tick: park_after.map(|every| Box::pin(tokio::time::sleep(every))),
+            gate: Gate::new(),
+        };
         let mut seen = self.state.activity();
-        let (drain, force_close) = (&self.ends.drain, &self.ends.force_close);
+        let force_close = &self.ends.force_close;
         let result = loop {
-            tokio::select! {
+            let event = tokio::select! {
+                biased;
                 result = connection.as_mut() => break result,
-                () = drain.cancelled() => {
+                event = std::future::poll_fn(|cx| watch.poll(cx)) => event,
+            };
+            match event {
+                Event::ForceClose => return None,
+                Event::Drain => {
                     connection.as_mut().graceful_shutdown();
                     tokio::select! {
                         result = connection.as_mut() => break result,
                         () = force_close.cancelled() => return None,
                     }
                 }
-                () = force_close.cancelled() => return None,
-                () = next_tick(tick.as_mut()) => {
+                Event::Tick => {
                     let activity = self.state.activity();
                     if activity == seen && self.state.between_requests() {
                         // hyper is idle: a graceful shutdown ends it at once, flushing
@@ -151,7 +163,7 @@ impl ConnectionTask<'_> {
                         break result;
                     }
                     seen = activity;
-                    if let (Some(tick), Some(every)) = (tick.as_mut(), park_after) {
+                    if let (Some(tick), Some(every)) = (watch.tick.as_mut(), park_after) {
                         tick.as_mut().reset(tokio::time::Instant::now() + every);
                     }
                 }
@@ -164,10 +176,42 @@ impl ConnectionTask<'_> {
     }
 }
 
-/// Waits for the park check's next tick; never, without one.
-async fn next_tick(tick: Option<&mut Pin<Box<Sleep>>>) {
-    match tick {
-        Some(tick) => tick.as_mut().await,
-        None => std::future::pending().await,
+/// What ends or checks a served connection, besides hyper finishing it.
+enum Event {
+    Drain,
+    ForceClose,
+    /// The park check's tick.
+    Tick,
+}
+
+/// The drain and force-close tokens and the park tick, polled behind one [`Gate`]:
+/// only when one of them fired, not on every wake of the connection's task.
+struct Watch<'a> {
+    drain: Pin<Box<WaitForCancellationFuture<'a>>>,
+    force_close: Pin<Box<WaitForCancellationFuture<'a>>>,
+    tick: Option<Pin<Box<Sleep>>>,
+    gate: Gate,
+}
+
+impl Watch<'_> {
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if !self.gate.open(cx) {
+            return Poll::Pending;
+        }
+        let mut gated = self.gate.context();
+        let event = if self.force_close.as_mut().poll(&mut gated).is_ready() {
+            Event::ForceClose
+        } else if self.drain.as_mut().poll(&mut gated).is_ready() {
+            Event::Drain
+        } else if let Some(tick) = self.tick.as_mut()
+            && tick.as_mut().poll(&mut gated).is_ready()
+        {
+            Event::Tick
+        } else {
+            return Poll::Pending;
+        };
+        // Whatever fired is handled (a tick is reset): poll all of them next time.
+        self.gate.rearm();
+        Poll::Ready(event)
     }
 }

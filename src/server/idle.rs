@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
 use crate::server::conn_state::ConnState;
+use crate::server::gate::Gate;
 use crate::server::io::{Hook, Wrapped};
 
 /// A TCP stream that fails with `TimedOut` once no byte has moved for its idle
@@ -30,6 +31,8 @@ pub fn idle_timeout(inner: TcpStream, idle: Duration, state: Arc<ConnState>) -> 
 /// four ticks in a row without activity, so a silent connection is closed after
 /// between `idle` and 1.25 x `idle`. A tick while a request waits for its backend
 /// (see [`ConnState::waiting_for_backend`]) is not quiet: the client is waiting too.
+/// The timer is polled behind a [`Gate`]: a read or write that waits polls it only
+/// when it has fired (or was reset), not on every wait.
 pub struct IdleTimer {
     inner: TcpStream,
     idle: Duration,
@@ -39,6 +42,7 @@ pub struct IdleTimer {
     seen: u64,
     quiet_ticks: u8,
     timer: Pin<Box<Sleep>>,
+    gate: Gate,
 }
 
 const IDLE_TICKS: u8 = 4;
@@ -54,6 +58,7 @@ impl IdleTimer {
             seen: 0,
             quiet_ticks: 0,
             timer: Box::pin(tokio::time::sleep(tick)),
+            gate: Gate::new(),
         }
     }
 
@@ -78,9 +83,13 @@ impl IdleTimer {
             self.timer
                 .as_mut()
                 .reset(tokio::time::Instant::now() + tick);
+            self.gate.rearm();
+        }
+        if !self.gate.open(cx) {
+            return Poll::Pending;
         }
         loop {
-            ready!(self.timer.as_mut().poll(cx));
+            ready!(self.timer.as_mut().poll(&mut self.gate.context()));
             let activity = self.state.activity();
             // Quiet while a request waits for its backend is the backend's slowness,
             // bounded by `response_header_ms`: cutting the client then turned a slow

@@ -7,6 +7,7 @@
 //! - [`io`]: the one shape of the I/O wrappers below.
 //! - [`guard`]: the request-smuggling guard.
 //! - [`idle`]: the idle timeout.
+//! - [`gate`]: polling a connection's watchers only when they fired.
 //! - [`park`]: parking idle keep-alive connections.
 //! - [`nofile`]: the descriptor limit `max_connections` needs, raised at start.
 
@@ -14,6 +15,7 @@ pub mod accept;
 pub mod balance;
 pub mod conn_state;
 pub mod connection;
+pub mod gate;
 pub mod guard;
 pub mod idle;
 pub mod io;
