@@ -115,12 +115,7 @@ pub async fn handle(
         Ok(_) => {
             let pool = snapshot.pools.get(kind);
             let _waiting = peer.conn.wait_for_backend();
-            // Boxed: held inline, its 3 KiB made the request's future, moved whole
-            // into hyper's box, three times the size (issue 30).
-            Box::pin(proxy_to_pool(
-                state, &snapshot, pool, req, peer, &extra, now,
-            ))
-            .await
+            proxy_to_pool(state, &snapshot, pool, req, peer, &extra, now).await
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
