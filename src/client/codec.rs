@@ -129,20 +129,15 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
             }
             Err(_) => return Err(ExchangeError::Protocol("malformed response head")),
         };
-        // Where each name and value lies, so the values can share the buffer's bytes
-        // once it is frozen: on the stack for the usual few fields (a vector per
-        // response showed in the profile), in a vector beyond them.
+        // Each name, and where its value lies, so the values can share the buffer's
+        // bytes once it is frozen.
         let base = buf.as_ptr() as usize;
-        let mut fields = Fields::default();
+        let mut fields = Vec::with_capacity(response.headers.len());
         for field in response.headers.iter() {
-            let name = field.name.as_ptr() as usize - base;
-            let value = field.value.as_ptr() as usize - base;
-            fields.push([
-                name,
-                name + field.name.len(),
-                value,
-                value + field.value.len(),
-            ]);
+            let name = HeaderName::from_bytes(field.name.as_bytes())
+                .map_err(|_| ExchangeError::Protocol("invalid header name"))?;
+            let start = field.value.as_ptr() as usize - base;
+            fields.push((name, start, start + field.value.len()));
         }
         let version = if response.version == Some(1) {
             Version::HTTP_11
@@ -158,9 +153,7 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
     // Room for the fields the proxy adds to every response (pool, request id, a
     // sticky cookie): growing the map for them rehashed it on every request.
     let mut headers = HeaderMap::with_capacity(fields.len() + 3);
-    for [name_start, name_end, start, end] in fields.iter() {
-        let name = HeaderName::from_bytes(&head[name_start..name_end])
-            .map_err(|_| ExchangeError::Protocol("invalid header name"))?;
+    for (name, start, end) in fields {
         let value = HeaderValue::from_maybe_shared(head.slice(start..end))
             .map_err(|_| ExchangeError::Protocol("invalid header value"))?;
         headers.append(name, value);
@@ -170,39 +163,6 @@ pub fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, ExchangeError> {
         version,
         headers,
     }))
-}
-
-/// The byte ranges of a head's fields: `[name start, name end, value start, value
-/// end]`, the first [`INLINE_FIELDS`] without an allocation.
-#[derive(Default)]
-struct Fields {
-    inline: [[usize; 4]; INLINE_FIELDS],
-    len: usize,
-    more: Vec<[usize; 4]>,
-}
-
-/// Fields kept on the stack; a response with more spills into a vector.
-const INLINE_FIELDS: usize = 24;
-
-impl Fields {
-    fn push(&mut self, field: [usize; 4]) {
-        match self.inline.get_mut(self.len) {
-            Some(slot) => *slot = field,
-            None => self.more.push(field),
-        }
-        self.len += 1;
-    }
-
-    fn len(&self) -> usize {
-        self.len
-    }
-
-    fn iter(&self) -> impl Iterator<Item = [usize; 4]> + '_ {
-        self.inline[..self.len.min(INLINE_FIELDS)]
-            .iter()
-            .chain(&self.more)
-            .copied()
-    }
 }
 
 /// Where a response body ends (RFC 9112 6.3).
