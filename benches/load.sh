@@ -60,7 +60,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # --- Backends, Redis, certificates ---------------------------------------------------
 start_backends "$BIN"
 RP=$(free_port)
-redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!)
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!); REDIS_PID=$!
 wait_port "$RP"
 redis-cli -p "$RP" HSET canarygate:flags new_checkout on dark_mode off theme blue >/dev/null
 # One certificate of each kind for 127.0.0.1 and localhost, shared by every contender.
@@ -113,7 +113,7 @@ TOML
   dir="$work/nginx-$set"; mkdir -p "$dir/logs" "$dir/tmp"
   local nlog="access_log off;"; [ "$log" = on ] && nlog="access_log logs/access.log combined buffer=64k flush=1s;"
   sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
-      -e "s|@CERT@|$work/$cert.pem|; s|@KEY@|$work/$cert.key|; s|@ACCESS_LOG@|$nlog|" \
+      -e "s|@CERT@|$work/$cert.pem|; s|@KEY@|$work/$cert.key|; s|@ACCESS_LOG@|$nlog|; s|@WORKERS@|auto|; s|@TLS_EXTRA@||" \
       -e "s|@PROD_SERVERS@|${NGINX_PROD:-server 127.0.0.1:$P1;}|; s|@CANARY_SERVERS@|${NGINX_CANARY:-server 127.0.0.1:$P2;}|" \
       benches/nginx.conf > "$dir/nginx.conf"
   nginx -c "$dir/nginx.conf" -p "$dir/" & PID[$n]=$!; pids+=($!)
@@ -123,7 +123,7 @@ TOML
   n=haproxy/$set; PORT[$n]=$(free_port); H2C[$n]=$(free_port); TLS[$n]=$(free_port)
   local hlog="" hhttp=""; [ "$log" = on ] && { hlog="log stdout format raw local0 info"; hhttp=$'log global\n    option httplog'; }
   sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
-      -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|" benches/haproxy.cfg \
+      -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|; s|@GLOBAL_EXTRA@||; s|@FRONTEND_EXTRA@||; s|@TLS_EXTRA@||" benches/haproxy.cfg \
     | awk -v r="$hhttp" '{ sub(/@HTTPLOG@/, r) } 1' > "$work/$set.haproxy.cfg"
   # (Not -q: it silences the HTTP log on standard output too.)
   haproxy -f "$work/$set.haproxy.cfg" >"$work/$set.haproxy-access.log" 2>"$work/$set.haproxy.err" & PID[$n]=$!; pids+=($!)
