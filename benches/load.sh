@@ -10,11 +10,22 @@
 #   MODE=h2 bash benches/load.sh         # HTTP/2 from clients (h2load, 100 streams), cleartext and TLS
 #   MODE=growth bash benches/load.sh     # 64/512/4096 connections, idle RSS, 1/100/1000 flags,
 #                                        # 2/200 backends per pool
+#   MODE=percore VARIANT=all bash benches/load.sh   # issue 30: cost per core; each proxy runs
+#     one worker pinned to CPU 0 (canarygate --workers 1, nginx worker_processes 1, HAProxy
+#     nbthread 1), wrk/h2load, backends and Redis on CPU 1; contenders in turn, each started
+#     fresh per run (3 s warm-up, then DURATION measured). VARIANT=plain (wrk -c64), log (the
+#     combined access log to a file on all three, lines per request counted, HAProxy's
+#     DroppedLogs read), tls (wrk over https, ECDSA P-256, one TLS 1.3 suite), h2 (h2load
+#     -c64 -m10, h2c and TLS), c4096 (wrk -c4096), or all. Prints per round req/s, p50/p99,
+#     the proxy's user/system CPU per request and how busy its core was; then medians, the
+#     per-round ratios canarygate/nginx and canarygate/HAProxy, and whether issue 30's target
+#     is met (STRICT=1: exit 1 if not). Details: benches/percore.sh
 #   ROUNDS=1 DURATION=5 bash benches/load.sh
 #   ALT_BIN=/tmp/ring/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt",
 #     e.g. the *ring* provider: CARGO_TARGET_DIR=/tmp/ring cargo build --release --no-default-features
 #     (in MODE=growth, alt runs in the client-connection steps: an A/B of memory and CPU)
 #   HANDSHAKE_SUITE=TLS_AES_128_GCM_SHA256 MODE=tls bash benches/load.sh  # handshakes on one suite
+#   BIN=/path/to/canarygate ...  # the build to measure (default target/release/canarygate, built)
 #
 # Contenders, in turn each round:
 #   direct     wrk straight to one backend (plain mode)
@@ -305,5 +316,7 @@ h2)
   ratios ;;
 growth)
   . benches/growth.sh ;;
-*) echo "MODE must be plain, log, tls, h2 or growth" >&2; exit 64 ;;
+percore)
+  . benches/percore.sh ;;
+*) echo "MODE must be plain, log, tls, h2, growth or percore" >&2; exit 64 ;;
 esac
