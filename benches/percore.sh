@@ -242,7 +242,11 @@ PY
 )
     rm -f "$dir/h2load.log"
     local req; req=$(grep -h '^requests:' "$dir/warmup.out" "$out" | awk '$10 != 0 || $12 != 0 || $14 != 0' | paste -sd';' || true)
-    if [ -n "$req" ]; then errors="$req"; fi
+    if [ -n "$req" ]; then errors="$req; $(grep -h '^status codes:' "$out" | tr -s ' ')"; fi
+  fi
+  if [ -n "$errors" ] && [ "$name" = canarygate ]; then
+    # Why, in canarygate's own words (its log at the default level: no line per request).
+    grep -hE '"level":"(WARN|ERROR)"|WARN|ERROR' "$dir/stderr" | tail -n 3 | cut -c1-300 | sed 's/^/    canarygate: /' || true
   fi
   if [ "$log" = on ]; then
     lines=$(awk -v l="$(wc -l < "$dir/access.log")" -v n=$((warm + total)) 'BEGIN { printf "%.4f", n ? l / n : 0 }')
