@@ -8,11 +8,11 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 
 # start_backends BINARY: production on $P1 and canary on $P2, one worker each,
-# serving the fixed 100-byte page on /static.
+# serving the fixed 100-byte page on /static. Their PIDs in BACKEND_PIDS.
 start_backends() {
-  P1=$(free_port); P2=$(free_port)
-  RUST_LOG=warn "$1" backend --listen "127.0.0.1:$P1" --name production --workers 1 & pids+=($!)
-  RUST_LOG=warn "$1" backend --listen "127.0.0.1:$P2" --name canary --app-version v2 --workers 1 & pids+=($!)
+  P1=$(free_port); P2=$(free_port); BACKEND_PIDS=()
+  RUST_LOG=warn "$1" backend --listen "127.0.0.1:$P1" --name production --workers 1 & pids+=($!); BACKEND_PIDS+=($!)
+  RUST_LOG=warn "$1" backend --listen "127.0.0.1:$P2" --name canary --app-version v2 --workers 1 & pids+=($!); BACKEND_PIDS+=($!)
   wait_port "$P1"; wait_port "$P2"
 }
 

@@ -10,11 +10,22 @@
 #   MODE=h2 bash benches/load.sh         # HTTP/2 from clients (h2load, 100 streams), cleartext and TLS
 #   MODE=growth bash benches/load.sh     # 64/512/4096 connections, idle RSS, 1/100/1000 flags,
 #                                        # 2/200 backends per pool
+#   MODE=percore VARIANT=all bash benches/load.sh   # issue 30: cost per core; each proxy runs
+#     one worker pinned to CPU 0 (canarygate --workers 1, nginx worker_processes 1, HAProxy
+#     nbthread 1), wrk/h2load, backends and Redis on CPU 1; contenders in turn, each started
+#     fresh per run (3 s warm-up, then DURATION measured). VARIANT=plain (wrk -c64), log (the
+#     combined access log to a file on all three, lines per request counted, HAProxy's
+#     DroppedLogs read), tls (wrk over https, ECDSA P-256, one TLS 1.3 suite), h2 (h2load
+#     -c64 -m10, h2c and TLS), c4096 (wrk -c4096), or all. Prints per round req/s, p50/p99,
+#     the proxy's user/system CPU per request and how busy its core was; then medians, the
+#     per-round ratios canarygate/nginx and canarygate/HAProxy, and whether issue 30's target
+#     is met (STRICT=1: exit 1 if not). Details: benches/percore.sh
 #   ROUNDS=1 DURATION=5 bash benches/load.sh
 #   ALT_BIN=/tmp/ring/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt",
 #     e.g. the *ring* provider: CARGO_TARGET_DIR=/tmp/ring cargo build --release --no-default-features
 #     (in MODE=growth, alt runs in the client-connection steps: an A/B of memory and CPU)
 #   HANDSHAKE_SUITE=TLS_AES_128_GCM_SHA256 MODE=tls bash benches/load.sh  # handshakes on one suite
+#   BIN=/path/to/canarygate ...  # the build to measure (default target/release/canarygate, built)
 #
 # Contenders, in turn each round:
 #   direct     wrk straight to one backend (plain mode)
@@ -60,7 +71,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 # --- Backends, Redis, certificates ---------------------------------------------------
 start_backends "$BIN"
 RP=$(free_port)
-redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!)
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize no >/dev/null & pids+=($!); REDIS_PID=$!
 wait_port "$RP"
 redis-cli -p "$RP" HSET canarygate:flags new_checkout on dark_mode off theme blue >/dev/null
 # One certificate of each kind for 127.0.0.1 and localhost, shared by every contender.
@@ -113,7 +124,7 @@ TOML
   dir="$work/nginx-$set"; mkdir -p "$dir/logs" "$dir/tmp"
   local nlog="access_log off;"; [ "$log" = on ] && nlog="access_log logs/access.log combined buffer=64k flush=1s;"
   sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
-      -e "s|@CERT@|$work/$cert.pem|; s|@KEY@|$work/$cert.key|; s|@ACCESS_LOG@|$nlog|" \
+      -e "s|@CERT@|$work/$cert.pem|; s|@KEY@|$work/$cert.key|; s|@ACCESS_LOG@|$nlog|; s|@WORKERS@|auto|; s|@TLS_EXTRA@||" \
       -e "s|@PROD_SERVERS@|${NGINX_PROD:-server 127.0.0.1:$P1;}|; s|@CANARY_SERVERS@|${NGINX_CANARY:-server 127.0.0.1:$P2;}|" \
       benches/nginx.conf > "$dir/nginx.conf"
   nginx -c "$dir/nginx.conf" -p "$dir/" & PID[$n]=$!; pids+=($!)
@@ -123,7 +134,7 @@ TOML
   n=haproxy/$set; PORT[$n]=$(free_port); H2C[$n]=$(free_port); TLS[$n]=$(free_port)
   local hlog="" hhttp=""; [ "$log" = on ] && { hlog="log stdout format raw local0 info"; hhttp=$'log global\n    option httplog'; }
   sed -e "s|@P1@|$P1|g; s|@P2@|$P2|g; s|@LISTEN@|${PORT[$n]}|g; s|@H2C@|${H2C[$n]}|g; s|@TLS@|${TLS[$n]}|g" \
-      -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|" benches/haproxy.cfg \
+      -e "s|@PEM@|$work/$cert.haproxy.pem|; s|@LOG@|$hlog|; s|@GLOBAL_EXTRA@||; s|@FRONTEND_EXTRA@||; s|@TLS_EXTRA@||" benches/haproxy.cfg \
     | awk -v r="$hhttp" '{ sub(/@HTTPLOG@/, r) } 1' > "$work/$set.haproxy.cfg"
   # (Not -q: it silences the HTTP log on standard output too.)
   haproxy -f "$work/$set.haproxy.cfg" >"$work/$set.haproxy-access.log" 2>"$work/$set.haproxy.err" & PID[$n]=$!; pids+=($!)
@@ -305,5 +316,7 @@ h2)
   ratios ;;
 growth)
   . benches/growth.sh ;;
-*) echo "MODE must be plain, log, tls, h2 or growth" >&2; exit 64 ;;
+percore)
+  . benches/percore.sh ;;
+*) echo "MODE must be plain, log, tls, h2, growth or percore" >&2; exit 64 ;;
 esac
