@@ -5,15 +5,16 @@
 //! backends failing requests at random, a real `redis-server` each, and paced
 //! traffic from 320 loopback users.
 //!
-//! Time is scaled down twice, with the rate scaled up as much: checks every 5 s
-//! over 60 s (slots of 2.5 s) at 200 req/s instead of every 10 s over 120 s at
-//! 100 req/s, for 75 s instead of 150 s. The judge sees only counts per slot and
-//! per window, and the number of checks per window and of slots is the same, so
-//! each check here sees the numbers a check at the defaults would: the same
-//! statistics, twice as fast. Every other `[analysis]` key is at its default.
-//! (Five times faster was tried: 500 req/s to each of two debug-built proxies on
-//! two shared cores came out at half that, which is another test.) The test
-//! checks that the rate it promises was delivered.
+//! Time is scaled down 4 times, with the rate scaled up as much: checks every
+//! 2.5 s over 30 s (slots of 1.25 s) at 400 req/s instead of every 10 s over 120 s
+//! at 100 req/s, for 37.5 s instead of 150 s. The judge sees only counts per slot
+//! and per window, and the number of checks per window and of slots is the same,
+//! so each check here sees the numbers a check at the defaults would: the same
+//! statistics, four times faster. Every other `[analysis]` key is at its default.
+//! The canary's judged requests per window do not depend on the scale (a third of
+//! 100 req/s over 120 s, 4,000, a little less at a check, whose current slot is
+//! partly filled), and the test checks that at least three quarters of them came:
+//! on a machine too loaded to send the rate, it says so rather than test less.
 
 mod support;
 
@@ -25,7 +26,7 @@ use support::*;
 
 /// Time runs this many times faster than at the defaults, the rate this many
 /// times higher.
-const SCALE: u32 = 2;
+const SCALE: u32 = 4;
 /// The promise: rolled back within this, at the defaults.
 const WITHIN_S: u32 = 150;
 /// About 100 req/s at the defaults (both pools).
@@ -127,12 +128,13 @@ async fn a_canary_four_times_worse_is_rolled_back_in_150_s_and_a_healthy_one_kep
         assert!(verdicts(&a) >= 12, "{} verdicts: {a}", verdicts(&a));
         assert!(checks.iter().all(|c| c["result"] != "fail"), "{a}");
         let canary = &last["canary"];
-        // A third of 200 req/s over the last 60 s (4,000), give or take.
+        // A third of the rate over a window: 4,000 at any scale (about 3,650 seen).
         let judged = canary["requests"].as_u64().unwrap();
         assert!(
-            judged > 3_400,
+            judged > 3_000,
             "the traffic fell short: {judged} canary requests judged: {last}"
         );
+        println!("the healthy canary: {judged} requests judged in its last window");
         assert!(canary["errors"].as_u64().unwrap() > 5, "{last}");
         assert!(
             last["error_evidence"].as_f64().unwrap() < last["evidence_threshold"].as_f64().unwrap()
