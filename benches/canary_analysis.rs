@@ -17,7 +17,11 @@
 //! docs/canary-analysis.md; `CANARY_BENCH_RUNS` sets the runs per failing-canary
 //! row (default 200) and `CANARY_BENCH_HEALTHY_RUNS` per false-rollback row
 //! (default 3000): 0 false rollbacks in 3000 runs bounds the rate below 0.1% at 95%
-//! confidence (the rule of three).
+//! confidence (the rule of three). For exploring, not for the documented table:
+//! `CANARY_BENCH_THRESHOLD` replaces the evidence threshold (ln A),
+//! `CANARY_BENCH_ONLY=healthy` skips the failing rows, `CANARY_BENCH_RATES=10,100`
+//! picks the healthy rows' rates, and `CANARY_BENCH_DEBUG=1` prints every failed
+//! check with its slots.
 
 use std::time::Instant;
 
