@@ -1,22 +1,33 @@
-//! One check: canary against production over the same window, by two rules.
+//! One check: canary against production over the same window, by two relative
+//! rules, each decided by the sequential test of [`super::sequential`].
 //!
-//! - Errors: the canary fails when its error ratio exceeds production's by more than
-//!   `max_error_ratio_delta` AND a one-sided two-proportion z-test says the
-//!   difference is significant.
-//! - Latency: the canary fails when its p99 exceeds both production's p99 times
-//!   `max_latency_ratio` and production's p99 plus `min_latency_delta`, AND the share
-//!   of canary requests slower than that line is significantly above 1% (a
-//!   one-proportion z-test: a p99 from a small window is noisy, the count behind it
-//!   is not).
+//! - Errors: the canary fails when the test finds its error ratio at least
+//!   `max_error_ratio_factor` times production's and at least
+//!   `min_error_ratio_delta` above it. The two make one alternative,
+//!   `θ1 = max(factor, 1 + delta / q)`, `q` both pools' error ratio together (what
+//!   production's is if the canary is no worse): the factor where errors are
+//!   common, the floor where they are rare (against 0.01%, twice is noise to a
+//!   user; half a point is not).
+//! - Latency: the line is `max(p99_p × max_latency_ratio, p99_p + min_latency_delta)`;
+//!   the canary fails when the test finds its share of requests slower than the
+//!   line at least 1% (its p99 over the line) and at least twice the pools' share
+//!   together.
 //!
-//! Checks run every interval over overlapping windows, so one request is seen by
-//! about `window / interval` checks. Testing each at the bare confidence would
-//! inflate false alarms that many times over; instead each check tests at
-//! `alpha / looks` (Bonferroni over the looks that share data), where
-//! `alpha = 1 - confidence`. Evidence strong enough to pass `failure_threshold`
-//! independent checks at once (`p < (alpha / looks)^failure_threshold`) is
-//! *decisive*: it counts as that many failed checks, so a canary failing a fifth of
-//! its requests goes at the first check rather than the second.
+//! The test weighs "the canary is that much worse" against "it is no worse", slot by
+//! slot over the window (what hits both pools in a slot cancels out), and fails the
+//! check when the evidence, the log of the mixture likelihood ratio, is above
+//! `ln A`, `A = RUN_WINDOWS × SLOTS / (1 - confidence)`. For a canary no worse than
+//! production, one window start's ratio reaches `A` with probability at most `1 / A`
+//! however often it is looked at (Ville's inequality); a window starts every slot,
+//! so a healthy canary is failed with probability at most `1 - confidence` in a run
+//! of `RUN_WINDOWS` windows (10 minutes at the defaults), whatever `interval_ms`.
+//! Evidence above `failure_threshold` times that (`A^failure_threshold`) is
+//! *decisive*: it counts as that many failed checks.
+//!
+//! Between "no worse" and the rule the test may go either way: at high traffic it
+//! tips toward a rollback at about `(θ1 - 1) / ln θ1` times production's ratio
+//! (1.44 for θ1 = 2). The fixed-sample z statistics of the previous rules are still
+//! computed and shown (`error_z`, `latency_z`), but decide nothing.
 //!
 //! Fewer than `min_requests` in either pool gives *hold*: no verdict without data.
 
@@ -24,9 +35,22 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::sequential::{Counts, SlotCounts, log_evidence, smoothed_rate};
 use super::settings::AnalysisConfig;
-use super::stats::{normal_quantile, proportion_above_z, two_proportion_z};
-use super::window::PoolWindow;
+use super::stats::{normal_quantile, proportion_above_z, to_f64, two_proportion_z};
+use super::window::{PoolWindow, SLOTS, Window};
+
+/// The latency rule's share of canary requests above the line: its p99 is over it.
+pub const SLOW_SHARE: f64 = 0.01;
+/// ... and that share at least this many times production's.
+pub const SLOW_FACTOR: f64 = 2.0;
+/// The run the false-rollback bound is stated over, in windows: 10 minutes at the
+/// defaults, the length of the runs the bench measures. (Measured, the bound is
+/// loose: 0 false rollbacks in 3,000 such runs, where it allows 30.)
+pub const RUN_WINDOWS: u64 = 5;
+/// The largest alternative tried (production with no error at all and a floor of
+/// half a point give `θ1` in the thousands; beyond this it changes nothing).
+const MAX_THETA: f64 = 1e6;
 
 /// What a check concluded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -49,39 +73,47 @@ impl Outcome {
     }
 }
 
-/// The thresholds of the rules, with the multiple-looks correction worked out once.
+/// The rules' parameters, with the test's threshold worked out once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rules {
     pub min_requests: u64,
-    pub max_error_ratio_delta: f64,
+    pub max_error_ratio_factor: f64,
+    pub min_error_ratio_delta: f64,
     pub max_latency_ratio: f64,
     pub min_latency_delta_us: u64,
-    /// Critical z of one look: `Φ⁻¹(1 - alpha / looks)`.
+    /// `ln A`, `A = RUN_WINDOWS × SLOTS / (1 - confidence)`: a check fails above it.
+    pub evidence_threshold: f64,
+    /// `failure_threshold × ln A`: decisive evidence.
+    pub evidence_decisive: f64,
+    /// `Φ⁻¹(1 - 1 / A)`: the z a fixed-sample test at the same level would need,
+    /// shown beside `error_z` and `latency_z` for comparison.
     pub z_critical: f64,
-    /// Critical z of decisive evidence: `Φ⁻¹(1 - (alpha / looks)^failure_threshold)`.
-    pub z_decisive: f64,
 }
 
 impl Rules {
     pub fn new(s: &AnalysisConfig) -> Self {
         let alpha = 1.0 - s.confidence;
-        let alpha_look = alpha / looks(s.window_ms, s.interval_ms);
-        let threshold = i32::try_from(s.failure_threshold.max(1)).unwrap_or(i32::MAX);
+        let level = alpha / to_f64(RUN_WINDOWS * SLOTS);
+        let threshold = (1.0 / level).ln();
         Self {
             min_requests: s.min_requests,
-            max_error_ratio_delta: s.max_error_ratio_delta,
+            max_error_ratio_factor: s.max_error_ratio_factor,
+            min_error_ratio_delta: s.min_error_ratio_delta,
             max_latency_ratio: s.max_latency_ratio,
             min_latency_delta_us: s.min_latency_delta_ms.saturating_mul(1_000),
-            z_critical: normal_quantile(1.0 - alpha_look),
+            evidence_threshold: threshold,
+            evidence_decisive: threshold * f64::from(s.failure_threshold.max(1)),
             // For tiny p, Φ⁻¹(1 - p) = -Φ⁻¹(p) keeps the precision 1 - p would lose.
-            z_decisive: -normal_quantile(alpha_look.powi(threshold)),
+            z_critical: -normal_quantile(level),
         }
     }
-}
 
-/// How many checks see one request: `ceil(window / interval)`, at least 1.
-pub fn looks(window_ms: u64, interval_ms: u64) -> f64 {
-    super::stats::to_f64(window_ms.div_ceil(interval_ms.max(1)).max(1))
+    /// The error rule's alternative for production's error ratio `production`.
+    pub fn error_alternative(&self, production: f64) -> f64 {
+        self.max_error_ratio_factor
+            .max(1.0 + self.min_error_ratio_delta / production)
+            .min(MAX_THETA)
+    }
 }
 
 /// One pool's figures in a check.
@@ -103,11 +135,7 @@ pub struct Figures {
 
 impl Figures {
     pub fn of(window: &PoolWindow) -> Self {
-        let ms = |q| {
-            window
-                .quantile_us(q)
-                .map(|us| super::stats::to_f64(us) / 1_000.0)
-        };
+        let ms = |q| window.quantile_us(q).map(|us| to_f64(us) / 1_000.0);
         Self {
             requests: window.requests,
             errors: window.errors,
@@ -127,15 +155,31 @@ pub struct Check {
     pub outcome: Outcome,
     /// Decisive evidence: counts as `failure_threshold` failed checks.
     pub decisive: bool,
-    /// In words, with the figures: why it passed, failed or held.
+    /// In words, with the figures: the rule, the evidence and its threshold.
     pub reason: String,
     pub production: Figures,
     pub canary: Figures,
-    /// z of the error-ratio test (canary above production), when it could be made.
+    /// The fixed-sample z of the error ratios (canary above production): shown, not
+    /// decisive.
     pub error_z: Option<f64>,
-    /// z of the latency test (canary share above the line, against 1%).
+    /// The fixed-sample z of the canary's share above the latency line against 1%:
+    /// shown, not decisive.
     pub latency_z: Option<f64>,
+    /// The z a fixed-sample test at the sequential test's level would need.
     pub z_critical: f64,
+    /// The sequential test's evidence (ln of the likelihood ratio) on errors.
+    pub error_evidence: Option<f64>,
+    /// The error rule's alternative: canary errors `θ1` times production's.
+    pub error_factor: Option<f64>,
+    /// The sequential test's evidence on the share of requests above the line.
+    pub latency_evidence: Option<f64>,
+    /// The latency line (ms) and the alternative on the share above it.
+    pub latency_line_ms: Option<f64>,
+    pub latency_factor: Option<f64>,
+    /// Slow requests (above the line) per pool, canary then production.
+    pub slow: Option<(u64, u64)>,
+    /// `ln A`: a check fails when an evidence is above it.
+    pub evidence_threshold: f64,
 }
 
 #[cfg(test)]
@@ -161,12 +205,20 @@ impl Check {
             error_z: None,
             latency_z: None,
             z_critical: 3.0,
+            error_evidence: None,
+            error_factor: None,
+            latency_evidence: None,
+            latency_line_ms: None,
+            latency_factor: None,
+            slow: None,
+            evidence_threshold: 7.8,
         }
     }
 }
 
 /// Judges the canary against production over one window.
-pub fn judge(rules: &Rules, production: &PoolWindow, canary: &PoolWindow) -> Check {
+pub fn judge(rules: &Rules, window: &Window) -> Check {
+    let (production, canary) = (&window.production, &window.canary);
     let mut check = Check {
         outcome: Outcome::Pass,
         decisive: false,
@@ -176,6 +228,13 @@ pub fn judge(rules: &Rules, production: &PoolWindow, canary: &PoolWindow) -> Che
         error_z: None,
         latency_z: None,
         z_critical: rules.z_critical,
+        error_evidence: None,
+        error_factor: None,
+        latency_evidence: None,
+        latency_line_ms: None,
+        latency_factor: None,
+        slow: None,
+        evidence_threshold: rules.evidence_threshold,
     };
     if production.requests < rules.min_requests || canary.requests < rules.min_requests {
         check.outcome = Outcome::Hold;
@@ -185,7 +244,9 @@ pub fn judge(rules: &Rules, production: &PoolWindow, canary: &PoolWindow) -> Che
         );
         return check;
     }
+    let threshold = rules.evidence_threshold;
     let mut failures = Vec::new();
+    let mut passes = Vec::new();
 
     // Rule (a): errors.
     let (pe, ce) = (check.production.error_ratio, check.canary.error_ratio);
@@ -195,58 +256,98 @@ pub fn judge(rules: &Rules, production: &PoolWindow, canary: &PoolWindow) -> Che
         production.errors.min(production.requests),
         production.requests,
     );
-    if ce - pe > rules.max_error_ratio_delta
-        && let Some(z) = check.error_z.filter(|z| *z > rules.z_critical)
-    {
-        check.decisive |= z > rules.z_decisive;
-        failures.push(format!(
-            "canary error ratio {} vs production {} (z {z:.2} > {:.2})",
-            percent(ce),
-            percent(pe),
-            rules.z_critical
-        ));
+    let theta = rules.error_alternative(smoothed_rate(
+        production.errors.min(production.requests) + canary.errors.min(canary.requests),
+        production.requests + canary.requests,
+    ));
+    let slots = per_slot(window, |w| w.errors);
+    let evidence = log_evidence(&slots, theta);
+    check.error_factor = Some(theta);
+    check.error_evidence = Some(evidence);
+    let words = format!(
+        "canary error ratio {} vs production {} (rule: at least {:.2}x; evidence {evidence:.2} {} {threshold:.2})",
+        percent(ce),
+        percent(pe),
+        theta,
+        if evidence > threshold { ">" } else { "<=" },
+    );
+    if evidence > threshold {
+        check.decisive |= evidence > rules.evidence_decisive;
+        failures.push(words);
+    } else {
+        passes.push(words);
     }
 
     // Rule (b): latency.
     if let (Some(p99_production), Some(p99_canary)) =
         (production.quantile_us(0.99), canary.quantile_us(0.99))
     {
-        let scaled = super::stats::to_f64(p99_production) * rules.max_latency_ratio;
-        let line = scaled.max(super::stats::to_f64(
+        let scaled = to_f64(p99_production) * rules.max_latency_ratio;
+        let line = scaled.max(to_f64(
             p99_production.saturating_add(rules.min_latency_delta_us),
         ));
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let line_us = line.ceil() as u64;
-        if p99_canary > line_us {
-            check.latency_z =
-                proportion_above_z(canary.count_above(line_us), canary.requests, 0.01);
-            if let Some(z) = check.latency_z.filter(|z| *z > rules.z_critical) {
-                check.decisive |= z > rules.z_decisive;
-                failures.push(format!(
-                    "canary p99 {} vs production {} (line {}; z {z:.2} > {:.2})",
-                    millis(p99_canary),
-                    millis(p99_production),
-                    millis(line_us),
-                    rules.z_critical
-                ));
-            }
+        let slots = per_slot(window, |w| w.count_above(line_us));
+        let slow = slots
+            .iter()
+            .fold((0, 0), |(c, p), (sc, sp)| (c + sc.events, p + sp.events));
+        let share = smoothed_rate(slow.0 + slow.1, production.requests + canary.requests);
+        let theta = (SLOW_SHARE / share).clamp(SLOW_FACTOR, MAX_THETA);
+        let evidence = log_evidence(&slots, theta);
+        check.latency_z = proportion_above_z(slow.0, canary.requests, SLOW_SHARE);
+        check.latency_evidence = Some(evidence);
+        check.latency_line_ms = Some(line / 1_000.0);
+        check.latency_factor = Some(theta);
+        check.slow = Some(slow);
+        let words = format!(
+            "canary p99 {} vs production {} (line {}: {} of canary requests above it vs {}; \
+             rule: at least 1% and {:.2}x; evidence {evidence:.2} {} {threshold:.2})",
+            millis(p99_canary),
+            millis(p99_production),
+            millis(line_us),
+            percent(to_f64(slow.0) / to_f64(canary.requests)),
+            percent(to_f64(slow.1) / to_f64(production.requests)),
+            theta,
+            if evidence > threshold { ">" } else { "<=" },
+        );
+        if evidence > threshold {
+            check.decisive |= evidence > rules.evidence_decisive;
+            failures.push(words);
+        } else {
+            passes.push(words);
         }
     }
 
     if failures.is_empty() {
-        let mut reason = format!("canary error ratio {} vs {}", percent(ce), percent(pe));
-        if let (Some(c), Some(p)) = (check.canary.p99_ms, check.production.p99_ms) {
-            let _ = write!(reason, ", p99 {c:.1} ms vs {p:.1} ms");
-        }
-        check.reason = reason;
+        check.reason = passes.join("; ");
     } else {
         check.outcome = Outcome::Fail;
         check.reason = failures.join("; ");
         if check.decisive {
-            check.reason.push_str(" [decisive]");
+            let _ = write!(
+                check.reason,
+                " [decisive: > {:.2}]",
+                rules.evidence_decisive
+            );
         }
     }
     check
+}
+
+/// Each slot's requests and events (`events` of a pool's records), canary first.
+fn per_slot(window: &Window, events: impl Fn(&PoolWindow) -> u64) -> Vec<SlotCounts> {
+    let counts = |w: &Option<PoolWindow>| {
+        w.as_ref().map_or_else(Counts::default, |w| Counts {
+            requests: w.requests,
+            events: events(w),
+        })
+    };
+    window
+        .slots
+        .iter()
+        .map(|[production, canary]| (counts(canary), counts(production)))
+        .collect()
 }
 
 fn percent(ratio: f64) -> String {
@@ -254,22 +355,22 @@ fn percent(ratio: f64) -> String {
 }
 
 fn millis(us: u64) -> String {
-    format!("{:.1} ms", super::stats::to_f64(us) / 1_000.0)
+    format!("{:.1} ms", to_f64(us) / 1_000.0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The defaults: checks every 10 s over 120 s, min_requests 100, delta 0.02,
-    /// confidence 0.99, latency 1.5x and +50 ms, failure_threshold 2.
-    fn settings() -> AnalysisConfig {
-        AnalysisConfig::default()
+    /// The defaults: checks every 10 s over 120 s, min_requests 100, factor 2 and
+    /// floor 0.005, confidence 0.99, latency 1.5x and +50 ms, failure_threshold 2.
+    fn rules() -> Rules {
+        Rules::new(&AnalysisConfig::default())
     }
 
     /// `n` requests, the first `errors` of them errors, latencies spread evenly
     /// over `from_ms..to_ms`.
-    fn window(n: u64, errors: u64, from_ms: u64, to_ms: u64) -> PoolWindow {
+    fn pool(n: u64, errors: u64, from_ms: u64, to_ms: u64) -> PoolWindow {
         let mut w = PoolWindow::default();
         for i in 0..n {
             w.record(
@@ -280,88 +381,172 @@ mod tests {
         w
     }
 
+    /// A window of `slots` slots, each holding these production and canary records.
+    fn window(slots: usize, production: &PoolWindow, canary: &PoolWindow) -> Window {
+        Window::from_slots(
+            (0..slots)
+                .map(|_| [Some(production.clone()), Some(canary.clone())])
+                .collect(),
+        )
+    }
+
+    fn evidence(check: &Check) -> f64 {
+        check.error_evidence.unwrap()
+    }
+
     #[test]
-    fn the_looks_correction_by_hand() {
-        let rules = Rules::new(&settings());
-        // 12 looks: alpha per look 0.01 / 12 = 8.333e-4, Φ⁻¹(1 - 8.333e-4) = 3.1440;
-        // decisive: (8.333e-4)^2 = 6.944e-7, Φ⁻¹(1 - 6.944e-7) = 4.8266.
+    fn the_threshold_by_hand() {
+        let rules = rules();
+        // A = 5 × 24 / 0.01 = 12,000: ln 12000 = 9.392662; decisive twice that;
+        // z_critical = Φ⁻¹(1 - 1/12000) = 3.764824.
+        assert!((rules.evidence_threshold - 9.392_661_928_770_137).abs() < 1e-12);
+        assert!((rules.evidence_decisive - 18.785_323_857_540_273).abs() < 1e-12);
         assert!(
-            (rules.z_critical - 3.143_980_3).abs() < 1e-6,
+            (rules.z_critical - 3.764_824).abs() < 1e-6,
             "{}",
             rules.z_critical
         );
-        assert!(
-            (rules.z_decisive - 4.826_592).abs() < 1e-5,
-            "{}",
-            rules.z_decisive
-        );
-        assert_eq!(looks(120_000, 10_000), 12.0);
-        assert_eq!(looks(1_000, 300), 4.0);
-        assert_eq!(looks(100, 1_000), 1.0);
+        // The alternative: the factor where errors are common, the floor where rare.
+        assert!((rules.error_alternative(0.005) - 2.0).abs() < 1e-12);
+        assert!((rules.error_alternative(0.02) - 2.0).abs() < 1e-12);
+        assert!((rules.error_alternative(0.001) - 6.0).abs() < 1e-12);
+        assert!((rules.error_alternative(1e-12) - 1e6).abs() < 1e-6);
     }
 
     #[test]
     fn too_few_requests_hold() {
-        let rules = Rules::new(&settings());
-        let check = judge(&rules, &window(1_000, 0, 1, 5), &window(99, 99, 1, 5));
+        let check = judge(
+            &rules(),
+            &window(1, &pool(1_000, 0, 1, 5), &pool(99, 99, 1, 5)),
+        );
         assert_eq!(check.outcome, Outcome::Hold);
         assert!(check.reason.contains("canary 99"), "{}", check.reason);
+        assert_eq!(check.error_evidence, None);
     }
 
     #[test]
-    fn a_fifth_of_errors_fails_decisively() {
-        let rules = Rules::new(&settings());
-        // 200/1000 against 10/2000: z = 19.73 (worked out in stats).
-        let check = judge(&rules, &window(2_000, 10, 1, 5), &window(1_000, 200, 1, 5));
-        assert_eq!(check.outcome, Outcome::Fail);
-        assert!(check.decisive);
-        assert!((check.error_z.unwrap() - 19.733_244).abs() < 1e-5);
+    fn the_error_rule_table() {
+        // (production requests, errors, canary requests, errors, slots) per slot,
+        // and the evidence worked out with sequential's formula:
+        // θ1 = max(2, 1 + 0.005 / ((x_p + 0.5) / (n_p + 1))) over the window,
+        // then ln Σ_k e^{Σ_slots x ln θ_k - m ln((1 + θ_k r) / (1 + r))} / 4.
+        let cases: [(&str, [u64; 5], f64, Outcome, bool); 8] = [
+            // A fifth of errors in the first 10 s at 100 req/s: decisive at once.
+            (
+                "20% vs 0.5%, 10 s",
+                [2_000, 10, 1_000, 200, 1],
+                176.168_815,
+                Outcome::Fail,
+                true,
+            ),
+            // 2% vs 0.5% over a full window at 100 req/s: decisive.
+            (
+                "2% vs 0.5%, 100/s",
+                [1_000, 5, 500, 10, 24],
+                82.484_514,
+                Outcome::Fail,
+                true,
+            ),
+            // The same ratios over 60 s at 10 req/s (24 vs 12 errors): not yet.
+            (
+                "2% vs 0.5%, 10/s",
+                [200, 1, 100, 2, 12],
+                7.737_536,
+                Outcome::Pass,
+                false,
+            ),
+            // 1% vs 0.5% at 1000 req/s: the boundary itself, caught.
+            (
+                "1% vs 0.5%, 1000/s",
+                [10_000, 50, 5_000, 50, 24],
+                139.260_201,
+                Outcome::Fail,
+                true,
+            ),
+            // Healthy: evidence against the canary being worse.
+            (
+                "0.5% vs 0.5%",
+                [10_000, 50, 5_000, 25, 24],
+                -104.018_864,
+                Outcome::Pass,
+                false,
+            ),
+            // Significant for a z-test (z about 18), but under the factor.
+            (
+                "0.65% vs 0.5%",
+                [100_000, 500, 50_000, 325, 24],
+                -291.636_468,
+                Outcome::Pass,
+                false,
+            ),
+            // Three times production, 0.02 points: the floor makes θ1 31.
+            (
+                "0.03% vs 0.01%",
+                [100_000, 10, 50_000, 15, 24],
+                -204.417_125,
+                Outcome::Pass,
+                false,
+            ),
+            // Ten times production but 0.09 points: the floor is an alternative, not
+            // a wall (θ1 13.5); on 3.6 million requests ten times is caught.
+            (
+                "0.1% vs 0.01%",
+                [100_000, 10, 50_000, 50, 24],
+                756.357_640,
+                Outcome::Fail,
+                true,
+            ),
+        ];
+        let rules = rules();
+        for (name, [np, xp, nc, xc, slots], want, outcome, decisive) in cases {
+            let slots = usize::try_from(slots).unwrap();
+            let check = judge(
+                &rules,
+                &window(slots, &pool(np, xp, 1, 5), &pool(nc, xc, 1, 5)),
+            );
+            let got = evidence(&check);
+            assert!(
+                (got - want).abs() < 1e-4,
+                "{name}: evidence {got}, want {want}"
+            );
+            assert_eq!(
+                (check.outcome, check.decisive),
+                (outcome, decisive),
+                "{name}: {}",
+                check.reason
+            );
+        }
+    }
+
+    #[test]
+    fn a_shared_burst_in_one_slot_is_not_the_canarys_fault() {
+        // 23 quiet slots at 1,000 and 250 requests with 0.5% and 0.4% errors, and
+        // one where a shared dependency fails a fifth of both pools' requests while
+        // the canary has half the traffic (a step up from a fifth).
+        let mut slots: Vec<[Option<PoolWindow>; 2]> = (0..23)
+            .map(|_| [Some(pool(1_000, 5, 1, 5)), Some(pool(250, 1, 1, 5))])
+            .collect();
+        slots.push([Some(pool(1_000, 200, 1, 5)), Some(pool(1_000, 200, 1, 5))]);
+        let check = judge(&rules(), &Window::from_slots(slots));
+        assert_eq!(check.outcome, Outcome::Pass, "{}", check.reason);
+        // The totals alone (3.3% vs 1.3%: 2.5 times production, z 11) would have failed
+        // it; slot by slot the evidence is against it.
+        assert!(check.canary.error_ratio > 2.0 * check.production.error_ratio);
+        assert!(check.error_z.unwrap() > rules().z_critical);
         assert!(
-            check.reason.contains("20.00% vs production 0.50%"),
+            (evidence(&check) + 34.854_038).abs() < 1e-4,
             "{}",
             check.reason
         );
     }
 
     #[test]
-    fn the_error_rule_needs_both_the_delta_and_significance() {
-        let rules = Rules::new(&settings());
-        // 3% against 0.5%: delta 0.025 > 0.02; 30/1000 vs 10/2000: pooled 40/3000,
-        // z = 0.025 / sqrt(0.013333 * 0.986667 * 0.0015) = 5.6278: decisive.
-        let check = judge(&rules, &window(2_000, 10, 1, 5), &window(1_000, 30, 1, 5));
-        assert_eq!((check.outcome, check.decisive), (Outcome::Fail, true));
-        assert!(
-            (check.error_z.unwrap() - 5.627_815).abs() < 1e-5,
-            "{:?}",
-            check.error_z
-        );
-        // The same ratios on 100 requests: delta still 0.025, z = 0.025 / sqrt(
-        // (4/300)(296/300)(0.015)) = 1.7797 < 3.14: not significant, pass.
-        let check = judge(&rules, &window(200, 1, 1, 5), &window(100, 3, 1, 5));
-        assert_eq!(check.outcome, Outcome::Pass, "{}", check.reason);
-        assert!(
-            (check.error_z.unwrap() - 1.779_671).abs() < 1e-5,
-            "{:?}",
-            check.error_z
-        );
-        // Significant but inside the delta: 2% against 0.5% (delta 0.015), pass.
-        let check = judge(
-            &rules,
-            &window(20_000, 100, 1, 5),
-            &window(10_000, 200, 1, 5),
-        );
-        assert_eq!(check.outcome, Outcome::Pass);
-        assert!(check.error_z.unwrap() > rules.z_decisive);
-    }
-
-    #[test]
-    fn the_latency_rule_needs_both_lines_and_a_count() {
-        let rules = Rules::new(&settings());
+    fn the_latency_rule_needs_the_share_above_the_line() {
+        let rules = rules();
         // Production 1..=20 ms (p99 about 19.8 ms): the line is max(29.7, 69.8) = 69.8 ms.
-        let production = window(2_000, 0, 1, 21);
+        let production = pool(2_000, 0, 1, 21);
         // Canary 200 ms slower: every request above the line; decisive.
-        let slow = window(1_000, 0, 201, 221);
-        let check = judge(&rules, &production, &slow);
+        let check = judge(&rules, &window(1, &production, &pool(1_000, 0, 201, 221)));
         assert_eq!(
             (check.outcome, check.decisive),
             (Outcome::Fail, true),
@@ -369,15 +554,17 @@ mod tests {
             check.reason
         );
         assert!(check.reason.contains("canary p99 22"), "{}", check.reason);
+        assert_eq!(check.slow, Some((1_000, 0)));
         // 40 ms slower: above 1.5x but under +50 ms: pass.
-        let check = judge(&rules, &production, &window(1_000, 0, 41, 61));
+        let check = judge(&rules, &window(1, &production, &pool(1_000, 0, 41, 61)));
         assert_eq!(check.outcome, Outcome::Pass, "{}", check.reason);
-        // 2 of 100 canary requests at 500 ms: the p99 is over the line, but 2% of 100
-        // is not significantly above 1% (z = 1.005): pass.
-        let mut few = window(98, 0, 1, 21);
+        assert_eq!(check.slow, Some((0, 0)));
+        // 2 of 100 canary requests at 500 ms: the p99 is over the line, but two
+        // requests are no evidence of a share above 1% (z = 1.005 as before).
+        let mut few = pool(98, 0, 1, 21);
         few.record(500_000, false);
         few.record(500_000, false);
-        let check = judge(&rules, &production, &few);
+        let check = judge(&rules, &window(1, &production, &few));
         assert_eq!(check.outcome, Outcome::Pass, "{}", check.reason);
         assert!(
             (check.latency_z.unwrap() - 1.005_037_8).abs() < 1e-6,

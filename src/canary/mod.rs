@@ -3,9 +3,10 @@
 //! - [`clients`]: how much one client may weigh in a window (the per-client cap).
 //! - [`window`]: per-worker request records (counts, errors, HDR latency histograms)
 //!   over a sliding window, written by the request path.
-//! - [`stats`]: the normal quantile and the z-tests.
-//! - [`judge`]: one check of canary against production, with the correction for
-//!   checks repeated on overlapping windows.
+//! - [`stats`]: the normal quantile and the z-tests (shown beside the verdict).
+//! - [`sequential`]: the test the verdict rests on, a mixture likelihood ratio
+//!   compared slot by slot, valid however often it is looked at.
+//! - [`judge`]: one check of canary against production by the relative rules.
 //! - [`verdict`]: what to do after a check (roll back, step, hand over), from the
 //!   shared record and the reserved flags.
 //! - [`board`]: what `/analysis` and the status page show.
@@ -17,6 +18,7 @@
 pub mod board;
 pub mod clients;
 pub mod judge;
+pub mod sequential;
 pub mod settings;
 pub mod stats;
 pub mod verdict;

@@ -15,9 +15,15 @@ pub struct AnalysisConfig {
     pub window_ms: u64,
     /// Fewer requests than this in either pool's window: hold, no verdict.
     pub min_requests: u64,
-    /// The error rule: canary ratio above production's by more than this, and
-    /// significant at `confidence`.
-    pub max_error_ratio_delta: f64,
+    /// The error rule: the canary fails when the sequential test finds its error
+    /// ratio at least `max_error_ratio_factor` times production's and at least
+    /// `min_error_ratio_delta` above it, at `confidence`.
+    pub max_error_ratio_factor: f64,
+    pub min_error_ratio_delta: f64,
+    /// Retired with the absolute rule (issue 31): still read so that a config that
+    /// sets it is refused with its line and the keys that replace it, rather than
+    /// as an unknown key.
+    pub max_error_ratio_delta: Option<f64>,
     pub confidence: f64,
     /// The latency rule: canary p99 above production's p99 times this and plus
     /// `min_latency_delta_ms`.
@@ -65,7 +71,9 @@ impl Default for AnalysisConfig {
             interval_ms: 10_000,
             window_ms: 120_000,
             min_requests: 100,
-            max_error_ratio_delta: 0.02,
+            max_error_ratio_factor: 2.0,
+            min_error_ratio_delta: 0.005,
+            max_error_ratio_delta: None,
             confidence: 0.99,
             max_latency_ratio: 1.5,
             min_latency_delta_ms: 50,

@@ -95,7 +95,7 @@ impl PoolWindow {
     }
 
     /// Adds `other`'s records (same histogram bounds: adding cannot fail).
-    fn add(&mut self, other: &Self) {
+    pub fn add(&mut self, other: &Self) {
         self.requests += other.requests;
         self.errors += other.errors;
         let _ = self.latency.add(&other.latency);
@@ -109,6 +109,36 @@ impl PoolWindow {
         self.latency.reset();
         self.capped = 0;
         self.apart = 0;
+    }
+}
+
+/// The window as the judge reads it: each slot's records of both pools, oldest
+/// first (`None`: the pool had no request in that slot), and their sums.
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// `[production, canary]` per slot.
+    pub slots: Vec<[Option<PoolWindow>; 2]>,
+    pub production: PoolWindow,
+    pub canary: PoolWindow,
+}
+
+impl Window {
+    /// The window of these slots (oldest first), with their sums.
+    pub fn from_slots(slots: Vec<[Option<PoolWindow>; 2]>) -> Self {
+        let (mut production, mut canary) = (PoolWindow::default(), PoolWindow::default());
+        for [p, c] in &slots {
+            if let Some(p) = p {
+                production.add(p);
+            }
+            if let Some(c) = c {
+                canary.add(c);
+            }
+        }
+        Self {
+            slots,
+            production,
+            canary,
+        }
     }
 }
 
@@ -332,33 +362,45 @@ impl Recorder {
     }
 
     /// Both pools' records of the window ending at `now_ms`, merged over the shards:
-    /// `[production, canary]`. Also sets each pool's client cap from it (the judge
-    /// reads the window once per check).
+    /// `[production, canary]`. Also sets each pool's client cap from it.
     pub fn window(&self, now_ms: u64) -> [PoolWindow; 2] {
-        let mut merged = [PoolWindow::default(), PoolWindow::default()];
+        let Window {
+            production, canary, ..
+        } = self.judged(now_ms);
+        [production, canary]
+    }
+
+    /// The window ending at `now_ms` as the judge reads it: slot by slot and in
+    /// total, merged over the shards. Also sets the client cap from it (the judge
+    /// reads the window once per check). Off the request path: it takes each
+    /// shard's lock once.
+    pub fn judged(&self, now_ms: u64) -> Window {
+        let current = now_ms / self.shards.first().map_or(1, |s| lock(s).slot_ms) + 1;
+        // Oldest first: index 0 is the slot SLOTS - 1 before the current one.
+        let mut slots: Vec<[Option<PoolWindow>; 2]> = (0..SLOTS).map(|_| [None, None]).collect();
         for shard in &self.shards {
             let shard = lock(shard);
-            let current = shard.epoch(now_ms);
             for slot in &shard.slots {
                 // In the window: the current slot and the SLOTS - 1 before it.
                 if slot.epoch == 0 || slot.epoch > current || slot.epoch + SLOTS <= current {
                     continue;
                 }
-                for (into, from) in merged.iter_mut().zip(&slot.pools) {
+                let at = usize::try_from(slot.epoch + SLOTS - 1 - current).unwrap_or(0);
+                for (into, from) in slots[at].iter_mut().zip(&slot.pools) {
                     if let Some(from) = from {
-                        into.add(from);
+                        into.get_or_insert_with(PoolWindow::default).add(from);
                     }
                 }
             }
         }
+        let mut window = Window::from_slots(slots);
         let limit = unpack(self.limit.load(Ordering::Relaxed));
         let in_force = self.tally.cap();
-        for window in &mut merged {
-            window.client_cap = in_force;
-        }
-        let judged = merged[0].requests + merged[1].requests;
+        window.production.client_cap = in_force;
+        window.canary.client_cap = in_force;
+        let judged = window.production.requests + window.canary.requests;
         self.tally.set_cap(&limit, judged, SLOTS);
-        merged
+        window
     }
 
     fn local(&self) -> MutexGuard<'_, Shard> {

@@ -43,12 +43,31 @@ impl AnalysisConfig {
                 ),
             );
         }
-        if !(0.0..1.0).contains(&self.max_error_ratio_delta) {
+        if let Some(delta) = self.max_error_ratio_delta {
             return fail(
                 "max_error_ratio_delta",
                 format!(
-                    "{} is out of range; it must be in [0, 1)",
-                    self.max_error_ratio_delta
+                    "{delta}: this key is retired (the error rule is relative now); \
+                     set max_error_ratio_factor (default 2.0) and min_error_ratio_delta \
+                     (default 0.005) instead, see docs/canary-analysis.md#the-rule"
+                ),
+            );
+        }
+        if !(self.max_error_ratio_factor >= 1.0 && self.max_error_ratio_factor.is_finite()) {
+            return fail(
+                "max_error_ratio_factor",
+                format!(
+                    "{} is out of range; it must be at least 1, e.g. 2.0",
+                    self.max_error_ratio_factor
+                ),
+            );
+        }
+        if !(0.0..1.0).contains(&self.min_error_ratio_delta) {
+            return fail(
+                "min_error_ratio_delta",
+                format!(
+                    "{} is out of range; it must be in [0, 1), e.g. 0.005",
+                    self.min_error_ratio_delta
                 ),
             );
         }
@@ -108,8 +127,11 @@ mod tests {
             (2, "canarygate:analysis")
         );
         assert!(
-            (a.max_error_ratio_delta - 0.02).abs() < 1e-12 && (a.confidence - 0.99).abs() < 1e-12
+            (a.max_error_ratio_factor - 2.0).abs() < 1e-12
+                && (a.min_error_ratio_delta - 0.005).abs() < 1e-12
+                && (a.confidence - 0.99).abs() < 1e-12
         );
+        assert_eq!(a.max_error_ratio_delta, None);
         let ok = from_toml(
             &format!("{MINIMAL}[analysis]\nenabled = true\nsteps = [5, 10, 25, 33, 50]\nstep_ms = 30000\n"),
             "t",
@@ -136,6 +158,20 @@ mod tests {
             (
                 "interval_ms = 20000\nwindow_ms = 10000",
                 "test.toml:5: key `analysis.window_ms`: 10000 is shorter than interval_ms (20000): checks would skip requests",
+            ),
+            (
+                "max_error_ratio_delta = 0.02",
+                "test.toml:4: key `analysis.max_error_ratio_delta`: 0.02: this key is retired \
+                 (the error rule is relative now); set max_error_ratio_factor (default 2.0) and \
+                 min_error_ratio_delta (default 0.005) instead, see docs/canary-analysis.md#the-rule",
+            ),
+            (
+                "max_error_ratio_factor = 0.5",
+                "test.toml:4: key `analysis.max_error_ratio_factor`: 0.5 is out of range; it must be at least 1, e.g. 2.0",
+            ),
+            (
+                "min_error_ratio_delta = 1.0",
+                "test.toml:4: key `analysis.min_error_ratio_delta`: 1 is out of range; it must be in [0, 1), e.g. 0.005",
             ),
             (
                 "failure_threshold = 0",

@@ -37,6 +37,16 @@ pub fn json(view: &View) -> serde_json::Value {
                 "error_z": e.check.error_z,
                 "latency_z": e.check.latency_z,
                 "z_critical": e.check.z_critical,
+                "error_evidence": e.check.error_evidence,
+                "error_factor": e.check.error_factor,
+                "latency_evidence": e.check.latency_evidence,
+                "latency_line_ms": e.check.latency_line_ms,
+                "latency_factor": e.check.latency_factor,
+                "slow": e.check.slow.map(|(canary, production)| json!({
+                    "canary": canary,
+                    "production": production,
+                })),
+                "evidence_threshold": e.check.evidence_threshold,
             })
         })
         .collect();

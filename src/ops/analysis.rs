@@ -299,8 +299,8 @@ impl Analysis {
             self.publish(config.enabled, State::Idle, &Record::default(), now);
             return;
         }
-        let [production, canary] = self.state.metrics.recorder.window(now_ms());
-        let check = judge(&Rules::new(&config), &production, &canary);
+        let window = self.state.metrics.recorder.judged(now_ms());
+        let check = judge(&Rules::new(&config), &window);
         self.state.metrics.analysis.observe(&check);
         self.run.observe(&check, config.failure_threshold, now);
         self.state.analysis.push(Entry {

@@ -27,7 +27,19 @@ pub struct AppBackend {
     shutdown: CancellationToken,
 }
 
+/// Fails requests at random, each with probability `ppm` in a million (independent,
+/// as real errors are: a test of the statistics on evenly spaced errors would be a
+/// test on unnaturally quiet data).
+const RANDOM: u64 = 1 << 63;
+
 impl AppBackend {
+    /// A backend failing each request with probability `ratio`, independently.
+    pub async fn failing_at_random(ratio: f64) -> Self {
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ppm = (ratio * 1e6).round() as u64;
+        Self::start(RANDOM | ppm, 0).await
+    }
+
     pub async fn start(error_every: u64, delay_ms: u64) -> Self {
         let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
             .await
@@ -66,7 +78,13 @@ impl AppBackend {
                             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                         }
                         let fail = broken
-                            || (!health && !cheap && error_every > 0 && n % error_every == 0);
+                            || (!health
+                                && !cheap
+                                && if error_every & RANDOM == 0 {
+                                    error_every > 0 && n % error_every == 0
+                                } else {
+                                    fastrand::u64(..1_000_000) < error_every & !RANDOM
+                                });
                         let mut response = Response::new(Full::new(Bytes::from_static(b"app\n")));
                         if fail {
                             *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
@@ -119,6 +137,55 @@ impl Traffic {
             });
         }
         Self(stop)
+    }
+}
+
+/// Ordinary users sending a steady `rate_per_s` to each of `urls`: 20 tasks of [`USERS_PER_TASK`] users, each task sending on a clock, so
+/// the rate does not depend on how fast the proxy answers (a slow round is caught
+/// up, not lost). Until dropped.
+pub struct PacedTraffic(CancellationToken);
+
+impl PacedTraffic {
+    pub const TASKS: u8 = 20;
+
+    pub fn start(urls: &[String], rate_per_s: u32) -> Self {
+        let stop = CancellationToken::new();
+        let period = Duration::from_secs(1) * u32::from(Self::TASKS) / rate_per_s.max(1);
+        for task in 0..Self::TASKS {
+            let (stop, urls) = (stop.clone(), urls.to_vec());
+            tokio::spawn(async move {
+                let users: Vec<_> = (1..=USERS_PER_TASK)
+                    .map(|u| client_from([127, 2, task, u].into()))
+                    .collect();
+                let mut tick = tokio::time::interval(period);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                // The tasks start spread over one period, not all at once.
+                tokio::time::sleep(period * u32::from(task) / u32::from(Self::TASKS)).await;
+                let mut turn = 0usize;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    // One user per tick, to every URL: each proxy sees all the users
+                    // (every one well within the analysis' per-client cap).
+                    let user = &users[turn % users.len()];
+                    turn += 1;
+                    for url in &urls {
+                        let (user, url) = (user.clone(), url.clone());
+                        // Each request on its own, so one slow answer does not hold
+                        // the clock back.
+                        tokio::spawn(async move {
+                            let _ = try_get(&user, &url).await;
+                        });
+                    }
+                }
+            });
+        }
+        Self(stop)
+    }
+}
+
+impl Drop for PacedTraffic {
+    fn drop(&mut self) {
+        self.0.cancel();
     }
 }
 
