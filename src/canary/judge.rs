@@ -245,8 +245,7 @@ pub fn judge(rules: &Rules, window: &Window) -> Check {
         return check;
     }
     let threshold = rules.evidence_threshold;
-    let mut failures = Vec::new();
-    let mut passes = Vec::new();
+    let mut findings = Findings::default();
 
     // Rule (a): errors.
     let (pe, ce) = (check.production.error_ratio, check.canary.error_ratio);
@@ -269,14 +268,9 @@ pub fn judge(rules: &Rules, window: &Window) -> Check {
         percent(ce),
         percent(pe),
         theta,
-        if evidence > threshold { ">" } else { "<=" },
+        above(evidence, threshold),
     );
-    if evidence > threshold {
-        check.decisive |= evidence > rules.evidence_decisive;
-        failures.push(words);
-    } else {
-        passes.push(words);
-    }
+    findings.add(rules, evidence, words);
 
     // Rule (b): latency.
     if let (Some(p99_production), Some(p99_canary)) =
@@ -309,21 +303,17 @@ pub fn judge(rules: &Rules, window: &Window) -> Check {
             percent(to_f64(slow.0) / to_f64(canary.requests)),
             percent(to_f64(slow.1) / to_f64(production.requests)),
             theta,
-            if evidence > threshold { ">" } else { "<=" },
+            above(evidence, threshold),
         );
-        if evidence > threshold {
-            check.decisive |= evidence > rules.evidence_decisive;
-            failures.push(words);
-        } else {
-            passes.push(words);
-        }
+        findings.add(rules, evidence, words);
     }
 
-    if failures.is_empty() {
-        check.reason = passes.join("; ");
+    check.decisive = findings.decisive;
+    if findings.failures.is_empty() {
+        check.reason = findings.passes.join("; ");
     } else {
         check.outcome = Outcome::Fail;
-        check.reason = failures.join("; ");
+        check.reason = findings.failures.join("; ");
         if check.decisive {
             let _ = write!(
                 check.reason,
@@ -333,6 +323,31 @@ pub fn judge(rules: &Rules, window: &Window) -> Check {
         }
     }
     check
+}
+
+/// What each rule found, in words: failed (evidence above the threshold) or passed.
+#[derive(Default)]
+struct Findings {
+    failures: Vec<String>,
+    passes: Vec<String>,
+    /// A failure's evidence was above the decisive threshold.
+    decisive: bool,
+}
+
+impl Findings {
+    fn add(&mut self, rules: &Rules, evidence: f64, words: String) {
+        if evidence > rules.evidence_threshold {
+            self.decisive |= evidence > rules.evidence_decisive;
+            self.failures.push(words);
+        } else {
+            self.passes.push(words);
+        }
+    }
+}
+
+/// How evidence compares with the threshold, as the reason writes it.
+fn above(evidence: f64, threshold: f64) -> &'static str {
+    if evidence > threshold { ">" } else { "<=" }
 }
 
 /// Each slot's requests and events (`events` of a pool's records), canary first.

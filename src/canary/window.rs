@@ -375,7 +375,7 @@ impl Recorder {
     /// reads the window once per check). Off the request path: it takes each
     /// shard's lock once.
     pub fn judged(&self, now_ms: u64) -> Window {
-        let current = now_ms / self.shards.first().map_or(1, |s| lock(s).slot_ms) + 1;
+        let current = self.shards.first().map_or(1, |s| lock(s).epoch(now_ms));
         // Oldest first: index 0 is the slot SLOTS - 1 before the current one.
         let mut slots: Vec<[Option<PoolWindow>; 2]> = (0..SLOTS).map(|_| [None, None]).collect();
         for shard in &self.shards {
