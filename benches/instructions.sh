@@ -7,6 +7,7 @@
 #   bash benches/instructions.sh                  # builds release, measures it
 #   bash benches/instructions.sh path/to/canarygate   # another build, for an A/B
 #   SERVER_EXTRA='access_log = "/tmp/a.log"' bash benches/instructions.sh   # [server] settings
+#   EXTRA_TOML=$'[tracing]\n...' bash benches/instructions.sh   # more sections (benches/tracing.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
@@ -26,6 +27,7 @@ write_config "$work/canarygate.toml" "$CG" "$ADMIN" <<TOML
 [flags.static]
 new_checkout = "on"
 theme = "blue"
+${EXTRA_TOML:-}
 TOML
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
   "$BIN" run --config "$work/canarygate.toml" --workers 1 2>"$work/valgrind.log" & VG=$!

@@ -119,6 +119,8 @@ pub enum StartError {
         addr: std::net::SocketAddr,
         error: std::io::Error,
     },
+    #[error("[tracing]: {0}")]
+    Tracing(#[from] observe::trace_export::TraceError),
 }
 
 /// Runs the proxy and the admin listener until `shutdown` is cancelled, then drains
@@ -219,13 +221,30 @@ pub async fn serve_all(
         })
         .collect();
     background.push(tokio::spawn(
-        ops::analysis::run(state.clone(), alerts.clone(), instance, tasks.clone())
-            .instrument(info_span!("analysis")),
+        ops::analysis::run(
+            state.clone(),
+            alerts.clone(),
+            instance.clone(),
+            tasks.clone(),
+        )
+        .instrument(info_span!("analysis")),
     ));
     background.push(tokio::spawn(
         ops::resources::run(state.clone(), alerts, tasks.clone())
             .instrument(info_span!("resources")),
     ));
+    if config.tracing.enabled() {
+        let (provider, export) =
+            observe::trace_export::pipeline(&config.tracing, &instance, &state.metrics.trace)?;
+        state.set_tracing(observe::trace::Tracing::new(
+            provider,
+            config.tracing.baggage_flags.clone(),
+            instance.clone(),
+        ));
+        background.push(tokio::spawn(
+            observe::trace_export::run(export, tasks.clone()).instrument(info_span!("traces")),
+        ));
+    }
     if let Some(writer) = state.access_log.as_ref().and_then(|log| log.take_writer()) {
         background.push(tokio::spawn(
             observe::access_log::run(writer, tasks.clone()).instrument(info_span!("access_log")),

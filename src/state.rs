@@ -175,6 +175,9 @@ pub struct AppState {
     pub fleet: Arc<crate::fleet::Board>,
     /// Signs and checks the sticky cookie; the key is read once, at start.
     pub sticky: Arc<StickySigner>,
+    /// The tracer, set once at start when `[tracing]` has an endpoint (changing
+    /// `[tracing]` needs a restart).
+    tracing: Arc<std::sync::OnceLock<crate::observe::trace::Tracing>>,
 }
 
 impl AppState {
@@ -235,6 +238,7 @@ impl AppState {
             instance: Arc::default(),
             fleet: Arc::default(),
             sticky,
+            tracing: Arc::default(),
         }
     }
 
@@ -242,6 +246,16 @@ impl AppState {
     /// first call wins; returns the id in force.
     pub fn set_instance(&self, id: String) -> String {
         self.instance.get_or_init(|| id).clone()
+    }
+
+    /// Sets the tracer (once, at start).
+    pub fn set_tracing(&self, tracing: crate::observe::trace::Tracing) {
+        let _ = self.tracing.set(tracing);
+    }
+
+    /// The tracer, when `[tracing]` is on.
+    pub fn tracing(&self) -> Option<&crate::observe::trace::Tracing> {
+        self.tracing.get()
     }
 
     /// This instance's id ("" before the proxy is listening).

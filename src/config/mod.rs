@@ -29,6 +29,7 @@ mod resources;
 mod routing;
 mod server;
 pub mod sidecar;
+pub mod traces;
 mod upstream;
 
 pub use env::expand_env;
@@ -120,6 +121,8 @@ pub struct Config {
     pub maintenance: MaintenanceConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub tracing: traces::TracingConfig,
 }
 
 /// A rule broken by an otherwise well-typed config: the key and what is wrong.
@@ -155,11 +158,13 @@ impl Config {
         self.maintenance.validate()?;
         self.fleet.validate(self.server.instance_id.as_deref())?;
         self.timeouts.validate()?;
+        self.tracing.validate()?;
         Ok(())
     }
 
     /// Checks what only the running environment can tell: every `${VAR}` in
-    /// `flags.redis_url` is set, and so is `routing.sticky_secret_env` if named. `run` calls it; `check` does not, so a config can be
+    /// `flags.redis_url` is set, and so are `routing.sticky_secret_env` and
+    /// `tracing.headers_env` if named. `run` calls it; `check` does not, so a config can be
     /// checked on a machine without the secrets.
     pub fn check_environment(&self) -> Result<(), Violation> {
         if let Some(name) = &self.routing.sticky_secret_env
@@ -173,6 +178,14 @@ impl Config {
         if let Some(url) = &self.flags.redis_url {
             expand_env(url).map_err(|message| Violation {
                 key: "flags.redis_url".to_owned(),
+                message,
+            })?;
+        }
+        if self.tracing.enabled()
+            && let Some(name) = &self.tracing.headers_env
+        {
+            traces::collector_headers(name).map_err(|message| Violation {
+                key: "tracing.headers_env".to_owned(),
                 message,
             })?;
         }

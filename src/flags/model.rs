@@ -261,17 +261,21 @@ pub struct Flags {
     pub source: Source,
     pub updated_at: SystemTime,
     pub header_value: HeaderValue,
+    /// [`Flags::digest`], computed once (a request's span carries it).
+    digest: String,
 }
 
 impl Flags {
     pub fn new(set: FlagSet, version: u64, source: Source) -> Self {
         let header_value = render_header(&set);
+        let digest = set.digest();
         Self {
             set,
             version,
             source,
             updated_at: SystemTime::now(),
             header_value,
+            digest,
         }
     }
 
@@ -279,7 +283,12 @@ impl Flags {
     /// reserved fields): equal on two instances exactly when they apply the same
     /// flags, unlike `version`, which counts this process's changes.
     pub fn digest(&self) -> String {
-        self.set.digest()
+        self.digest.clone()
+    }
+
+    /// [`Flags::digest`], borrowed.
+    pub fn digest_str(&self) -> &str {
+        &self.digest
     }
 
     /// The canary share requests see: 0 while the kill switch is off.

@@ -165,6 +165,8 @@ pub struct Metrics {
     pub analysis: super::analysis_metrics::AnalysisMetrics,
     /// The backends' connection limits (`canarygate_upstream_pending_rejected_total`..).
     pub conns: crate::observe::conn_metrics::ConnMetrics,
+    /// `canarygate_trace_spans_*` (zero while `[tracing]` is off).
+    pub trace: crate::observe::trace_export::TraceMetrics,
     /// The canary analysis' request records (per worker, off unless enabled): kept
     /// here so the request path reaches them through the handle it already holds.
     pub recorder: crate::canary::window::Recorder,
@@ -404,6 +406,7 @@ impl Metrics {
         let analysis = super::analysis_metrics::AnalysisMetrics::new();
 
         let conns = crate::observe::conn_metrics::ConnMetrics::new(&mut reg);
+        let trace = crate::observe::trace_export::TraceMetrics::new(&mut reg);
         reg(Box::new(requests.clone()));
         reg(Box::new(duration.clone()));
         reg(Box::new(upstream_errors.clone()));
@@ -500,6 +503,7 @@ impl Metrics {
             config_reloads,
             analysis,
             conns,
+            trace,
             recorder: crate::canary::window::Recorder::new(crate::worker::workers()),
         }
     }

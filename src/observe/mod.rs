@@ -8,6 +8,8 @@
 //! - [`analysis_page`]: the canary analysis on the admin listener (`/analysis`, the
 //!   status page's section and chart).
 //! - [`html`]: HTML escaping for the pages the proxy renders.
+//! - [`trace`]: OpenTelemetry spans of proxied requests, and the W3C trace context
+//!   and baggage carried upstream; [`trace_export`]: their queue and OTLP export.
 //! - [`access_log`]: the access log (`[server] access_log`: stdout, a file or off;
 //!   canarygate, combined or JSON lines), formatted per worker and written off the
 //!   request path.
@@ -22,3 +24,5 @@ pub mod html;
 pub mod metric_def;
 pub mod metrics;
 pub mod stats;
+pub mod trace;
+pub mod trace_export;

@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::client::body::PooledBody;
 use crate::observe::metrics::{Metrics, ResetStage};
+use crate::observe::trace::RequestTrace;
 use crate::proxy::error::ProxyError;
 use crate::routing::PoolKind;
 
@@ -31,11 +32,16 @@ pub struct RequestNote {
     /// ms): a body cut later is its failure, in that request's slot. Set once the
     /// request is recorded ([`TrackedBody::judged`]).
     pub judged: Option<u64>,
+    /// The request's server span (`[tracing]`), ended with the body.
+    pub trace: Option<RequestTrace>,
 }
 
 impl RequestNote {
-    fn client_reset(&self, stage: ResetStage, elapsed: Option<std::time::Duration>) {
+    fn client_reset(&mut self, stage: ResetStage, elapsed: Option<std::time::Duration>) {
         self.metrics.pool(self.pool).client_reset(stage);
+        if let Some(trace) = &mut self.trace {
+            trace.client_reset(stage.as_str());
+        }
         info!(
             request_id = self.request_id.to_str().unwrap_or(""),
             pool = self.pool.as_str(),
@@ -53,6 +59,8 @@ pub struct Unanswered<'a> {
     pool: PoolKind,
     request_id: &'a HeaderValue,
     start: Instant,
+    /// The request's server span, which a reset before the answer marks.
+    trace: Option<RequestTrace>,
     armed: bool,
 }
 
@@ -62,18 +70,27 @@ impl<'a> Unanswered<'a> {
         pool: PoolKind,
         request_id: &'a HeaderValue,
         start: Instant,
+        trace: Option<RequestTrace>,
     ) -> Self {
         Self {
             metrics,
             pool,
             request_id,
             start,
+            trace,
             armed: true,
         }
     }
 
-    pub fn answered(mut self) {
+    /// The request's server span, while it waits for its answer.
+    pub fn trace(&self) -> Option<&RequestTrace> {
+        self.trace.as_ref()
+    }
+
+    /// The answer is ready: nothing to count; the span goes on with the response.
+    pub fn answered(mut self) -> Option<RequestTrace> {
         self.armed = false;
+        self.trace.take()
     }
 }
 
@@ -86,6 +103,7 @@ impl Drop for Unanswered<'_> {
                 pool: self.pool,
                 request_id: self.request_id.clone(),
                 judged: None,
+                trace: self.trace.take(),
             }
             .client_reset(ResetStage::BeforeResponse, Some(self.start.elapsed()));
         }
@@ -126,6 +144,11 @@ impl TrackedBody {
     pub fn judged(&mut self, recorded_ms: Option<u64>) {
         self.note.judged = recorded_ms;
     }
+
+    /// The request's server span: it ends when the body does.
+    pub fn trace(&mut self, trace: RequestTrace) {
+        self.note.trace = Some(trace);
+    }
 }
 
 impl Body for TrackedBody {
@@ -141,7 +164,10 @@ impl Body for TrackedBody {
             Poll::Ready(Some(Err(error))) => {
                 this.over = true;
                 let error = ProxyError::from_exchange(error);
-                let note = &this.note;
+                let note = &mut this.note;
+                if let Some(trace) = &mut note.trace {
+                    trace.body_cut(&error.to_string());
+                }
                 if let Some(kind) = error.class().kind {
                     note.metrics.pool(note.pool).upstream_error(kind);
                     // For the canary analysis, a body cut by the backend is a failure

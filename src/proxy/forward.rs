@@ -15,6 +15,7 @@ use crate::client::exchange::{ConnectSettings, send};
 use crate::client::request_body::UpstreamBody;
 use crate::clock::now_ms;
 use crate::observe::events::{Level, Source};
+use crate::observe::trace::{AttemptSpan, TRACEPARENT, TRACESTATE};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers::{ClientPeer, UpstreamHeaders, upstream_request};
 use crate::state::{AppState, Snapshot};
@@ -40,7 +41,7 @@ pub async fn proxy_to_pool<'s>(
         return (Err(ProxyError::NoBackend(pool.kind.as_str())), None);
     };
     pool.retry_budget.record_request(now);
-    let (request, set) = match upstream_request(req, peer, extra) {
+    let (request, mut set) = match upstream_request(req, peer, extra) {
         Ok(request) => request,
         Err(error) => return (Err(error), Some(backend)),
     };
@@ -54,7 +55,10 @@ pub async fn proxy_to_pool<'s>(
         idle_ms: timeouts.idle_ms,
         body_idle: timeouts.upstream_body_idle(),
     };
+    let method = request.method().clone();
+    let attempt = start_attempt(extra, &mut set, &method, backend, 0);
     let first = forward(backend, request, &set, deadline, settings).await;
+    finish_attempt(attempt, &first);
     report_outcome(state, pool, index, &first);
     let Err(error) = &first else {
         return (first, Some(backend));
@@ -78,6 +82,7 @@ pub async fn proxy_to_pool<'s>(
     }
     state.metrics.pool(pool.kind).retries.inc();
     debug!(pool = pool.kind.as_str(), from = %backend.authority, to = %second_backend.authority, "retrying");
+    let attempt = start_attempt(extra, &mut set, &method, second_backend, 1);
     let second = forward(
         second_backend,
         retry.into_request(),
@@ -86,8 +91,40 @@ pub async fn proxy_to_pool<'s>(
         settings,
     )
     .await;
+    finish_attempt(attempt, &second);
     report_outcome(state, pool, second_index, &second);
     (second, Some(second_backend))
+}
+
+/// A client span for an attempt at `backend` (`[tracing]` on), its `traceparent`
+/// (and `tracestate`) replacing the previous attempt's in `set`.
+fn start_attempt(
+    extra: &UpstreamHeaders<'_>,
+    set: &mut Vec<(HeaderName, HeaderValue)>,
+    method: &Method,
+    backend: &Backend,
+    resend: u32,
+) -> Option<AttemptSpan> {
+    let (tracing, trace) = extra.trace?;
+    let attempt = tracing.attempt(trace, method.as_str(), backend.authority.as_str(), resend);
+    set.retain(|(name, _)| name != TRACEPARENT && name != TRACESTATE);
+    set.push((TRACEPARENT, attempt.traceparent()));
+    if let Some(state) = attempt.tracestate() {
+        set.push((TRACESTATE, state));
+    }
+    Some(attempt)
+}
+
+/// Ends an attempt's span with its outcome.
+fn finish_attempt(attempt: Option<AttemptSpan>, result: &Result<Response<PooledBody>, ProxyError>) {
+    let Some(attempt) = attempt else { return };
+    match result {
+        Ok(response) => attempt.finish(Some(response.status().as_u16()), None),
+        Err(error) => {
+            let kind = error.class().kind.map_or("refused", |k| k.as_str());
+            attempt.finish(None, Some(kind));
+        }
+    }
 }
 
 /// Passive health: a connect error or a 5xx counts against the backend; ejections are

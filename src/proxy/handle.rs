@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -26,6 +26,7 @@ use crate::config::Sticky;
 use crate::http1::strip_hop_by_hop;
 use crate::observe::access_log;
 use crate::observe::events::{Level, Source};
+use crate::observe::trace::{RequestTrace, Routed, Tracing};
 use crate::proxy::abandon::{RequestNote, TrackedBody, Unanswered};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::proxy_to_pool;
@@ -51,11 +52,21 @@ pub async fn handle(
     let config = &snapshot.config;
     // One clock read at each end of the request (each read showed in the profile).
     let now = ms_at(start);
+    let tracing = state.tracing();
+    let trace =
+        tracing.map(|t| t.server_span(req.headers(), req.method().as_str(), SystemTime::now()));
     let Route {
         decision,
         new_sticky_id,
         client,
-    } = route(state, &snapshot, peer, req.headers(), now);
+    } = route(
+        state,
+        &snapshot,
+        peer,
+        req.headers(),
+        trace.as_ref().and_then(RequestTrace::asked_pool),
+        now,
+    );
     match (decision.pool, decision.reason) {
         (PoolKind::Production, Reason::Failover) => {
             state.metrics.failover_requests.inc();
@@ -72,7 +83,7 @@ pub async fn handle(
 
     let pool_metrics = state.metrics.pool(kind);
     let _in_flight = pool_metrics.in_flight_guard();
-    let unanswered = Unanswered::new(&state.metrics, kind, &request_id, start);
+    let unanswered = Unanswered::new(&state.metrics, kind, &request_id, start, trace);
     let method = req.method().clone();
     let version = req.version();
     let http1 = version < Version::HTTP_2;
@@ -102,7 +113,12 @@ pub async fn handle(
     // Only a request with a body pays for the cell.
     let upload_done =
         (!hyper::body::Body::is_end_stream(req.body())).then(|| Arc::new(AtomicU64::new(0)));
+    let baggage = tracing
+        .zip(unanswered.trace())
+        .and_then(|(t, trace)| t.baggage(trace, kind, &snapshot.flags.set));
     let extra = UpstreamHeaders {
+        trace: tracing.zip(unanswered.trace()),
+        baggage: baggage.as_ref(),
         upload_done: upload_done.as_ref(),
         request_id: &request_id,
         flags_header: &config.flags.header.0,
@@ -125,6 +141,7 @@ pub async fn handle(
             pool: kind,
             request_id: request_id.clone(),
             judged: None,
+            trace: None,
         };
         Either::Left(TrackedBody::new(body, note))
     };
@@ -133,6 +150,7 @@ pub async fn handle(
     // an upstream error; refusals of the client's own request (4xx, no backend) not.
     // Those refusals say nothing of either version: never judged.
     let refused = matches!(&result, Err(error) if error.class().kind.is_none());
+    let mut opened = None;
     let (mut response, failed) = match (result, upgrade) {
         (Ok(mut response), Some((upgrade, client_side)))
             if response.status() == StatusCode::SWITCHING_PROTOCOLS =>
@@ -153,13 +171,13 @@ pub async fn handle(
                     }
                     peer.conn.set_switched();
                     peer.conn.set_idle(config.timeouts.websocket_idle());
-                    let tunnel = tunnel(
+                    // Spawned once the request is recorded (its trace goes with it).
+                    opened = Some(tunnel(
                         client_side,
                         upstream_side,
                         pool_metrics.upgraded.clone(),
                         state.tunnel_cut.clone(),
-                    );
-                    state.tunnels.spawn(tunnel);
+                    ));
                     (response.map(tracked), false)
                 }
             }
@@ -199,7 +217,7 @@ pub async fn handle(
             (response, class.kind.is_some())
         }
     };
-    unanswered.answered();
+    let trace = unanswered.answered();
     let answered_at = Instant::now();
     let elapsed = answered_at.saturating_duration_since(start);
     pool_metrics.record(&method, response.status(), elapsed);
@@ -254,6 +272,38 @@ pub async fn handle(
             user_agent: user_agent.as_ref().map(HeaderValue::as_bytes),
         });
     }
+    if let Some(mut trace) = trace {
+        trace.answered(&Routed {
+            pool: kind,
+            reason: decision.reason.as_str(),
+            backend: backend.map(|b| b.authority.as_str()),
+            instance: tracing.map_or("", Tracing::instance),
+            flags_digest: snapshot.flags.digest_str(),
+            request_id: request_id.to_str().unwrap_or(""),
+            path: path_and_query
+                .as_ref()
+                .map_or("", http::uri::PathAndQuery::path),
+            scheme: peer.scheme,
+            version: protocol_version(version),
+            client: peer.peer.ip(),
+            status: response.status().as_u16(),
+        });
+        // The span ends with the response body, or with the tunnel an upgrade opened.
+        match (opened.take(), response.body_mut()) {
+            (Some(tunnel), _) => {
+                state.tunnels.spawn(async move {
+                    let open = Instant::now();
+                    tunnel.await;
+                    trace.tunnel_closed(open.elapsed().as_secs_f64());
+                });
+            }
+            (None, Either::Left(body)) => body.trace(trace),
+            (None, Either::Right(_)) => {}
+        }
+    }
+    if let Some(tunnel) = opened {
+        state.tunnels.spawn(tunnel);
+    }
     let response_headers = response.headers_mut();
     response_headers.insert(POOL_HEADER, HeaderValue::from_static(kind.as_str()));
     response_headers.insert(REQUEST_ID, request_id);
@@ -262,6 +312,17 @@ pub async fn handle(
         response_headers.append(header::SET_COOKIE, sticky_set_cookie(&signed));
     }
     response
+}
+
+/// `network.protocol.version` of a request.
+fn protocol_version(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
 }
 
 /// The latency the canary analysis judges: from the end of the client's upload (no
@@ -287,22 +348,29 @@ struct Route {
 }
 
 /// The routing decision for a request (see [`routing::decide`]), from the override
-/// header (honoured only from `routing.override_trusted`), the sticky key (a cookie
+/// header or baggage member (honoured only from `routing.override_trusted`), the sticky key (a cookie
 /// counts only with the proxy's signature), the flags and the canary pool's health.
 fn route(
     state: &AppState,
     snapshot: &Snapshot,
     peer: &ClientPeer,
     headers: &HeaderMap,
+    baggage_pool: Option<PoolKind>,
     now_ms: u64,
 ) -> Route {
     let routing = &snapshot.config.routing;
+    // The override header, else a `canarygate.pool` baggage member (an internal
+    // service keeping its caller's version): both only from trusted sources.
     let forced = routing
         .override_header
         .0
         .as_ref()
         .and_then(|name| headers.get(name))
         .and_then(|v| routing::parse_override(v.as_bytes()))
+        .or(baggage_pool.map(|pool| match pool {
+            PoolKind::Canary => routing::Override::Always,
+            PoolKind::Production => routing::Override::Never,
+        }))
         .filter(|_| routing.override_trusted_from(peer.peer.ip()));
     let mut new_sticky_id = None;
     let (bucket, sticky_key) = match &routing.sticky {

@@ -14,6 +14,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::client::codec::SetFields;
 use crate::client::request_body::UpstreamBody;
 use crate::http1::strip_hop_by_hop;
+use crate::observe::trace::{BAGGAGE, RequestTrace, TRACEPARENT, TRACESTATE, Tracing};
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
 use crate::routing;
@@ -65,6 +66,12 @@ impl ClientPeer {
 
 /// Headers and limits the proxy applies to every upstream request.
 pub struct UpstreamHeaders<'a> {
+    /// The tracer and the request's server span, when `[tracing]` is on: each
+    /// attempt then gets a `traceparent` of its own, and the client's trace fields
+    /// are replaced.
+    pub trace: Option<(&'a Tracing, &'a RequestTrace)>,
+    /// The `baggage` sent upstream (with `[tracing]` on).
+    pub baggage: Option<&'a HeaderValue>,
     pub request_id: &'a HeaderValue,
     pub flags_header: &'a HeaderName,
     pub flags: &'a HeaderValue,
@@ -121,6 +128,12 @@ pub fn upstream_request(
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
+    if extra.trace.is_some() {
+        // Each attempt sets its own; a caller's tracestate goes on only through the
+        // trace it continued.
+        parts.headers.remove(TRACEPARENT);
+        parts.headers.remove(TRACESTATE);
+    }
 
     let h = &parts.headers;
     let mut set = Vec::with_capacity(8);
@@ -147,6 +160,9 @@ pub fn upstream_request(
     ));
     set.push((X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme)));
     set.push((REQUEST_ID, extra.request_id.clone()));
+    if let Some(baggage) = extra.baggage {
+        set.push((BAGGAGE, baggage.clone()));
+    }
     // Replaces every client-sent value: flags come only from the proxy.
     set.push((extra.flags_header.clone(), extra.flags.clone()));
     let mut body = UpstreamBody::new(body, extra.max_body_bytes);
