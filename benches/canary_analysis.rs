@@ -26,6 +26,7 @@
 use std::time::Instant;
 
 use canarygate::canary::judge::{Outcome as Verdict, Rules, judge};
+use canarygate::canary::sequential::Detector;
 use canarygate::canary::stats::{normal_quantile, to_f64};
 use canarygate::canary::verdict::{Action, Levers, Record, Run, State, decide};
 use canarygate::canary::window::{PoolWindow, SLOTS, Window};
@@ -272,6 +273,9 @@ fn simulate(
     // newest being the current one (empty at a check on a slot boundary).
     let slots: Vec<[Option<PoolWindow>; 2]> = (0..SLOTS).map(|_| [None, None]).collect();
     let mut window = Window::from_slots(slots);
+    window.filling = true;
+    // The error rule's evidence, kept across checks as the analysis task keeps it.
+    let mut errors = Detector::default();
     let mut canary_errors = 0;
     let mut failed_checks = 0;
     let mut filled_to = 0;
@@ -297,7 +301,9 @@ fn simulate(
             window.slots.insert(at, [Some(p), Some(c)]);
             filled_to = to;
         }
-        let check = judge(rules, &window);
+        // The current slot, epoch `now / slot_ms + 1` as the recorder counts.
+        window.epoch = filled_to / slot_ms + 1;
+        let check = judge(rules, &window, &mut errors);
         if check.outcome == Verdict::Fail {
             failed_checks += 1;
             if std::env::var_os("CANARY_BENCH_DEBUG").is_some() {
