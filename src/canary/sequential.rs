@@ -125,7 +125,11 @@ impl Detector {
     /// Folds in those of `slots` (with their epochs, oldest first) newer than the
     /// newest already folded, as one update at the alternative `θ1`. Returns
     /// whether it was an update (at least one of them informative).
-    pub fn fold(&mut self, slots: impl IntoIterator<Item = (u64, SlotCounts)>, theta1: f64) -> bool {
+    pub fn fold(
+        &mut self,
+        slots: impl IntoIterator<Item = (u64, SlotCounts)>,
+        theta1: f64,
+    ) -> bool {
         let mut log_l = [0.0; ALTERNATIVES.len()];
         let mut informative = 0;
         for (epoch, (canary, production)) in slots {
@@ -173,7 +177,9 @@ impl Detector {
 
 /// A slot says something: it had events, and requests in both pools.
 fn informs(canary: Counts, production: Counts) -> bool {
-    canary.requests > 0 && production.requests > 0 && canary.events.min(canary.requests) + production.events.min(production.requests) > 0
+    canary.requests > 0
+        && production.requests > 0
+        && canary.events.min(canary.requests) + production.events.min(production.requests) > 0
 }
 
 /// `ln(1 + e^x)` without overflow (and exactly 0 for `x = -∞`).
