@@ -11,7 +11,8 @@
 //! HDR histogram: log-normal, median 20 ms, sigma 0.5, plus 2 ms (p99 about 66 ms).
 //! Drawing counts rather than requests is what lets 3,000 ten-minute runs at
 //! 1,000 req/s fit on two cores. The canary is bad from its first request, as after
-//! a deploy. Checks run every `interval_ms` from then on, on the last 24 slots.
+//! a deploy. Checks run every `interval_ms` from then on, on the last 24 slots,
+//! the error rule's detector kept from check to check as the analysis task keeps it.
 //!
 //! `nice -n 10 cargo bench --bench canary_analysis` prints the tables in
 //! docs/canary-analysis.md; `CANARY_BENCH_RUNS` sets the runs per failing-canary
