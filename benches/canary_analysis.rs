@@ -11,7 +11,8 @@
 //! HDR histogram: log-normal, median 20 ms, sigma 0.5, plus 2 ms (p99 about 66 ms).
 //! Drawing counts rather than requests is what lets 3,000 ten-minute runs at
 //! 1,000 req/s fit on two cores. The canary is bad from its first request, as after
-//! a deploy. Checks run every `interval_ms` from then on, on the last 24 slots.
+//! a deploy. Checks run every `interval_ms` from then on, on the last 24 slots,
+//! the error rule's detector kept from check to check as the analysis task keeps it.
 //!
 //! `nice -n 10 cargo bench --bench canary_analysis` prints the tables in
 //! docs/canary-analysis.md; `CANARY_BENCH_RUNS` sets the runs per failing-canary
@@ -26,6 +27,7 @@
 use std::time::Instant;
 
 use canarygate::canary::judge::{Outcome as Verdict, Rules, judge};
+use canarygate::canary::sequential::Detector;
 use canarygate::canary::stats::{normal_quantile, to_f64};
 use canarygate::canary::verdict::{Action, Levers, Record, Run, State, decide};
 use canarygate::canary::window::{PoolWindow, SLOTS, Window};
@@ -272,6 +274,9 @@ fn simulate(
     // newest being the current one (empty at a check on a slot boundary).
     let slots: Vec<[Option<PoolWindow>; 2]> = (0..SLOTS).map(|_| [None, None]).collect();
     let mut window = Window::from_slots(slots);
+    window.filling = true;
+    // The error rule's evidence, kept across checks as the analysis task keeps it.
+    let mut errors = Detector::default();
     let mut canary_errors = 0;
     let mut failed_checks = 0;
     let mut filled_to = 0;
@@ -297,7 +302,9 @@ fn simulate(
             window.slots.insert(at, [Some(p), Some(c)]);
             filled_to = to;
         }
-        let check = judge(rules, &window);
+        // The current slot, epoch `now / slot_ms + 1` as the recorder counts.
+        window.epoch = filled_to / slot_ms + 1;
+        let check = judge(rules, &window, &mut errors);
         if check.outcome == Verdict::Fail {
             failed_checks += 1;
             if std::env::var_os("CANARY_BENCH_DEBUG").is_some() {

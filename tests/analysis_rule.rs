@@ -15,13 +15,19 @@
 //! 100 req/s over 120 s, 4,000, a little less at a check, whose current slot is
 //! partly filled), and the test checks that at least three quarters of them came:
 //! on a machine too loaded to send the rate, it says so rather than test less.
+//!
+//! And the error evidence, kept from check to check, starts again where the
+//! window does: a canary handed back after a rollback is judged on its own
+//! requests, not on the evidence of the version that was pulled.
 
 mod support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use support::app::{AppBackend, PacedTraffic};
+use std::sync::atomic::Ordering;
+
+use support::app::{AppBackend, PacedTraffic, Traffic};
 use support::*;
 
 /// Time runs this many times faster than at the defaults, the rate this many
@@ -141,6 +147,110 @@ async fn a_canary_four_times_worse_is_rolled_back_in_150_s_and_a_healthy_one_kep
         );
         proxy_worse.stop().await;
         proxy_healthy.stop().await;
+    })
+    .await;
+}
+
+/// The `at` of the checks `/analysis` returns with this result.
+fn checks_at(analysis: &serde_json::Value, result: &str) -> Vec<String> {
+    analysis["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["result"] == result)
+        .map(|c| c["at"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_handed_back_after_a_rollback_starts_from_no_error_evidence() {
+    within(60, async {
+        let redis = RedisServer::start();
+        let production = AppBackend::start(0, 0).await;
+        // A fifth of the canary's requests fail: rolled back, with evidence far
+        // above the threshold (the detector keeps it while the canary gets nothing).
+        let canary = AppBackend::start(5, 0).await;
+        let proxy = Proxy::start(&config_toml(
+            &[production.addr],
+            &[canary.addr],
+            &format!(
+                "[analysis]\nenabled = true\ninterval_ms = 250\nwindow_ms = 3000\n\
+                 min_requests = 50\n[flags]\nredis_url = \"{}\"\npoll_ms = 200\n",
+                redis.url()
+            ),
+        ))
+        .await;
+        let _traffic = Traffic::start(&[proxy.url("/")], 8);
+        let state = || redis.cli(&["HGET", "canarygate:analysis", "state"]);
+        eventually(
+            Duration::from_secs(20),
+            "the canary rolled back",
+            || async { analysis(&proxy).await["state"] == "rolled_back" },
+        )
+        .await;
+        // Once the pulled version's requests have left the window, checks hold (no
+        // canary traffic): the window is empty of it, the detector is not.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let a = analysis(&proxy).await;
+            let newest = &a["checks"][0];
+            if newest["result"] == "hold" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no check held: {newest}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        // The fix is deployed and the canary handed back at half the traffic.
+        canary.error_every.store(0, Ordering::Relaxed);
+        redis.cli(&[
+            "HSET",
+            "canarygate:flags",
+            "canary_percent",
+            "50",
+            "canary_auto",
+            "on",
+        ]);
+        eventually(
+            Duration::from_secs(10),
+            "the analysis back in charge",
+            || async { state() == "progressing" },
+        )
+        .await;
+        // The round that took charge judged before it read the record, on what it
+        // had (the window's old requests, the old evidence), and its verdict was
+        // dropped with the run: count from it on.
+        let since = analysis(&proxy).await["checks"][0]["at"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        // Judged and passed at check after check on its own requests: the old
+        // version's evidence would fail the first of them and roll it back again.
+        eventually(Duration::from_secs(20), "eight passing checks", || async {
+            let a = analysis(&proxy).await;
+            assert_eq!(state(), "progressing", "rolled back again: {}", a["reason"]);
+            checks_at(&a, "pass")
+                .iter()
+                .filter(|at| **at > since)
+                .count()
+                >= 8
+        })
+        .await;
+        let a = analysis(&proxy).await;
+        let failed_since: Vec<_> = checks_at(&a, "fail")
+            .into_iter()
+            .filter(|at| *at > since)
+            .collect();
+        assert!(
+            failed_since.is_empty(),
+            "{failed_since:?}: {}",
+            a["checks"][0]
+        );
+        // No error since the hand-back: no evidence at all (the detector started
+        // again), where the old one would still show the pulled version's.
+        let last = &a["checks"][0];
+        assert!(last["error_evidence"].is_null(), "{last}");
+        proxy.stop().await;
     })
     .await;
 }

@@ -120,10 +120,17 @@ pub struct Window {
     pub slots: Vec<[Option<PoolWindow>; 2]>,
     pub production: PoolWindow,
     pub canary: PoolWindow,
+    /// The epoch of the last slot (`now_ms / slot_ms + 1` of its time; the slot
+    /// before it is one less): what lets the error detector fold each slot in once.
+    pub epoch: u64,
+    /// The last slot is the current one, still filling: the detector leaves it
+    /// for a later check.
+    pub filling: bool,
 }
 
 impl Window {
-    /// The window of these slots (oldest first), with their sums.
+    /// The window of these slots (oldest first), with their sums: all complete,
+    /// with epochs `1..=len`.
     pub fn from_slots(slots: Vec<[Option<PoolWindow>; 2]>) -> Self {
         let (mut production, mut canary) = (PoolWindow::default(), PoolWindow::default());
         for [p, c] in &slots {
@@ -135,10 +142,28 @@ impl Window {
             }
         }
         Self {
+            epoch: u64::try_from(slots.len()).unwrap_or(u64::MAX),
+            filling: false,
             slots,
             production,
             canary,
         }
+    }
+
+    /// The slots time has moved past (all but a filling last one), with their
+    /// epochs, oldest first (slots before epoch 1, the clock's start, left out).
+    pub fn complete(&self) -> impl Iterator<Item = (u64, &[Option<PoolWindow>; 2])> {
+        let len = self.slots.len();
+        let complete = len - usize::from(self.filling && len > 0);
+        // Slot `i` is `len - 1 - i` slots before the last.
+        let before_last = move |i: usize| u64::try_from(len - 1 - i).unwrap_or(u64::MAX);
+        self.slots[..complete]
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, slot)| {
+                let epoch = self.epoch.checked_sub(before_last(i))?;
+                (epoch > 0).then_some((epoch, slot))
+            })
     }
 }
 
@@ -394,6 +419,8 @@ impl Recorder {
             }
         }
         let mut window = Window::from_slots(slots);
+        window.epoch = current;
+        window.filling = true;
         let limit = unpack(self.limit.load(Ordering::Relaxed));
         let in_force = self.tally.cap();
         window.production.client_cap = in_force;
@@ -467,6 +494,27 @@ mod tests {
         let [production, canary] = recorder.window(60_000);
         assert_eq!((canary.requests, production.requests), (0, 0));
         assert!(canary.latency.is_empty());
+    }
+
+    #[test]
+    fn the_complete_slots_carry_their_epochs() {
+        // Window 24 s: slots of 1 s; requests at 0.5 s and 2.5 s, the check at 2.7 s.
+        let recorder = Recorder::new(1);
+        recorder.configure(true, 24_000, &UNCAPPED);
+        recorder.record(PoolKind::Canary, 500, MS, true, bucket());
+        recorder.record(PoolKind::Canary, 2_500, MS, false, bucket());
+        let window = recorder.judged(2_700);
+        // The current slot (epoch 3, 2..3 s) is still filling and left out; the
+        // slots before epoch 1 (the clock's start) are too.
+        assert_eq!((window.epoch, window.filling), (3, true));
+        let complete: Vec<(u64, u64)> = window
+            .complete()
+            .map(|(epoch, [_, canary])| (epoch, canary.as_ref().map_or(0, |c| c.requests)))
+            .collect();
+        assert_eq!(complete, [(1, 1), (2, 0)]);
+        // Built from slots, all are complete, epochs 1..=len.
+        let built = Window::from_slots(vec![[None, None], [None, None]]);
+        assert_eq!(built.complete().map(|(e, _)| e).collect::<Vec<_>>(), [1, 2]);
     }
 
     #[test]

@@ -12,6 +12,13 @@
 //! snapshot. A round that cannot reach Redis logs, counts
 //! `canarygate_canary_store_errors_total` and goes on; if the canary must be rolled
 //! back meanwhile, it is rolled back locally at once and in Redis as soon as it answers.
+//!
+//! The task also keeps the error rule's evidence from check to check (a
+//! [`Detector`]: each complete slot of the window folded in once), off the request
+//! path. It starts again exactly where the window does (a canary back in judgement
+//! after a rollback or a manual spell: the recorder is cleared), and also when the
+//! slots change length (a new `window_ms`) or the analysis stops judging (off, or
+//! no canary pool), since the slots it would next see are not the ones it counted.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::canary::board::Entry;
 use crate::canary::judge::{Check, Rules, judge};
+use crate::canary::sequential::Detector;
 use crate::canary::verdict::{Action, Levers, Record, Run, State, decide};
 use crate::clock::{fleet_epoch, fleet_ms, now_ms};
 use crate::config::FlagsConfig;
@@ -247,6 +255,8 @@ pub async fn run(state: AppState, alerts: Dispatcher, instance: String, cancel: 
         store_down: false,
         rolled_back_locally: false,
         clock_epoch: None,
+        errors: Detector::default(),
+        errors_window_ms: 0,
     };
     let mut period = 0;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -277,6 +287,10 @@ struct Analysis {
     rolled_back_locally: bool,
     /// The fleet clock's epoch at the last round.
     clock_epoch: Option<u64>,
+    /// The error rule's evidence, kept across checks.
+    errors: Detector,
+    /// The `window_ms` its slots were counted in.
+    errors_window_ms: u64,
 }
 
 impl Analysis {
@@ -296,11 +310,16 @@ impl Analysis {
             self.run.passing_since_ms = None;
         }
         if !config.enabled || !has_canary {
+            self.errors = Detector::default();
             self.publish(config.enabled, State::Idle, &Record::default(), now);
             return;
         }
+        if self.errors_window_ms != config.window_ms {
+            self.errors_window_ms = config.window_ms;
+            self.errors = Detector::default();
+        }
         let window = self.state.metrics.recorder.judged(now_ms());
-        let check = judge(&Rules::new(&config), &window);
+        let check = judge(&Rules::new(&config), &window, &mut self.errors);
         self.state.metrics.analysis.observe(&check);
         self.run.observe(&check, config.failure_threshold, now);
         self.state.analysis.push(Entry {
@@ -463,12 +482,13 @@ impl Analysis {
     }
 
     /// A new state starts a new run of checks; a canary back in judgement starts
-    /// from an empty window (the old one may hold the requests of the canary that
-    /// was rolled back).
+    /// from an empty window and no error evidence (both may hold the requests of
+    /// the canary that was rolled back).
     fn restart_run(&mut self, state: Option<State>) {
         self.run = Run::default();
         if state == Some(State::Progressing) {
             self.state.metrics.recorder.clear();
+            self.errors = Detector::default();
         }
     }
 
