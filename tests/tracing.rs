@@ -260,3 +260,44 @@ async fn a_dead_collector_leaves_requests_untouched_and_every_span_is_counted() 
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_websocket_is_one_span_that_ends_with_the_tunnel() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+    within(60, async {
+        let collector = Collector::start().await;
+        let app = demo_app("production", "v1").await;
+        let toml = config_toml(&[app], &[], &tracing_toml(collector.addr, ""));
+        let proxy = Proxy::start(&toml).await;
+        let trace = format!("{TRACE:.28}cccc");
+        let mut request = format!("ws://{}/ws", proxy.addr).into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("traceparent", traceparent(&trace, true).parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        assert!(ws.next().await.unwrap().unwrap().is_text());
+        // While the tunnel is open, only the attempt's span has ended.
+        collector.wait_trace(&trace, 1).await;
+        ws.close(None).await.unwrap();
+        while ws.next().await.is_some() {}
+        drop(ws);
+        let spans = collector.wait_trace(&trace, 2).await;
+        let server = spans
+            .iter()
+            .find(|s| s.span.kind == SpanKind::Server as i32)
+            .expect("the server span ends with the tunnel");
+        assert_eq!(server.attr("http.response.status_code").as_deref(), Some("101"));
+        let closed = server
+            .span
+            .events
+            .iter()
+            .find(|e| e.name == "tunnel closed")
+            .expect("a tunnel closed event");
+        assert!(closed.attributes.iter().any(|a| a.key == "canarygate.tunnel.duration_s"));
+    })
+    .await;
+}
