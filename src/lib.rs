@@ -190,6 +190,20 @@ pub async fn serve_all(
         &config,
         listeners.proxy.local_addr().map_or(0, |a| a.port()),
     ));
+    // Built before any task starts: a bad [tracing] stops the start with nothing running.
+    let trace_export = if config.tracing.enabled() {
+        let (provider, export) =
+            observe::trace_export::pipeline(&config.tracing, &instance, &state.metrics.trace)?;
+        state.set_tracing(observe::trace::Tracing::new(
+            provider,
+            config.tracing.sample_ratio,
+            config.tracing.baggage_flags.clone(),
+            instance.clone(),
+        ));
+        Some(export)
+    } else {
+        None
+    };
     let (alerts, channels) = ops::alerts::Dispatcher::new(
         &config.alerts,
         &instance,
@@ -233,14 +247,7 @@ pub async fn serve_all(
         ops::resources::run(state.clone(), alerts, tasks.clone())
             .instrument(info_span!("resources")),
     ));
-    if config.tracing.enabled() {
-        let (provider, export) =
-            observe::trace_export::pipeline(&config.tracing, &instance, &state.metrics.trace)?;
-        state.set_tracing(observe::trace::Tracing::new(
-            provider,
-            config.tracing.baggage_flags.clone(),
-            instance.clone(),
-        ));
+    if let Some(export) = trace_export {
         background.push(tokio::spawn(
             observe::trace_export::run(export, tasks.clone()).instrument(info_span!("traces")),
         ));
@@ -624,6 +631,9 @@ pub fn reload(state: &AppState, path: &std::path::Path) -> Result<(), config::Co
                 warn!(
                     "listen addresses, drain settings and max_connections apply at the next restart"
                 );
+            }
+            if old.tracing != new.tracing {
+                warn!("[tracing] applies at the next restart");
             }
             state.apply_config(new);
             state.metrics.count_reload(true);

@@ -217,15 +217,24 @@ async fn a_pool_in_baggage_counts_only_from_a_trusted_source() {
         let trusted = get(&client(), &proxy.url("/headers"), &asks_canary).await;
         assert_eq!(trusted.pool(), "canary");
         assert!(seen(&trusted)["baggage"].contains("canarygate.pool=canary"));
-        // Anyone else: ignored, and not passed on to the services behind.
+        // Anyone else: ignored, and not passed on to the services behind, however
+        // it is spelled or hidden.
         let untrusted_client = client_from([127, 0, 0, 2].into());
-        for _ in 0..5 {
-            let got = get(&untrusted_client, &proxy.url("/headers"), &asks_canary).await;
-            assert_eq!(got.pool(), "production");
+        let fillers: Vec<String> = (0..200).map(|i| format!("k{i}=v")).collect();
+        let crowd = format!("{},canarygate.pool=canary", fillers.join(","));
+        for forged in [
+            "canarygate.pool=canary,userId=alice",
+            "Canarygate.Pool=canary,userId=alice",
+            "canarygate%252Epool=canary,canarygate%2Epool=canary,userId=alice",
+            "userId=alice;p=%2Ccanarygate.pool%3Dcanary",
+            crowd.as_str(),
+        ] {
+            let got = get(&untrusted_client, &proxy.url("/headers"), &[("baggage", forged)]).await;
+            assert_eq!(got.pool(), "production", "{forged}");
             let baggage = &seen(&got)["baggage"];
-            let mut members: Vec<&str> = baggage.split(',').collect();
-            members.sort_unstable();
-            assert_eq!(members, ["canarygate.pool=production", "theme=blue", "userId=alice"]);
+            assert!(baggage.starts_with("canarygate.pool=production,theme=blue"), "{baggage}");
+            let pools = baggage.to_ascii_lowercase().matches("canarygate").count();
+            assert_eq!(pools, 1 + usize::from(forged.contains("%2Ccanarygate")), "{baggage}");
         }
     })
     .await;
@@ -273,7 +282,9 @@ async fn a_websocket_is_one_span_that_ends_with_the_tunnel() {
         let toml = config_toml(&[app], &[], &tracing_toml(collector.addr, ""));
         let proxy = Proxy::start(&toml).await;
         let trace = format!("{TRACE:.28}cccc");
-        let mut request = format!("ws://{}/ws", proxy.addr).into_client_request().unwrap();
+        let mut request = format!("ws://{}/ws", proxy.addr)
+            .into_client_request()
+            .unwrap();
         request
             .headers_mut()
             .insert("traceparent", traceparent(&trace, true).parse().unwrap());
@@ -290,14 +301,58 @@ async fn a_websocket_is_one_span_that_ends_with_the_tunnel() {
             .iter()
             .find(|s| s.span.kind == SpanKind::Server as i32)
             .expect("the server span ends with the tunnel");
-        assert_eq!(server.attr("http.response.status_code").as_deref(), Some("101"));
+        assert_eq!(
+            server.attr("http.response.status_code").as_deref(),
+            Some("101")
+        );
         let closed = server
             .span
             .events
             .iter()
             .find(|e| e.name == "tunnel closed")
             .expect("a tunnel closed event");
-        assert!(closed.attributes.iter().any(|a| a.key == "canarygate.tunnel.duration_s"));
+        assert!(
+            closed
+                .attributes
+                .iter()
+                .any(|a| a.key == "canarygate.tunnel.duration_s")
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_tracing_off_a_clients_canarygate_members_never_reach_the_backend() {
+    within(60, async {
+        let (production, canary) = two_pools().await;
+        let proxy = Proxy::start(&config_toml(&[production.addr], &[canary.addr], "")).await;
+        let client = client_from([127, 0, 0, 2].into());
+        let got = get(
+            &client,
+            &proxy.url("/headers"),
+            &[
+                ("baggage", "userId=alice,canarygate.pool=canary"),
+                ("traceparent", &traceparent(TRACE, true)),
+            ],
+        )
+        .await;
+        let headers = seen(&got);
+        assert_eq!(headers["baggage"], "userId=alice");
+        // Nothing else of the trace context is touched while tracing is off.
+        assert_eq!(headers["traceparent"], traceparent(TRACE, true));
+        let got = get(
+            &client,
+            &proxy.url("/headers"),
+            &[("baggage", "canarygate.pool=canary")],
+        )
+        .await;
+        assert!(!seen(&got).contains_key("baggage"));
+        let got = get(&client, &proxy.url("/headers"), &[("baggage", "a=1, b=2")]).await;
+        assert_eq!(
+            seen(&got)["baggage"],
+            "a=1, b=2",
+            "passed through untouched"
+        );
     })
     .await;
 }

@@ -100,8 +100,8 @@ impl TracingConfig {
         if self.service_name.is_empty() {
             return fail("tracing.service_name", "must not be empty");
         }
-        if self.max_queue == 0 {
-            return fail("tracing.max_queue", "must be greater than 0");
+        if self.max_queue == 0 || self.max_queue > 1_000_000 {
+            return fail("tracing.max_queue", "must be 1 to 1000000");
         }
         if let Some(name) = &self.headers_env
             && name.is_empty()

@@ -18,6 +18,7 @@ pub mod access_log;
 pub mod admin;
 pub mod analysis_metrics;
 pub mod analysis_page;
+pub mod baggage;
 pub mod conn_metrics;
 pub mod events;
 pub mod html;

@@ -19,32 +19,31 @@
 //! (`opentelemetry_sdk`) and exported by `opentelemetry-otlp` from a bounded queue
 //! off the request path ([`crate::observe::trace_export`]).
 
-use std::time::SystemTime;
-
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::baggage::{BaggageExt as _, KeyValueMetadata};
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator as _};
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry::trace::Span as _;
 use opentelemetry::trace::{
-    SpanContext, SpanKind, Status, TraceContextExt as _, Tracer as _, TracerProvider as _,
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span};
 
+use crate::observe::baggage;
 use crate::routing::PoolKind;
 
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
-/// The baggage member naming the pool that served a request.
-pub const POOL_MEMBER: &str = "canarygate.pool";
 
 /// The tracer and what every request's trace needs; `None` in the state when
 /// `[tracing]` is off.
 pub struct Tracing {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
+    /// The share of new traces sampled.
+    ratio: f64,
     baggage_flags: Vec<String>,
     instance: String,
 }
@@ -56,19 +55,28 @@ impl std::fmt::Debug for Tracing {
 }
 
 impl Tracing {
-    /// A tracer whose finished, sampled spans go to `provider`'s processor.
-    pub fn new(provider: SdkTracerProvider, baggage_flags: Vec<String>, instance: String) -> Self {
+    /// A tracer whose finished spans go to `provider`'s processor. The provider
+    /// samples everything it is given ([`Tracing::sampler`]): the decision is made
+    /// here first, parent-based with `ratio` for new traces, so a request that is not
+    /// sampled never builds an SDK span (ids and headers only).
+    pub fn new(
+        provider: SdkTracerProvider,
+        ratio: f64,
+        baggage_flags: Vec<String>,
+        instance: String,
+    ) -> Self {
         Self {
             tracer: provider.tracer("canarygate"),
             provider,
+            ratio,
             baggage_flags,
             instance,
         }
     }
 
-    /// The sampler: parent-based, new traces sampled at `ratio`.
-    pub fn sampler(ratio: f64) -> Sampler {
-        Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+    /// The provider's sampler: the decision is [`Tracing::server_span`]'s.
+    pub fn sampler() -> Sampler {
+        Sampler::AlwaysOn
     }
 
     /// Ends the provider: spans still queued are the exporter's to flush.
@@ -76,53 +84,59 @@ impl Tracing {
         let _ = self.provider.shutdown();
     }
 
-    /// The server span of a request, continuing the caller's trace if it sent one;
-    /// the incoming baggage is read (and its `canarygate.*` members taken out).
+    /// A request's trace: the caller's continued if it sent a valid `traceparent`,
+    /// else a new one. Whether it is sampled: the caller's flag when the caller is
+    /// `trusted` (`routing.override_trusted`), else `ratio` (a client on the
+    /// internet must not make every one of its requests cost a span). Sampled, it
+    /// has a server span. The incoming baggage is read, its `canarygate.*` members
+    /// taken out.
     pub fn server_span(
         &self,
         headers: &HeaderMap,
         method: &str,
-        start: SystemTime,
-    ) -> RequestTrace {
+        trusted: bool,
+    ) -> Box<RequestTrace> {
         let extractor = Headers(headers);
-        let parent = TraceContextPropagator::new().extract(&extractor);
-        let incoming = if headers.contains_key(BAGGAGE) {
-            BaggagePropagator::new().extract(&extractor)
+        let parent = headers
+            .contains_key(TRACEPARENT)
+            .then(|| TraceContextPropagator::new().extract(&extractor))
+            .filter(|cx| cx.span().span_context().is_valid());
+        let baggage = if headers.contains_key(BAGGAGE) {
+            baggage::parse(headers.get_all(BAGGAGE).iter().map(HeaderValue::as_bytes))
         } else {
-            Context::new()
+            baggage::Incoming::default()
         };
-        let asked_pool =
-            incoming
-                .baggage()
-                .get(POOL_MEMBER)
-                .and_then(|value| match value.as_str() {
-                    "canary" => Some(PoolKind::Canary),
-                    "production" => Some(PoolKind::Production),
-                    _ => None,
-                });
-        // The caller's own members go on; `canarygate.*` are the proxy's to set.
-        let baggage = incoming
-            .baggage()
-            .iter()
-            .filter(|(key, _)| !key.as_str().starts_with("canarygate."))
-            .map(|(key, (value, meta))| {
-                KeyValueMetadata::new(key.clone(), value.clone(), meta.clone())
-            })
-            .collect();
-        let span = self
-            .tracer
-            .span_builder(method.to_owned())
-            .with_kind(SpanKind::Server)
-            .with_start_time(start)
-            .start_with_context(&self.tracer, &parent);
-        RequestTrace {
+        let sampled = match &parent {
+            Some(cx) if trusted => cx.span().span_context().is_sampled(),
+            _ => self.ratio > 0.0 && fastrand::f64() < self.ratio,
+        };
+        let span = sampled.then(|| {
+            let mut span = self
+                .tracer
+                .span_builder(span_name(method))
+                .with_kind(SpanKind::Server)
+                .start_with_context(&self.tracer, parent.as_ref().unwrap_or(&Context::new()));
+            span.set_attribute(KeyValue::new("http.request.method", span_name(method)));
+            span
+        });
+        let (trace_id, trace_state) = match (&span, &parent) {
+            (Some(span), _) => (span.span_context().trace_id(), TraceState::NONE),
+            (None, Some(cx)) => {
+                let sc = cx.span().span_context().clone();
+                (sc.trace_id(), sc.trace_state().clone())
+            }
+            (None, None) => (TraceId::from(fastrand::u128(1..)), TraceState::NONE),
+        };
+        Box::new(RequestTrace {
             span,
+            trace_id,
+            trace_state,
             baggage,
-            asked_pool,
-        }
+        })
     }
 
-    /// A client span for one attempt at a backend, child of the request's span.
+    /// An attempt at a backend: a client span, child of the request's span, when
+    /// the request is sampled; a new span id for the backend's `traceparent` always.
     pub fn attempt(
         &self,
         trace: &RequestTrace,
@@ -130,7 +144,14 @@ impl Tracing {
         backend: &str,
         resend: u32,
     ) -> AttemptSpan {
-        let sc = trace.span.span_context();
+        let Some(server) = &trace.span else {
+            return AttemptSpan {
+                span: None,
+                traceparent: traceparent(trace.trace_id, SpanId::from(fastrand::u64(1..)), false),
+                tracestate: header_of_state(&trace.trace_state),
+            };
+        };
+        let sc = server.span_context();
         // The server span, as a local parent of its attempts.
         let parent = Context::new().with_remote_span_context(SpanContext::new(
             sc.trace_id(),
@@ -141,51 +162,46 @@ impl Tracing {
         ));
         let mut span = self
             .tracer
-            .span_builder(method.to_owned())
+            .span_builder(span_name(method))
             .with_kind(SpanKind::Client)
             .start_with_context(&self.tracer, &parent);
-        if span.is_recording() {
-            let (host, port) = backend.rsplit_once(':').unwrap_or((backend, ""));
-            span.set_attribute(KeyValue::new("http.request.method", method.to_owned()));
-            span.set_attribute(KeyValue::new("server.address", host.to_owned()));
-            if let Ok(port) = port.parse::<i64>() {
-                span.set_attribute(KeyValue::new("server.port", port));
-            }
-            span.set_attribute(KeyValue::new("canarygate.backend", backend.to_owned()));
-            if resend > 0 {
-                span.set_attribute(KeyValue::new(
-                    "http.request.resend_count",
-                    i64::from(resend),
-                ));
-            }
+        let (host, port) = backend.rsplit_once(':').unwrap_or((backend, ""));
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        span.set_attribute(KeyValue::new("http.request.method", span_name(method)));
+        span.set_attribute(KeyValue::new("server.address", host.to_owned()));
+        if let Ok(port) = port.parse::<i64>() {
+            span.set_attribute(KeyValue::new("server.port", port));
         }
-        AttemptSpan { span }
+        span.set_attribute(KeyValue::new("canarygate.backend", backend.to_owned()));
+        if resend > 0 {
+            span.set_attribute(KeyValue::new(
+                "http.request.resend_count",
+                i64::from(resend),
+            ));
+        }
+        let own = span.span_context();
+        AttemptSpan {
+            traceparent: traceparent(own.trace_id(), own.span_id(), own.is_sampled()),
+            tracestate: header_of_state(own.trace_state()),
+            span: Some(span),
+        }
     }
 
-    /// The `baggage` sent upstream: the caller's members (minus `canarygate.*`),
-    /// `canarygate.pool` and the allow-listed flags.
+    /// The `baggage` sent upstream: `canarygate.pool` first, the allow-listed
+    /// flags, then the caller's members that fit ([`baggage::render`]).
     pub fn baggage(
         &self,
         trace: &RequestTrace,
         pool: PoolKind,
         flags: &crate::flags::model::FlagSet,
     ) -> Option<HeaderValue> {
-        let mut members = trace.baggage.clone();
-        // Flags first, so a flag can never take the pool member's place.
-        for name in &self.baggage_flags {
-            if let Some(value) = flags.values.get(name) {
-                members.push(KeyValueMetadata::new(
-                    name.clone(),
-                    value.as_str().to_owned(),
-                    "",
-                ));
-            }
-        }
-        members.push(KeyValueMetadata::new(POOL_MEMBER, pool.as_str(), ""));
-        let cx = Context::new().with_baggage(members);
-        let mut out = OneHeader(None);
-        BaggagePropagator::new().inject_context(&cx, &mut out);
-        out.0
+        let flags: Vec<(&str, &str)> = self
+            .baggage_flags
+            .iter()
+            .filter_map(|name| Some((name.as_str(), flags.values.get(name)?.as_str())))
+            .collect();
+        let out = baggage::render(Some(pool), &flags, &trace.baggage)?;
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
     }
 
     /// The instance id spans carry (`server.instance_id`, or `hostname:port`).
@@ -194,12 +210,43 @@ impl Tracing {
     }
 }
 
-/// A request's server span and the caller's baggage. Dropping it ends the span.
+/// A span's name and `http.request.method`: the method when it is a known one,
+/// else `_OTHER` (a client must not mint span names).
+fn span_name(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("_OTHER")
+}
+
+/// `traceparent` (W3C trace context, version 00).
+fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
+    let value = format!(
+        "00-{trace_id}-{span_id}-{}",
+        if sampled { "01" } else { "00" }
+    );
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
+        .unwrap_or(HeaderValue::from_static(""))
+}
+
+/// `tracestate`, if the trace has one.
+fn header_of_state(state: &TraceState) -> Option<HeaderValue> {
+    let header = state.header();
+    (!header.is_empty())
+        .then(|| HeaderValue::from_maybe_shared(bytes::Bytes::from(header)).ok())
+        .flatten()
+}
+
+/// A request's trace: its ids, its server span if sampled, the caller's baggage.
+/// Dropping it ends the span.
 pub struct RequestTrace {
-    span: Span,
-    /// The caller's baggage members, without `canarygate.*`.
-    baggage: Vec<KeyValueMetadata>,
-    asked_pool: Option<PoolKind>,
+    span: Option<Span>,
+    trace_id: TraceId,
+    /// The caller's `tracestate`, for a trace that is not sampled (a sampled one
+    /// has it in its span).
+    trace_state: TraceState,
+    /// The caller's baggage: what it asked for, and its members to pass on.
+    baggage: baggage::Incoming,
 }
 
 impl std::fmt::Debug for RequestTrace {
@@ -227,20 +274,17 @@ impl RequestTrace {
     /// The pool the caller's baggage asked for (`canarygate.pool`); the caller of
     /// this decides whether that source is trusted.
     pub fn asked_pool(&self) -> Option<PoolKind> {
-        self.asked_pool
+        self.baggage.asked_pool
     }
 
     /// Whether this request's spans are recorded and exported.
     pub fn is_sampled(&self) -> bool {
-        self.span.is_recording()
+        self.span.is_some()
     }
 
     /// Records the routing and the response head on the server span.
     pub fn answered(&mut self, r: &Routed<'_>) {
-        if !self.span.is_recording() {
-            return;
-        }
-        let span = &mut self.span;
+        let Some(span) = &mut self.span else { return };
         span.set_attribute(KeyValue::new("url.path", r.path.to_owned()));
         span.set_attribute(KeyValue::new("url.scheme", r.scheme));
         span.set_attribute(KeyValue::new("network.protocol.version", r.version));
@@ -272,30 +316,30 @@ impl RequestTrace {
 
     /// The client went away before the response ended: an event and an error.
     pub fn client_reset(&mut self, stage: &'static str) {
-        if self.span.is_recording() {
-            self.span.add_event(
+        if let Some(span) = &mut self.span {
+            span.add_event(
                 "client reset",
                 vec![KeyValue::new("canarygate.stage", stage)],
             );
-            self.span.set_status(Status::error("client reset"));
+            span.set_status(Status::error("client reset"));
         }
     }
 
     /// The backend cut the response body: an event and an error.
     pub fn body_cut(&mut self, error: &str) {
-        if self.span.is_recording() {
-            self.span.add_event(
+        if let Some(span) = &mut self.span {
+            span.add_event(
                 "response body cut",
                 vec![KeyValue::new("exception.message", error.to_owned())],
             );
-            self.span.set_status(Status::error("response body cut"));
+            span.set_status(Status::error("response body cut"));
         }
     }
 
     /// An upgraded connection (a WebSocket) closed after `seconds` open.
     pub fn tunnel_closed(&mut self, seconds: f64) {
-        if self.span.is_recording() {
-            self.span.add_event(
+        if let Some(span) = &mut self.span {
+            span.add_event(
                 "tunnel closed",
                 vec![KeyValue::new("canarygate.tunnel.duration_s", seconds)],
             );
@@ -303,52 +347,41 @@ impl RequestTrace {
     }
 }
 
-/// One attempt at a backend. Dropping it ends the span.
+/// One attempt at a backend: its `traceparent`, and its client span when sampled.
+/// Dropping it ends the span.
 pub struct AttemptSpan {
-    span: Span,
+    span: Option<Span>,
+    traceparent: HeaderValue,
+    tracestate: Option<HeaderValue>,
 }
 
 impl AttemptSpan {
-    /// The `traceparent` the backend receives: this attempt's span as its parent.
+    /// The `traceparent` the backend receives: this attempt as its parent.
     pub fn traceparent(&self) -> HeaderValue {
-        let sc = self.span.span_context();
-        let value = format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        );
-        HeaderValue::from_str(&value).unwrap_or(HeaderValue::from_static(""))
+        self.traceparent.clone()
     }
 
     /// The `tracestate` the backend receives, if the trace has one.
     pub fn tracestate(&self) -> Option<HeaderValue> {
-        let state = self.span.span_context().trace_state().header();
-        (!state.is_empty())
-            .then(|| HeaderValue::from_str(&state).ok())
-            .flatten()
+        self.tracestate.clone()
     }
 
     /// The attempt's outcome: the backend's status, or the error that ended it.
-    pub fn finish(mut self, status: Option<u16>, error: Option<&str>) {
-        if !self.span.is_recording() {
-            return;
-        }
+    pub fn finish(self, status: Option<u16>, error: Option<&str>) {
+        let Some(mut span) = self.span else { return };
         if let Some(status) = status {
-            self.span.set_attribute(KeyValue::new(
+            span.set_attribute(KeyValue::new(
                 "http.response.status_code",
                 i64::from(status),
             ));
             if status >= 400 {
-                self.span
-                    .set_attribute(KeyValue::new("error.type", status.to_string()));
-                self.span.set_status(Status::error(""));
+                span.set_attribute(KeyValue::new("error.type", status.to_string()));
+                span.set_status(Status::error(""));
             }
         }
         if let Some(error) = error {
-            self.span
-                .set_attribute(KeyValue::new("error.type", error.to_owned()));
-            self.span.set_status(Status::error(error.to_owned()));
+            span.set_attribute(KeyValue::new("error.type", error.to_owned()));
+            span.set_status(Status::error(error.to_owned()));
         }
     }
 }
@@ -366,24 +399,15 @@ impl Extractor for Headers<'_> {
     }
 }
 
-/// Receives the one header a propagator writes.
-struct OneHeader(Option<HeaderValue>);
-
-impl Injector for OneHeader {
-    fn set(&mut self, _key: &str, value: String) {
-        self.0 = HeaderValue::from_str(&value).ok();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tracing() -> Tracing {
         let provider = SdkTracerProvider::builder()
-            .with_sampler(Tracing::sampler(1.0))
+            .with_sampler(Tracing::sampler())
             .build();
-        Tracing::new(provider, vec!["theme".to_owned()], "test:1".to_owned())
+        Tracing::new(provider, 1.0, vec!["theme".to_owned()], "test:1".to_owned())
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
@@ -403,11 +427,7 @@ mod tests {
     #[test]
     fn a_callers_trace_is_continued_with_a_new_span_per_attempt() {
         let t = tracing();
-        let trace = t.server_span(
-            &headers(&[("traceparent", PARENT)]),
-            "GET",
-            SystemTime::now(),
-        );
+        let trace = t.server_span(&headers(&[("traceparent", PARENT)]), "GET", true);
         let first = t.attempt(&trace, "GET", "127.0.0.1:80", 0).traceparent();
         let second = t.attempt(&trace, "GET", "127.0.0.1:81", 1).traceparent();
         let first = first.to_str().unwrap();
@@ -427,18 +447,14 @@ mod tests {
     fn an_unsampled_caller_stays_unsampled() {
         let t = tracing();
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        let trace = t.server_span(
-            &headers(&[("traceparent", unsampled)]),
-            "GET",
-            SystemTime::now(),
-        );
+        let trace = t.server_span(&headers(&[("traceparent", unsampled)]), "GET", true);
         assert!(!trace.is_sampled());
         let tp = t.attempt(&trace, "GET", "b:1", 0).traceparent();
         assert!(tp.to_str().unwrap().ends_with("-00"));
     }
 
     #[test]
-    fn baggage_carries_the_pool_and_allowed_flags_and_drops_a_forged_pool() {
+    fn baggage_carries_the_pool_first_and_allowed_flags_and_drops_a_forged_pool() {
         let t = tracing();
         let trace = t.server_span(
             &headers(&[(
@@ -446,7 +462,7 @@ mod tests {
                 "userId=alice,canarygate.pool=canary,canarygate.x=1",
             )]),
             "GET",
-            SystemTime::now(),
+            true,
         );
         assert_eq!(trace.asked_pool(), Some(PoolKind::Canary));
         let mut flags = crate::flags::model::FlagSet::default();
@@ -459,11 +475,30 @@ mod tests {
             crate::flags::model::FlagValue::Bool(true),
         );
         let out = t.baggage(&trace, PoolKind::Production, &flags).unwrap();
-        let mut members: Vec<&str> = out.to_str().unwrap().split(',').collect();
-        members.sort_unstable();
-        assert_eq!(
-            members,
-            ["canarygate.pool=production", "theme=blue", "userId=alice"]
+        assert_eq!(out, "canarygate.pool=production,theme=blue,userId=alice");
+    }
+
+    #[test]
+    fn an_untrusted_callers_sampled_flag_does_not_decide_but_its_trace_goes_on() {
+        let provider = SdkTracerProvider::builder()
+            .with_sampler(Tracing::sampler())
+            .build();
+        let t = Tracing::new(provider, 0.0, Vec::new(), "test:1".to_owned());
+        let h = headers(&[("traceparent", PARENT)]);
+        let untrusted = t.server_span(&h, "GET", false);
+        assert!(!untrusted.is_sampled());
+        let tp = t.attempt(&untrusted, "GET", "b:1", 0).traceparent();
+        let tp = tp.to_str().unwrap();
+        assert!(
+            tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-00"),
+            "{tp}"
         );
+        assert!(t.server_span(&h, "GET", true).is_sampled());
+    }
+
+    #[test]
+    fn a_client_mints_no_span_names() {
+        assert_eq!(span_name("GET"), "GET");
+        assert_eq!(span_name("BREW"), "_OTHER");
     }
 }

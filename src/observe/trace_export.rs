@@ -34,6 +34,8 @@ const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_secs(1);
 /// One export's deadline: a collector that does not answer costs one batch.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+/// What the shutdown gives the spans still queued.
+const FINAL_EXPORT: Duration = Duration::from_secs(2);
 
 /// `canarygate_trace_spans_*`.
 #[derive(Clone)]
@@ -115,8 +117,10 @@ pub fn pipeline(
             .collect(),
         None => HashMap::new(),
     };
+    // No redirects: the collector's auth headers must not follow one elsewhere.
     let client = reqwest::Client::builder()
         .timeout(EXPORT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| TraceError::Exporter(e.to_string()))?;
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -137,7 +141,7 @@ pub fn pipeline(
     exporter.set_resource(&resource);
     let (tx, rx) = mpsc::channel(config.max_queue);
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_sampler(crate::observe::trace::Tracing::sampler(config.sample_ratio))
+        .with_sampler(crate::observe::trace::Tracing::sampler())
         .with_resource(resource)
         .with_span_processor(QueueProcessor {
             queue: tx,
@@ -150,13 +154,15 @@ pub fn pipeline(
             queue: rx,
             exporter,
             metrics: metrics.clone(),
-            url,
+            // Logged: without userinfo or query, which may carry credentials.
+            url: crate::redact::url(&url),
         },
     ))
 }
 
-/// Exports queued spans in batches until `cancel`, then what is still queued (one
-/// last try, bounded by the export deadline).
+/// Exports queued spans in batches until `cancel`. Then what is still queued gets
+/// one last try of at most [`FINAL_EXPORT`] (none when the collector is failing):
+/// a dead collector must not hold the shutdown; what is left is counted dropped.
 pub async fn run(mut export: Export, cancel: CancellationToken) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut failing = false;
@@ -182,44 +188,59 @@ pub async fn run(mut export: Export, cancel: CancellationToken) {
                 }
             }
         }
-        failing = send(&export, std::mem::take(&mut batch), failing).await;
+        let n = batch.len() as u64;
+        let sent = send(&export, std::mem::take(&mut batch), failing, EXPORT_TIMEOUT);
+        tokio::select! {
+            ok = sent => failing = !ok,
+            () = cancel.cancelled() => {
+                export.metrics.dropped.inc_by(n);
+                break;
+            }
+        }
     }
-    while let Ok(span) = export.queue.try_recv() {
-        batch.push(span);
-    }
-    if !batch.is_empty() {
-        send(&export, batch, failing).await;
+    export.queue.close();
+    let deadline = tokio::time::Instant::now() + FINAL_EXPORT;
+    loop {
+        batch.clear();
+        while batch.len() < BATCH {
+            match export.queue.try_recv() {
+                Ok(span) => batch.push(span),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if failing || left.is_zero() {
+            export.metrics.dropped.inc_by(batch.len() as u64);
+            continue;
+        }
+        failing = !send(&export, std::mem::take(&mut batch), failing, left).await;
     }
 }
 
-/// Exports one batch; returns whether the collector is failing (logged once per
-/// change, not per batch).
-async fn send(export: &Export, batch: Vec<SpanData>, failing: bool) -> bool {
+/// Exports one batch within `limit`; returns whether it went through. A failure is
+/// logged once when the collector starts failing (`failing` false), not per batch.
+async fn send(export: &Export, batch: Vec<SpanData>, failing: bool, limit: Duration) -> bool {
     let n = batch.len() as u64;
-    let result = tokio::time::timeout(EXPORT_TIMEOUT, export.exporter.export(batch)).await;
-    match result {
+    let result = tokio::time::timeout(limit, export.exporter.export(batch)).await;
+    let error = match result {
         Ok(Ok(())) => {
             export.metrics.exported.inc_by(n);
             if failing {
                 info!(collector = %export.url, "trace export works again");
             }
-            false
+            return true;
         }
-        Ok(Err(error)) => {
-            export.metrics.dropped.inc_by(n);
-            if !failing {
-                warn!(collector = %export.url, %error, spans = n, "trace export failed; spans dropped and counted");
-            }
-            true
-        }
-        Err(_) => {
-            export.metrics.dropped.inc_by(n);
-            if !failing {
-                warn!(collector = %export.url, spans = n, "trace export timed out; spans dropped and counted");
-            }
-            true
-        }
+        Ok(Err(error)) => crate::redact::urls_in(&error.to_string()),
+        Err(_) => "timed out".to_owned(),
+    };
+    export.metrics.dropped.inc_by(n);
+    if !failing {
+        warn!(collector = %export.url, %error, spans = n, "trace export failed; spans dropped and counted");
     }
+    false
 }
 
 /// `opentelemetry-http`'s client trait over the crate's `reqwest`.

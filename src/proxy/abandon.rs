@@ -33,7 +33,7 @@ pub struct RequestNote {
     /// request is recorded ([`TrackedBody::judged`]).
     pub judged: Option<u64>,
     /// The request's server span (`[tracing]`), ended with the body.
-    pub trace: Option<RequestTrace>,
+    pub trace: Option<Box<RequestTrace>>,
 }
 
 impl RequestNote {
@@ -60,7 +60,7 @@ pub struct Unanswered<'a> {
     request_id: &'a HeaderValue,
     start: Instant,
     /// The request's server span, which a reset before the answer marks.
-    trace: Option<RequestTrace>,
+    trace: Option<Box<RequestTrace>>,
     armed: bool,
 }
 
@@ -70,7 +70,7 @@ impl<'a> Unanswered<'a> {
         pool: PoolKind,
         request_id: &'a HeaderValue,
         start: Instant,
-        trace: Option<RequestTrace>,
+        trace: Option<Box<RequestTrace>>,
     ) -> Self {
         Self {
             metrics,
@@ -84,11 +84,11 @@ impl<'a> Unanswered<'a> {
 
     /// The request's server span, while it waits for its answer.
     pub fn trace(&self) -> Option<&RequestTrace> {
-        self.trace.as_ref()
+        self.trace.as_deref()
     }
 
     /// The answer is ready: nothing to count; the span goes on with the response.
-    pub fn answered(mut self) -> Option<RequestTrace> {
+    pub fn answered(mut self) -> Option<Box<RequestTrace>> {
         self.armed = false;
         self.trace.take()
     }
@@ -146,7 +146,7 @@ impl TrackedBody {
     }
 
     /// The request's server span: it ends when the body does.
-    pub fn trace(&mut self, trace: RequestTrace) {
+    pub fn trace(&mut self, trace: Box<RequestTrace>) {
         self.note.trace = Some(trace);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
@@ -53,8 +53,10 @@ pub async fn handle(
     // One clock read at each end of the request (each read showed in the profile).
     let now = ms_at(start);
     let tracing = state.tracing();
-    let trace =
-        tracing.map(|t| t.server_span(req.headers(), req.method().as_str(), SystemTime::now()));
+    let trace = tracing.map(|t| {
+        let trusted = config.routing.override_trusted_from(peer.peer.ip());
+        t.server_span(req.headers(), req.method().as_str(), trusted)
+    });
     let Route {
         decision,
         new_sticky_id,
@@ -64,7 +66,7 @@ pub async fn handle(
         &snapshot,
         peer,
         req.headers(),
-        trace.as_ref().and_then(RequestTrace::asked_pool),
+        trace.as_deref().and_then(RequestTrace::asked_pool),
         now,
     );
     match (decision.pool, decision.reason) {

@@ -14,6 +14,7 @@ use hyper::body::{Body as _, Incoming};
 use crate::client::codec::SetFields;
 use crate::client::request_body::UpstreamBody;
 use crate::http1::strip_hop_by_hop;
+use crate::observe::baggage;
 use crate::observe::trace::{BAGGAGE, RequestTrace, TRACEPARENT, TRACESTATE, Tracing};
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
@@ -134,6 +135,31 @@ pub fn upstream_request(
         parts.headers.remove(TRACEPARENT);
         parts.headers.remove(TRACESTATE);
     }
+    let baggage = match extra.baggage {
+        Some(baggage) => Some(baggage.clone()),
+        // Tracing off: baggage passes, but never a `canarygate.*` member (services
+        // behind may trust `canarygate.pool`; a client must not set it).
+        None if baggage::mentions_canarygate(
+            parts
+                .headers
+                .get_all(BAGGAGE)
+                .iter()
+                .map(HeaderValue::as_bytes),
+        ) =>
+        {
+            let incoming = baggage::parse(
+                parts
+                    .headers
+                    .get_all(BAGGAGE)
+                    .iter()
+                    .map(HeaderValue::as_bytes),
+            );
+            parts.headers.remove(BAGGAGE);
+            baggage::render(None, &[], &incoming)
+                .and_then(|out| HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok())
+        }
+        None => None,
+    };
 
     let h = &parts.headers;
     let mut set = Vec::with_capacity(8);
@@ -160,8 +186,8 @@ pub fn upstream_request(
     ));
     set.push((X_FORWARDED_PROTO, HeaderValue::from_static(peer.scheme)));
     set.push((REQUEST_ID, extra.request_id.clone()));
-    if let Some(baggage) = extra.baggage {
-        set.push((BAGGAGE, baggage.clone()));
+    if let Some(baggage) = baggage {
+        set.push((BAGGAGE, baggage));
     }
     // Replaces every client-sent value: flags come only from the proxy.
     set.push((extra.flags_header.clone(), extra.flags.clone()));
