@@ -219,14 +219,26 @@ fn span_name(method: &str) -> &'static str {
     KNOWN.into_iter().find(|m| *m == method).unwrap_or("_OTHER")
 }
 
-/// `traceparent` (W3C trace context, version 00).
+/// `traceparent` (W3C trace context, version 00), written by hand: `format!` with
+/// the ids' `Display` was 2,200 instructions a request, more than the rest of an
+/// unsampled trace.
 fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
-    let value = format!(
-        "00-{trace_id}-{span_id}-{}",
-        if sampled { "01" } else { "00" }
-    );
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(value))
-        .unwrap_or(HeaderValue::from_static(""))
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    let ids = trace_id.to_bytes().into_iter().chain(span_id.to_bytes());
+    let mut at = 3;
+    for (i, byte) in ids.enumerate() {
+        if i == 16 {
+            out[at] = b'-';
+            at += 1;
+        }
+        out[at] = HEX[usize::from(byte >> 4)];
+        out[at + 1] = HEX[usize::from(byte & 0xf)];
+        at += 2;
+    }
+    out[at..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
+    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// `tracestate`, if the trace has one.
@@ -494,6 +506,20 @@ mod tests {
             "{tp}"
         );
         assert!(t.server_span(&h, "GET", true).is_sampled());
+    }
+
+    #[test]
+    fn traceparent_is_the_w3c_form() {
+        let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let span = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+        assert_eq!(
+            traceparent(trace, span, true),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(
+            traceparent(trace, span, false),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+        );
     }
 
     #[test]
