@@ -175,6 +175,8 @@ pub struct AppState {
     pub fleet: Arc<crate::fleet::Board>,
     /// Signs and checks the sticky cookie; the key is read once, at start.
     pub sticky: Arc<StickySigner>,
+    /// The shadow stage: mirrors in flight, findings, the gate's hold.
+    pub shadow: Arc<crate::shadow::Shadow>,
 }
 
 impl AppState {
@@ -228,13 +230,14 @@ impl AppState {
             tunnel_cut: tokio_util::sync::CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
             flag_settings,
-            metrics,
+            metrics: Arc::clone(&metrics),
             events,
             stats: Arc::default(),
             analysis: Arc::default(),
             instance: Arc::default(),
             fleet: Arc::default(),
             sticky,
+            shadow: Arc::new(crate::shadow::Shadow::new(metrics.shadow.clone())),
         }
     }
 

@@ -28,6 +28,7 @@ pub mod redis_url;
 mod resources;
 mod routing;
 mod server;
+pub mod shadow;
 pub mod sidecar;
 mod upstream;
 
@@ -45,6 +46,7 @@ use crate::config::alerts::AlertsConfig;
 use crate::config::analysis::AnalysisConfig;
 use crate::config::doctor::DoctorConfig;
 use crate::config::maintenance::MaintenanceConfig;
+use crate::config::shadow::ShadowConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,8 @@ pub struct Config {
     pub maintenance: MaintenanceConfig,
     #[serde(default)]
     pub fleet: FleetConfig,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
 }
 
 /// A rule broken by an otherwise well-typed config: the key and what is wrong.
@@ -155,6 +159,7 @@ impl Config {
         self.maintenance.validate()?;
         self.fleet.validate(self.server.instance_id.as_deref())?;
         self.timeouts.validate()?;
+        self.shadow.validate(&self.analysis)?;
         Ok(())
     }
 

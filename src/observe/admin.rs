@@ -38,6 +38,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
             | "/events"
             | "/analysis"
             | "/fleet"
+            | "/shadow"
             | "/favicon.ico"
     );
     if !known {
@@ -71,6 +72,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
             json_response(&analysis)
         }
         "/fleet" => json_response(&fleet_json(state)),
+        "/shadow" => json_response(&state.shadow.json(&state.snapshot().config)),
         "/favicon.ico" => respond_with(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),
         _ => respond_with(
             StatusCode::OK,
@@ -352,7 +354,9 @@ fn status_page(state: &AppState) -> String {
         &state.analysis.view(),
         crate::clock::unix_ms(),
     ));
-
+    html.push_str(&crate::observe::shadow_page::section(
+        &state.shadow.json(&state.snapshot().config),
+    ));
     html.push_str(&fleet_section(state));
     let _ = write!(
         html,
