@@ -441,8 +441,6 @@ impl Analysis {
         let acted =
             action != Action::Nothing && store.write(&self.state, &record, &flags, &next).await?;
         let shown = if acted { next } else { record };
-        // Read by routing only with `[shadow] gate` on.
-        self.state.shadow.set_hold(gate::holds_users(shown.state));
         if acted {
             self.announce(&action, &shown, check);
             if self.seen.replace(shown.state) != Some(shown.state) {
@@ -467,6 +465,9 @@ impl Analysis {
             Some(state) => state,
         };
         self.publish(true, display, &shown, now);
+        // Read by routing only with `[shadow] gate` on; after the publish, so while
+        // `/analysis` shows a state that holds users, they are held.
+        self.state.shadow.set_hold(gate::holds_users(shown.state));
         if self.rolled_back_locally && shown.state == Some(State::RolledBack) {
             self.rolled_back_locally = false;
         }
