@@ -117,17 +117,31 @@ async fn answer(
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
     let at = CLOCK.fetch_add(1, Ordering::Relaxed);
-    let id: u64 = path.rsplit('/').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    let id: u64 = path
+        .rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     let body = if path.starts_with("/users/") {
-        let price = if version == Version::PriceChanged { 12 } else { 10 };
+        let price = if version == Version::PriceChanged {
+            12
+        } else {
+            10
+        };
         format!(r#"{{"id":{id},"name":"user {id}","price":{price},"at":{at},"tags":["a","b"]}}"#)
     } else {
         format!(r#"{{"id":{id},"total":99,"at":{at}}}"#)
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     let h = response.headers_mut();
-    h.insert("content-type", http::HeaderValue::from_static("application/json"));
-    h.insert("set-cookie", http::HeaderValue::from_static("session=s3cr3t-set-cookie"));
+    h.insert(
+        "content-type",
+        http::HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        "set-cookie",
+        http::HeaderValue::from_static("session=s3cr3t-set-cookie"),
+    );
     Ok(response)
 }
 
@@ -142,7 +156,9 @@ fn shadow_toml(production: &[SocketAddr], canary: SocketAddr, shadow: &str) -> S
     config_toml(
         production,
         &[canary],
-        &format!("[routing]\ncanary_percent = 0\n[shadow]\nenabled = true\npercent = 100\n{shadow}\n"),
+        &format!(
+            "[routing]\ncanary_percent = 0\n[shadow]\nenabled = true\npercent = 100\n{shadow}\n"
+        ),
     )
 }
 
@@ -177,7 +193,10 @@ fn route<'a>(shadow: &'a serde_json::Value, template: &str) -> &'a serde_json::V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_changed_field_is_reported_on_its_route_with_its_path_and_noise_is_not() {
     within(60, async {
-        let (p1, p2) = (JsonApp::start(Version::Same).await, JsonApp::start(Version::Same).await);
+        let (p1, p2) = (
+            JsonApp::start(Version::Same).await,
+            JsonApp::start(Version::Same).await,
+        );
         let canary = JsonApp::start(Version::PriceChanged).await;
         let proxy = Proxy::start(&shadow_toml(&[p1.addr, p2.addr], canary.addr, "")).await;
         let c = client();
@@ -198,17 +217,33 @@ async fn a_changed_field_is_reported_on_its_route_with_its_path_and_noise_is_not
             serde_json::json!({ "$.price": 20 }),
             "only the changed field: {users}"
         );
-        assert_eq!(users["noise_fields"], serde_json::json!(["$.at"]), "{users}");
+        assert_eq!(
+            users["noise_fields"],
+            serde_json::json!(["$.at"]),
+            "{users}"
+        );
         let orders = route(&s, "GET /orders/{n}");
-        assert_eq!((orders["samples"].as_u64(), orders["diffs"].as_u64()), (Some(20), Some(0)));
+        assert_eq!(
+            (orders["samples"].as_u64(), orders["diffs"].as_u64()),
+            (Some(20), Some(0))
+        );
         assert_eq!(orders["noise"], 20, "the timestamp is noise: {orders}");
-        assert_eq!(orders["differing_fields"], serde_json::json!({}), "{orders}");
+        assert_eq!(
+            orders["differing_fields"],
+            serde_json::json!({}),
+            "{orders}"
+        );
         assert_eq!(s["routes"].as_array().unwrap().len(), 2, "{s}");
         // Examples: at most 3, the field named, the bodies shown, no credential.
         let examples = users["examples"].as_array().unwrap();
         assert_eq!(examples.len(), 3);
         assert_eq!(examples[0]["fields"], serde_json::json!(["$.price"]));
-        assert!(examples[0]["candidate"]["body"].as_str().unwrap().contains("\"price\":12"));
+        assert!(
+            examples[0]["candidate"]["body"]
+                .as_str()
+                .unwrap()
+                .contains("\"price\":12")
+        );
         let text = s.to_string();
         assert!(!text.contains("s3cr3t"), "a credential in /shadow: {text}");
         assert!(text.contains("[redacted]"), "{text}");
@@ -221,8 +256,14 @@ async fn a_changed_field_is_reported_on_its_route_with_its_path_and_noise_is_not
         assert_eq!(p1.users() + p2.users(), 40);
         let m = scrape_metrics(&c, proxy.admin_addr).await;
         let result = |r: &str| m[&format!("canarygate_shadow_requests_total{{result=\"{r}\"}}")];
-        assert_eq!((result("diff"), result("noise"), result("match")), (20.0, 20.0, 0.0));
-        assert!((m["canarygate_shadow_diff_ratio"] - 0.5).abs() < 1e-9, "{m:?}");
+        assert_eq!(
+            (result("diff"), result("noise"), result("match")),
+            (20.0, 20.0, 0.0)
+        );
+        assert!(
+            (m["canarygate_shadow_diff_ratio"] - 0.5).abs() < 1e-9,
+            "{m:?}"
+        );
         // The status page has the section.
         let page = get(&c, &format!("http://{}/", proxy.admin_addr), &[]).await;
         assert!(page.text().contains("id=\"shadow\"") && page.text().contains("$.price"));
@@ -241,7 +282,11 @@ async fn a_post_is_never_mirrored_unless_listed() {
             let c = c.clone();
             async move {
                 let req = Request::post(url)
-                    .body(Full::new(Bytes::from_static(body.as_bytes())).map_err(|e| match e {}).boxed())
+                    .body(
+                        Full::new(Bytes::from_static(body.as_bytes()))
+                            .map_err(|e| match e {})
+                            .boxed(),
+                    )
                     .unwrap();
                 send(&c, req).await
             }
@@ -272,7 +317,10 @@ async fn a_post_is_never_mirrored_unless_listed() {
             .collect();
         assert_eq!(posts, ["/users/4"]);
         let m = scrape_metrics(&c, proxy.admin_addr).await;
-        assert_eq!(m["canarygate_shadow_requests_total{result=\"dropped\"}"], 1.0);
+        assert_eq!(
+            m["canarygate_shadow_requests_total{result=\"dropped\"}"],
+            1.0
+        );
         proxy.stop().await;
     })
     .await;
@@ -281,7 +329,11 @@ async fn a_post_is_never_mirrored_unless_listed() {
 /// The latency below which `share` of `samples` lie.
 fn quantile(samples: &mut [Duration], share: f64) -> Duration {
     samples.sort();
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
     let i = ((samples.len() as f64 * share).ceil() as usize).clamp(1, samples.len()) - 1;
     samples[i]
 }
@@ -307,27 +359,43 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
         let p99 = quantile(&mut latencies, 0.99);
         let max = *latencies.last().unwrap();
         println!("client p99 {p99:?}, max {max:?} with a canary sleeping 5 s");
-        assert!(max < Duration::from_secs(1), "a client request waited: max {max:?}");
+        assert!(
+            max < Duration::from_secs(1),
+            "a client request waited: max {max:?}"
+        );
         let m = scrape_metrics(&c, proxy.admin_addr).await;
         let dropped = m["canarygate_shadow_requests_total{result=\"dropped\"}"];
         assert!(dropped >= (REQUESTS - 4) as f64, "{dropped} dropped");
         assert_eq!(m["canarygate_shadow_in_flight"], 4.0);
         // The same traffic with the shadow off, for the figure beside it.
-        let plain = Proxy::start(&config_toml(&[production.addr], &[canary.addr], "[routing]\ncanary_percent = 0\n")).await;
+        let plain = Proxy::start(&config_toml(
+            &[production.addr],
+            &[canary.addr],
+            "[routing]\ncanary_percent = 0\n",
+        ))
+        .await;
         let mut off = Vec::with_capacity(REQUESTS);
         for n in 0..REQUESTS {
             let started = Instant::now();
             get(&c, &plain.url(&format!("/users/{n}")), &[]).await;
             off.push(started.elapsed());
         }
-        println!("client p99 {:?} with the shadow off", quantile(&mut off, 0.99));
+        println!(
+            "client p99 {:?} with the shadow off",
+            quantile(&mut off, 0.99)
+        );
         plain.stop().await;
         proxy.stop().await;
     })
     .await;
 }
 
-fn gate_toml(production: SocketAddr, canary: SocketAddr, redis: &RedisServer, hook: &str) -> String {
+fn gate_toml(
+    production: SocketAddr,
+    canary: SocketAddr,
+    redis: &RedisServer,
+    hook: &str,
+) -> String {
     config_toml(
         &[production],
         &[canary],
@@ -352,10 +420,20 @@ async fn the_gate_keeps_users_off_a_differing_canary_and_lets_them_on_when_not()
         );
         let (redis_differs, redis_same) = (RedisServer::start(), RedisServer::start());
         let hook = Peer::start(Mode::Created).await;
-        let proxy_differs =
-            Proxy::start(&gate_toml(production.addr, differs.addr, &redis_differs, &hook.url())).await;
-        let proxy_same =
-            Proxy::start(&gate_toml(production.addr, same.addr, &redis_same, &hook.url())).await;
+        let proxy_differs = Proxy::start(&gate_toml(
+            production.addr,
+            differs.addr,
+            &redis_differs,
+            &hook.url(),
+        ))
+        .await;
+        let proxy_same = Proxy::start(&gate_toml(
+            production.addr,
+            same.addr,
+            &redis_same,
+            &hook.url(),
+        ))
+        .await;
         let c = client();
         let state = |redis: &RedisServer| redis.cli(&["HGET", "canarygate:analysis", "state"]);
 
@@ -363,19 +441,34 @@ async fn the_gate_keeps_users_off_a_differing_canary_and_lets_them_on_when_not()
         let deadline = Instant::now() + Duration::from_secs(40);
         let mut n = 0;
         while state(&redis_differs) != "shadow_failed" {
-            assert!(Instant::now() < deadline, "no shadow_failed: {}", state(&redis_differs));
+            assert!(
+                Instant::now() < deadline,
+                "no shadow_failed: {}",
+                state(&redis_differs)
+            );
             let got = get(&c, &proxy_differs.url(&format!("/users/{n}")), &[]).await;
-            assert_eq!(got.pool(), "production", "a user reached a canary being shadowed");
+            assert_eq!(
+                got.pool(),
+                "production",
+                "a user reached a canary being shadowed"
+            );
             n += 1;
         }
         for n in 0..50 {
             let got = get(&c, &proxy_differs.url(&format!("/users/{n}")), &[]).await;
-            assert_eq!(got.pool(), "production", "a user reached a canary that failed its shadow");
+            assert_eq!(
+                got.pool(),
+                "production",
+                "a user reached a canary that failed its shadow"
+            );
         }
         assert_eq!(differs.users(), 0, "the differing canary had a user");
         let reason = redis_differs.cli(&["HGET", "canarygate:analysis", "reason"]);
         assert!(reason.starts_with("shadow: "), "{reason}");
-        assert_eq!(redis_differs.cli(&["HGET", "canarygate:flags", "canary_percent"]), "0");
+        assert_eq!(
+            redis_differs.cli(&["HGET", "canarygate:flags", "canary_percent"]),
+            "0"
+        );
         let analysis = get_json(&c, &format!("http://{}/analysis", proxy_differs.admin_addr)).await;
         assert_eq!(analysis["state"], "shadow_failed", "{analysis}");
         // The alert names the route and the field, with an example.
@@ -395,7 +488,11 @@ async fn the_gate_keeps_users_off_a_differing_canary_and_lets_them_on_when_not()
         let mut canary_users = 0;
         let mut n = 0;
         while canary_users < 5 {
-            assert!(Instant::now() < deadline, "no user reached the passing canary: {}", state(&redis_same));
+            assert!(
+                Instant::now() < deadline,
+                "no user reached the passing canary: {}",
+                state(&redis_same)
+            );
             let before = state(&redis_same);
             let got = get(&c, &proxy_same.url(&format!("/users/{n}")), &[]).await;
             n += 1;
@@ -408,7 +505,10 @@ async fn the_gate_keeps_users_off_a_differing_canary_and_lets_them_on_when_not()
             }
         }
         let shadow = shadow_json(&proxy_same).await;
-        assert!(shadow["totals"]["samples"].as_u64().unwrap() >= 30, "{shadow}");
+        assert!(
+            shadow["totals"]["samples"].as_u64().unwrap() >= 30,
+            "{shadow}"
+        );
         assert_eq!(state(&redis_same), "progressing");
         proxy_differs.stop().await;
         proxy_same.stop().await;

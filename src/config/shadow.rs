@@ -198,7 +198,10 @@ mod tests {
                 "max_diff_ratio = 2.0",
                 "test.toml:4: key `shadow.max_diff_ratio`: 2 is out of range",
             ),
-            ("gate = true", "test.toml:4: key `shadow.gate`: the gate needs"),
+            (
+                "gate = true",
+                "test.toml:4: key `shadow.gate`: the gate needs",
+            ),
             (
                 "enabled = true\ngate = true",
                 "test.toml:5: key `shadow.gate`: the gate is a stage of the canary analysis",

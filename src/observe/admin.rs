@@ -1,8 +1,8 @@
 //! The admin listener: operational endpoints, on their own address so they are never
 //! exposed on the public port (`[server] admin_listen`, loopback by default).
 //!
-//! `/metrics` for Prometheus, `/healthz` and `/readyz` for orchestrators, `/flags` and
-//! `/events` as JSON for scripts, and `/`: a status page a person reads at a glance.
+//! `/metrics` for Prometheus, `/healthz` and `/readyz` for orchestrators, `/flags`,
+//! `/events` and `/shadow` as JSON for scripts, and `/`: a status page a person reads at a glance.
 //! The page is rendered on the server and refreshes itself with a meta tag: no
 //! JavaScript, CSS or fonts from anywhere else, so it works on an isolated host.
 

@@ -63,7 +63,10 @@ pub fn section(shadow: &Value) -> String {
         let names = |v: &Value| -> String {
             let list: Vec<String> = match v {
                 Value::Object(map) => map.keys().cloned().collect(),
-                Value::Array(items) => items.iter().filter_map(|i| i.as_str().map(str::to_owned)).collect(),
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(|i| i.as_str().map(str::to_owned))
+                    .collect(),
                 _ => Vec::new(),
             };
             escape_html(&list.join(", "))

@@ -268,7 +268,10 @@ mod tests {
         let is_noise = |f: &str| noise.contains(f);
         let ignored = vec!["$.meta".to_owned()];
         assert_eq!(classify(&set(&[]), is_noise, &ignored), Outcome::Match);
-        assert_eq!(classify(&set(&["$.at"]), is_noise, &ignored), Outcome::Noise);
+        assert_eq!(
+            classify(&set(&["$.at"]), is_noise, &ignored),
+            Outcome::Noise
+        );
         assert_eq!(
             classify(&set(&["$.meta.took", "$.meta"]), is_noise, &ignored),
             Outcome::Noise
@@ -285,7 +288,10 @@ mod tests {
     fn a_body_different_everywhere_names_at_most_max_fields() {
         let a: String = format!(
             "{{{}}}",
-            (0..500).map(|i| format!("\"k{i}\":1")).collect::<Vec<_>>().join(",")
+            (0..500)
+                .map(|i| format!("\"k{i}\":1"))
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let b = a.replace(":1", ":2");
         assert_eq!(fields(&json(200, &a), &json(200, &b)).len(), MAX_FIELDS);

@@ -20,11 +20,18 @@ pub enum Verdict {
     Pending,
     Passed,
     /// The ratio is over `max_diff_ratio`; `details`: the top routes, an example.
-    Failed { reason: String, details: String },
+    Failed {
+        reason: String,
+        details: String,
+    },
 }
 
 /// The verdict from the totals; `details` is asked only for a failure.
-pub fn verdict(config: &ShadowConfig, totals: &Totals, details: impl FnOnce() -> String) -> Verdict {
+pub fn verdict(
+    config: &ShadowConfig,
+    totals: &Totals,
+    details: impl FnOnce() -> String,
+) -> Verdict {
     if totals.samples < config.min_samples {
         return Verdict::Pending;
     }
@@ -114,7 +121,10 @@ mod tests {
         let Verdict::Failed { reason, .. } = verdict(&config, &totals(100, 0.02), none) else {
             panic!("expected a failure")
         };
-        assert!(reason.starts_with("shadow: 2.00% of 100 mirrored requests"), "{reason}");
+        assert!(
+            reason.starts_with("shadow: 2.00% of 100 mirrored requests"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -165,7 +175,10 @@ mod tests {
             Action::Shadow
         );
         // An operator taking the levers while shadowing wins.
-        let off = Levers { auto: false, ..AUTO };
+        let off = Levers {
+            auto: false,
+            ..AUTO
+        };
         assert!(matches!(
             decide(&plan(), Some(Verdict::Pending), &shadowing, &off, &run, 0),
             Action::Manual { .. }

@@ -154,7 +154,12 @@ impl Shadow {
         let mut out = String::new();
         let routes = report.routes();
         for (template, route, ratio) in routes.iter().take(5) {
-            let fields: Vec<&str> = route.differing_fields.keys().map(String::as_str).take(5).collect();
+            let fields: Vec<&str> = route
+                .differing_fields
+                .keys()
+                .map(String::as_str)
+                .take(5)
+                .collect();
             out.push_str(&format!(
                 "{template}: {} of {} differed ({:.1}%), {} canary errors; fields {}\n",
                 route.diffs,
@@ -582,7 +587,11 @@ mod tests {
     #[test]
     fn the_sample_is_reproducible_and_near_its_percent() {
         let ids: Vec<String> = (0..20_000).map(|i| format!("{i:032x}")).collect();
-        let share = |percent| ids.iter().filter(|id| chosen(id.as_bytes(), percent)).count();
+        let share = |percent| {
+            ids.iter()
+                .filter(|id| chosen(id.as_bytes(), percent))
+                .count()
+        };
         assert_eq!(share(0.0), 0);
         assert_eq!(share(100.0), ids.len());
         let ten = share(10.0);

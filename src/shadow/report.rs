@@ -168,7 +168,6 @@ fn route<'a>(
 }
 
 impl Report {
-
     /// Learns the noise of one sample, classifies it, and keeps it (an example is
     /// made by `example` only when the route still wants one).
     pub fn compared<'a>(
@@ -316,7 +315,8 @@ mod tests {
         let mut report = Report::default();
         let (p, c) = (answer("a"), answer("b"));
         let none: Vec<String> = Vec::new();
-        let sample = |fields: &'static [&'static str], secondary: Option<&'static [&'static str]>| {
+        let sample = |fields: &'static [&'static str],
+                      secondary: Option<&'static [&'static str]>| {
             (set(fields), secondary.map(set))
         };
         let mut outcomes = Vec::new();
@@ -349,20 +349,35 @@ mod tests {
         report.failed("GET /a".to_owned(), false);
         let totals = report.totals();
         assert_eq!(
-            (totals.samples, totals.diffs, totals.candidate_errors, totals.secondary_errors),
+            (
+                totals.samples,
+                totals.diffs,
+                totals.candidate_errors,
+                totals.secondary_errors
+            ),
             (6, 2, 1, 1)
         );
         assert!((totals.diff_ratio - 0.5).abs() < 1e-9);
         let routes = report.routes();
         assert_eq!(routes[0].0, "GET /a");
         let a = routes[0].1;
-        assert_eq!(a.differing_fields, BTreeMap::from([("$.price".to_owned(), 1)]));
+        assert_eq!(
+            a.differing_fields,
+            BTreeMap::from([("$.price".to_owned(), 1)])
+        );
         assert_eq!(a.noise_fields, set(&["$.at"]));
         assert_eq!(a.examples.len(), 1);
         // Bodies cut to 1 KiB, cookies never shown.
         let shown = &a.examples[0].primary;
-        assert_eq!((shown.body.len(), shown.body_bytes), (EXAMPLE_BODY_BYTES, 5_000));
-        assert!(shown.headers.contains(&("set-cookie".to_owned(), REDACTED.to_owned())));
+        assert_eq!(
+            (shown.body.len(), shown.body_bytes),
+            (EXAMPLE_BODY_BYTES, 5_000)
+        );
+        assert!(
+            shown
+                .headers
+                .contains(&("set-cookie".to_owned(), REDACTED.to_owned()))
+        );
         report.clear();
         assert_eq!(report.totals(), Totals::default());
     }

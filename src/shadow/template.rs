@@ -83,7 +83,10 @@ mod tests {
                 "/items/3f2b8c1e-9a4d-4b5e-8f6a-1c2d3e4f5a6b",
                 "GET /items/{uuid}",
             ),
-            ("/blobs/5d41402abc4b2a76b9719d911017c592", "GET /blobs/{hex}"),
+            (
+                "/blobs/5d41402abc4b2a76b9719d911017c592",
+                "GET /blobs/{hex}",
+            ),
             ("/commits/deadbeef", "GET /commits/deadbeef"),
             ("/commits/deadbee1", "GET /commits/{hex}"),
             ("/users/me", "GET /users/me"),
@@ -99,7 +102,11 @@ mod tests {
     fn a_long_path_is_cut() {
         let path = format!("/{}", "é".repeat(400));
         let t = template(&Method::GET, &path);
-        assert!(t.len() <= MAX_TEMPLATE_BYTES + '…'.len_utf8(), "{}", t.len());
+        assert!(
+            t.len() <= MAX_TEMPLATE_BYTES + '…'.len_utf8(),
+            "{}",
+            t.len()
+        );
         assert!(t.ends_with('…'));
     }
 }
