@@ -346,8 +346,8 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
         let shadow = "max_in_flight = 4\ntimeout_ms = 8000";
         let proxy = Proxy::start(&shadow_toml(&[production.addr], canary.addr, shadow)).await;
         let c = client();
-        const REQUESTS: usize = 200;
-        let mut latencies = Vec::with_capacity(REQUESTS);
+        const REQUESTS: u32 = 200;
+        let mut latencies = Vec::new();
         // One client, one keep-alive connection, one request after the other: a
         // request waiting for a mirror would take 5 s.
         for n in 0..REQUESTS {
@@ -365,7 +365,7 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
         );
         let m = scrape_metrics(&c, proxy.admin_addr).await;
         let dropped = m["canarygate_shadow_requests_total{result=\"dropped\"}"];
-        assert!(dropped >= (REQUESTS - 4) as f64, "{dropped} dropped");
+        assert!(dropped >= f64::from(REQUESTS - 4), "{dropped} dropped");
         assert_eq!(m["canarygate_shadow_in_flight"], 4.0);
         // The same traffic with the shadow off, for the figure beside it.
         let plain = Proxy::start(&config_toml(
@@ -374,7 +374,7 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
             "[routing]\ncanary_percent = 0\n",
         ))
         .await;
-        let mut off = Vec::with_capacity(REQUESTS);
+        let mut off = Vec::new();
         for n in 0..REQUESTS {
             let started = Instant::now();
             get(&c, &plain.url(&format!("/users/{n}")), &[]).await;

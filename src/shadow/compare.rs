@@ -151,14 +151,14 @@ pub fn covered_by(field: &str, ignored: &str) -> bool {
 
 /// What the primary-candidate differences `differing` mean, given the route's noise
 /// and the configured `ignore_json_paths`.
-pub fn classify<'a>(
+pub fn classify(
     differing: &BTreeSet<String>,
     noise: impl Fn(&str) -> bool,
-    ignored: impl IntoIterator<Item = &'a String> + Clone,
+    ignored: &[String],
 ) -> Outcome {
     let real: Vec<String> = differing
         .iter()
-        .filter(|f| !noise(f) && !ignored.clone().into_iter().any(|i| covered_by(f, i)))
+        .filter(|f| !noise(f) && !ignored.iter().any(|i| covered_by(f, i)))
         .cloned()
         .collect();
     if !real.is_empty() {

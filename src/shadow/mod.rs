@@ -24,6 +24,7 @@ pub mod report;
 pub mod template;
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -160,17 +161,19 @@ impl Shadow {
                 .map(String::as_str)
                 .take(5)
                 .collect();
-            out.push_str(&format!(
-                "{template}: {} of {} differed ({:.1}%), {} canary errors; fields {}\n",
+            let _ = writeln!(
+                out,
+                "{template}: {} of {} differed ({:.1}%), {} canary errors; fields {}",
                 route.diffs,
                 route.samples(),
                 ratio * 100.0,
                 route.candidate_errors,
                 fields.join(", ")
-            ));
+            );
         }
         if let Some(example) = routes.iter().find_map(|(_, r, _)| r.examples.first()) {
-            out.push_str(&format!(
+            let _ = write!(
+                out,
                 "example: {} differs in {}: production {} {:?}, canary {} {:?}",
                 example.request,
                 example.fields.join(", "),
@@ -178,7 +181,7 @@ impl Shadow {
                 cut(&example.primary.body, 200),
                 example.candidate.status,
                 cut(&example.candidate.body, 200),
-            ));
+            );
         }
         out
     }

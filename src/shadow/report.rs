@@ -170,11 +170,11 @@ fn route<'a>(
 impl Report {
     /// Learns the noise of one sample, classifies it, and keeps it (an example is
     /// made by `example` only when the route still wants one).
-    pub fn compared<'a>(
+    pub fn compared(
         &mut self,
         template: String,
         sample: &Sample<'_>,
-        ignored: impl IntoIterator<Item = &'a String> + Clone,
+        ignored: &[String],
         example: impl FnOnce(&[String]) -> Example,
     ) -> Outcome {
         let route = route(&mut self.routes, &mut self.overflow, template);
