@@ -7,7 +7,11 @@
 //! - a POST is never mirrored unless listed;
 //! - a canary that sleeps 5 s leaves the client's latency where it was, and the
 //!   mirrors past `max_in_flight` are dropped and counted;
-//! - the gate keeps users off a canary that differs and lets them on when not.
+//! - the next request on a keep-alive connection is answered while the canary still
+//!   sleeps on the mirror of the one before;
+//! - a client cannot mark its own request as a shadow;
+//! - the gate keeps users off a canary that differs and lets them on when not, and
+//!   says why it waits while it has no traffic.
 
 mod support;
 
@@ -23,6 +27,8 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use support::*;
@@ -146,10 +152,11 @@ async fn answer(
 }
 
 /// Credentials every test request carries: none may appear in `/shadow`.
-const SECRETS: [(&str, &str); 3] = [
+const SECRETS: [(&str, &str); 4] = [
     ("authorization", "Bearer s3cr3t-token"),
     ("cookie", "sid=s3cr3t-cookie"),
     ("x-api-key", "s3cr3t-key"),
+    ("referer", "https://shop.test/cart?token=s3cr3t-referer"),
 ];
 
 fn shadow_toml(production: &[SocketAddr], canary: SocketAddr, shadow: &str) -> String {
@@ -201,7 +208,11 @@ async fn a_changed_field_is_reported_on_its_route_with_its_path_and_noise_is_not
         let proxy = Proxy::start(&shadow_toml(&[p1.addr, p2.addr], canary.addr, "")).await;
         let c = client();
         for n in 0..20 {
-            for path in [format!("/users/{n}"), format!("/orders/{}", 1000 + n)] {
+            // A credential in the query: never in `/shadow` either.
+            for path in [
+                format!("/users/{n}?token=s3cr3t-query"),
+                format!("/orders/{}", 1000 + n),
+            ] {
                 let got = get(&c, &proxy.url(&path), &SECRETS).await;
                 assert_eq!((got.status.as_u16(), got.pool()), (200, "production"));
                 // The client gets production's answer, never the canary's.
@@ -390,6 +401,95 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
     .await;
 }
 
+/// Sends `GET path` on `conn` and reads the answer (Content-Length framing): its
+/// status line.
+async fn raw_get(conn: &mut TcpStream, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                assert_eq!(buf.len(), end + 4 + length, "more than one answer");
+                return head.lines().next().unwrap_or("").to_owned();
+            }
+        }
+        let n = conn.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_next_keep_alive_request_is_answered_while_the_canary_still_sleeps() {
+    within(60, async {
+        let production = JsonApp::start(Version::Same).await;
+        let canary = JsonApp::start(Version::Sleeps).await;
+        let shadow = "timeout_ms = 8000";
+        let proxy = Proxy::start(&shadow_toml(&[production.addr], canary.addr, shadow)).await;
+        // One connection, written by hand: a client library might open a second one
+        // if the first were held, and hide it.
+        let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
+        for n in 0..3 {
+            let started = Instant::now();
+            let status = raw_get(&mut conn, &format!("/users/{n}")).await;
+            let took = started.elapsed();
+            assert!(status.starts_with("http/1.1 200"), "{status}");
+            assert!(
+                took < Duration::from_secs(1),
+                "request {n} on the kept-alive connection waited {took:?}"
+            );
+        }
+        // Every mirror is still at the canary (it sleeps 5 s): the three answers did
+        // not wait for any of them.
+        let s = shadow_json(&proxy).await;
+        assert_eq!(s["in_flight"], 3, "{s}");
+        assert_eq!(s["totals"]["samples"], 0, "{s}");
+        drop(conn);
+        proxy.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_mark_its_own_request_as_a_shadow() {
+    within(60, async {
+        let production = JsonApp::start(Version::Same).await;
+        let canary = JsonApp::start(Version::Same).await;
+        let forged = [("x-canarygate-shadow", "1")];
+        let c = client();
+        // Production-bound, with the shadow on: the user's request reaches production
+        // unmarked; only the proxy's own replays carry the mark.
+        let proxy = Proxy::start(&shadow_toml(&[production.addr], canary.addr, "")).await;
+        assert_eq!(get(&c, &proxy.url("/users/1"), &forged).await.status, 200);
+        settled(&proxy, 1).await;
+        let marks = |app: &JsonApp| app.seen().iter().map(|s| s.shadow).collect::<Vec<_>>();
+        let mut production_marks = marks(&production);
+        production_marks.sort_unstable();
+        assert_eq!(production_marks, [false, true], "user request, then the secondary");
+        assert_eq!(marks(&canary), [true]);
+        proxy.stop().await;
+        // Canary-bound, with the shadow off.
+        let proxy = Proxy::start(&config_toml(
+            &[production.addr],
+            &[canary.addr],
+            "[routing]\ncanary_percent = 100\n",
+        ))
+        .await;
+        let got = get(&c, &proxy.url("/users/2"), &forged).await;
+        assert_eq!((got.status.as_u16(), got.pool()), (200, "canary"));
+        assert_eq!(marks(&canary), [true, false], "the user's request was marked");
+        proxy.stop().await;
+    })
+    .await;
+}
+
 fn gate_toml(
     production: SocketAddr,
     canary: SocketAddr,
@@ -512,6 +612,47 @@ async fn the_gate_keeps_users_off_a_differing_canary_and_lets_them_on_when_not()
         assert_eq!(state(&redis_same), "progressing");
         proxy_differs.stop().await;
         proxy_same.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_without_traffic_says_why_the_canary_waits_and_its_figures_follow() {
+    within(60, async {
+        let production = JsonApp::start(Version::Same).await;
+        let canary = JsonApp::start(Version::Same).await;
+        let redis = RedisServer::start();
+        let hook = Peer::start(Mode::Created).await;
+        let toml = gate_toml(production.addr, canary.addr, &redis, &hook.url());
+        let proxy = Proxy::start(&toml).await;
+        let c = client();
+        let field = |name: &str| redis.cli(&["HGET", "canarygate:analysis", name]);
+        // No traffic: shadowing, and the record says why nothing moves.
+        eventually(Duration::from_secs(10), "a waiting reason", || async {
+            field("state") == "shadowing" && field("reason").contains("no mirrored request")
+        })
+        .await;
+        let analysis = get_json(&c, &format!("http://{}/analysis", proxy.admin_addr)).await;
+        let reason = analysis["record"]["reason"].to_string();
+        assert!(reason.contains("30 needed"), "{analysis}");
+        let page = get(&c, &format!("http://{}/", proxy.admin_addr), &[]).await;
+        assert!(page.text().contains("no mirrored request compared yet"));
+        // Some traffic: the record's figures and reason follow each round, not only
+        // when the state changes (`canary status` reads them).
+        for n in 0..5 {
+            get(&c, &proxy.url(&format!("/users/{n}")), &[]).await;
+        }
+        settled(&proxy, 5).await;
+        eventually(Duration::from_secs(10), "the figures of 5 samples", || async {
+            let figures: serde_json::Value =
+                serde_json::from_str(&field("figures")).unwrap_or_default();
+            figures["shadow"]["samples"] == 5
+                && field("reason").starts_with("shadowing: 5 of 30 mirrored requests compared")
+        })
+        .await;
+        assert_eq!(field("state"), "shadowing");
+        assert_eq!(canary.users(), 0);
+        proxy.stop().await;
     })
     .await;
 }

@@ -437,9 +437,20 @@ impl Analysis {
                 flags.push((CANARY_AUTO, "off".to_owned()));
             }
         }
-        // Nothing to do writes nothing: Redis sees a write per action, not per check.
-        let acted =
-            action != Action::Nothing && store.write(&self.state, &record, &flags, &next).await?;
+        // While shadowing, each round rewrites the record's figures and why users are
+        // still held (one small write a round), so `canary status` and `/analysis`
+        // show the shadow's progress, or its lack of traffic, as it is now.
+        let shadowing = gated && record.state == Some(State::Shadowing);
+        if action == Action::Nothing && shadowing {
+            let snapshot = self.state.snapshot();
+            next.reason = gate::waiting(&snapshot.config.shadow, &self.state.shadow.totals());
+        }
+        // Nothing else to do writes nothing: Redis sees a write per action, not per check.
+        let progress = action == Action::Nothing
+            && shadowing
+            && (next.reason != record.reason || next.figures != record.figures);
+        let acted = (action != Action::Nothing || progress)
+            && store.write(&self.state, &record, &flags, &next).await?;
         let shown = if acted { next } else { record };
         if acted {
             self.announce(&action, &shown, check);

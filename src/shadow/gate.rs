@@ -52,6 +52,30 @@ pub fn verdict(
     }
 }
 
+/// Why a shadowing canary still has no users, for the record's reason (`/analysis`,
+/// the status page, `canary status`), rewritten each round: a shadow that gets no
+/// traffic would otherwise hold the canary with nothing to show for it.
+pub fn waiting(config: &ShadowConfig, totals: &Totals) -> String {
+    if totals.samples == 0 {
+        return format!(
+            "shadowing: no mirrored request compared yet, {} needed before the canary gets \
+             users; mirrored are {}% of production's {} requests without a body: with no such \
+             traffic the canary waits here (`canary_auto off` hands it to the operator)",
+            config.min_samples,
+            config.percent,
+            config.methods.join("/")
+        );
+    }
+    format!(
+        "shadowing: {} of {} mirrored requests compared, {:.2}% differing (at most {:.2}%); \
+         no users until then",
+        totals.samples,
+        config.min_samples,
+        totals.diff_ratio * 100.0,
+        config.max_diff_ratio * 100.0
+    )
+}
+
 /// The analysis' decision with the gate: `gate` is `None` when it is off.
 pub fn decide(
     plan: &AnalysisConfig,
@@ -125,6 +149,19 @@ mod tests {
             reason.starts_with("shadow: 2.00% of 100 mirrored requests"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn a_shadow_without_traffic_says_why_it_waits() {
+        let config = ShadowConfig {
+            min_samples: 200,
+            ..ShadowConfig::default()
+        };
+        let idle = waiting(&config, &totals(0, 0.0));
+        assert!(idle.contains("no mirrored request compared yet, 200 needed"), "{idle}");
+        assert!(idle.contains("10% of production's GET/HEAD requests"), "{idle}");
+        let going = waiting(&config, &totals(37, 0.0));
+        assert!(going.starts_with("shadowing: 37 of 200 mirrored requests compared, 0.00%"), "{going}");
     }
 
     #[test]

@@ -8,9 +8,8 @@
 //! one atomic counter (`max_in_flight`; none left: dropped and counted); the
 //! method, target and headers are copied, and a task of its own sends the candidate
 //! and the secondary once the primary's head is there. The primary's body reaches
-//! the mirror through a [`Tee`] in the response body: it keeps reference-counted
-//! copies of the chunks streaming to the client, up to `max_body_bytes`, and never
-//! holds a chunk back; a body that does not end (the client went away) drops the
+//! the mirror through a [`Tee`] in the response body: it copies the chunks
+//! streaming to the client, up to `max_body_bytes`, and never holds one back; a body that does not end (the client went away) drops the
 //! comparison. The client's next keep-alive request therefore never waits either.
 //!
 //! - [`template`]: route templates (`/users/{n}`).
@@ -29,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Uri};
@@ -348,9 +347,9 @@ impl Mirror {
     }
 }
 
-/// The primary's body on its way to the client: copies of its chunks (reference
-/// counts, not bytes) up to `max_body_bytes`, handed to the mirror at its end.
-/// Never holds a chunk back; dropped before the end, it drops the comparison.
+/// The primary's body on its way to the client: a copy of its first
+/// `max_body_bytes`, handed to the mirror at its end. Never holds a chunk back;
+/// dropped before the end, it drops the comparison.
 pub struct Tee {
     head: Option<Answer>,
     body: Collected,
@@ -368,7 +367,8 @@ impl Tee {
         self.body.push(data);
     }
 
-    /// The body ended: the mirror gets the primary.
+    /// The body ended: the mirror gets the primary (a one-shot send, which never
+    /// waits).
     pub fn end(&mut self) {
         if let (Some(mut answer), Some(done)) = (self.head.take(), self.done.take()) {
             (answer.body, answer.over) = self.body.finish();
@@ -377,10 +377,14 @@ impl Tee {
     }
 }
 
-/// A body's first `limit` bytes, as the chunks that carried them.
+/// A body's first `limit` bytes, copied. Not the chunks themselves: a chunk is a
+/// slice of the connection's read buffer and keeps all of it alive (up to 32 KiB a
+/// chunk, and a 1 MiB body in small reads is hundreds of chunks), so keeping them
+/// would not bound memory by `max_body_bytes`. The copy is of bytes that are being
+/// written to the client anyway, only for mirrored requests, and never more than
+/// `limit` in capacity.
 struct Collected {
-    chunks: Vec<Bytes>,
-    kept: usize,
+    body: Vec<u8>,
     limit: usize,
     over: bool,
 }
@@ -388,8 +392,7 @@ struct Collected {
 impl Collected {
     fn new(limit: usize) -> Self {
         Self {
-            chunks: Vec::new(),
-            kept: 0,
+            body: Vec::new(),
             limit,
             over: false,
         }
@@ -400,31 +403,21 @@ impl Collected {
         if self.over {
             return true;
         }
-        let room = self.limit - self.kept;
-        if data.len() > room {
-            self.over = true;
-            self.chunks.push(data.slice(..room));
-            self.kept = self.limit;
-        } else {
-            self.chunks.push(data.clone());
-            self.kept += data.len();
+        let room = self.limit - self.body.len();
+        let take = data.len().min(room);
+        self.over = data.len() > room;
+        let needed = self.body.len() + take;
+        if needed > self.body.capacity() {
+            // Doubling as a Vec would, but never past `limit`.
+            let grown = needed.max(self.body.capacity() * 2).min(self.limit);
+            self.body.reserve_exact(grown - self.body.len());
         }
+        self.body.extend_from_slice(&data[..take]);
         self.over
     }
 
     fn finish(&mut self) -> (Bytes, bool) {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut all = BytesMut::with_capacity(self.kept);
-                for chunk in self.chunks.drain(..) {
-                    all.extend_from_slice(&chunk);
-                }
-                all.freeze()
-            }
-        };
-        (body, self.over)
+        (Bytes::from(std::mem::take(&mut self.body)), self.over)
     }
 }
 

@@ -45,11 +45,20 @@ pub fn shown_headers(headers: &HeaderMap) -> Vec<(String, String)> {
             let value = if secret_header(name) {
                 REDACTED.to_owned()
             } else {
-                String::from_utf8_lossy(value.as_bytes()).into_owned()
+                without_query(&String::from_utf8_lossy(value.as_bytes()))
             };
             (name.to_owned(), value)
         })
         .collect()
+}
+
+/// A value with its query, if any, redacted: a `Referer` or `Location` URL may
+/// carry `?token=...` (the request's own query is never shown at all).
+fn without_query(value: &str) -> String {
+    match value.split_once('?') {
+        Some((before, _)) => format!("{before}?{REDACTED}"),
+        None => value.to_owned(),
+    }
 }
 
 /// One answer in an example.
@@ -418,5 +427,16 @@ mod tests {
         for name in ["content-type", "location", "cache-control", "accept"] {
             assert!(!secret_header(name), "{name}");
         }
+        let mut headers = HeaderMap::new();
+        headers.insert("referer", "https://a.test/login?token=s3cr3t".parse().unwrap());
+        headers.insert("location", "/next".parse().unwrap());
+        let shown = shown_headers(&headers);
+        assert_eq!(
+            shown,
+            [
+                ("referer".to_owned(), "https://a.test/login?[redacted]".to_owned()),
+                ("location".to_owned(), "/next".to_owned()),
+            ]
+        );
     }
 }
