@@ -106,11 +106,51 @@ impl Drop for JsonApp {
     }
 }
 
+/// An app's answer: with a length, or, for a target with the query `chunked`, of
+/// unknown length (chunked on the wire: the proxy's server must poll the body to
+/// its end before the connection can take the next request).
+enum AppBody {
+    Sized(Full<Bytes>),
+    Chunked(Option<Bytes>),
+}
+
+impl hyper::body::Body for AppBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            Self::Sized(full) => std::pin::Pin::new(full).poll_frame(cx),
+            Self::Chunked(data) => {
+                std::task::Poll::Ready(data.take().map(|d| Ok(hyper::body::Frame::data(d))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Sized(full) => full.is_end_stream(),
+            Self::Chunked(data) => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Sized(full) => full.size_hint(),
+            Self::Chunked(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
 async fn answer(
     version: Version,
     log: Arc<Mutex<Vec<Seen>>>,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AppBody>, Infallible> {
+    let chunked = req.uri().query() == Some("chunked");
     let path = req.uri().path().to_owned();
     if path != "/health" {
         log.lock().unwrap().push(Seen {
@@ -138,7 +178,12 @@ async fn answer(
     } else {
         format!(r#"{{"id":{id},"total":99,"at":{at}}}"#)
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let body = Bytes::from(body);
+    let mut response = Response::new(if chunked {
+        AppBody::Chunked(Some(body))
+    } else {
+        AppBody::Sized(Full::new(body))
+    });
     let h = response.headers_mut();
     h.insert(
         "content-type",
@@ -401,8 +446,8 @@ async fn a_canary_sleeping_5_s_leaves_the_client_latency_and_the_drops_are_count
     .await;
 }
 
-/// Sends `GET path` on `conn` and reads the answer (Content-Length framing): its
-/// status line.
+/// Sends `GET path` on `conn` and reads the answer (Content-Length or chunked):
+/// its status line, lower case.
 async fn raw_get(conn: &mut TcpStream, path: &str) -> String {
     let request = format!("GET {path} HTTP/1.1\r\nHost: shop.test\r\n\r\n");
     conn.write_all(request.as_bytes()).await.unwrap();
@@ -411,12 +456,18 @@ async fn raw_get(conn: &mut TcpStream, path: &str) -> String {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + length {
-                assert_eq!(buf.len(), end + 4 + length, "more than one answer");
+            let body = &buf[end + 4..];
+            let complete = if head.contains("transfer-encoding: chunked") {
+                body.ends_with(b"0\r\n\r\n")
+            } else {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                assert!(body.len() <= length, "more than one answer");
+                body.len() == length
+            };
+            if complete {
                 return head.lines().next().unwrap_or("").to_owned();
             }
         }
@@ -436,9 +487,13 @@ async fn the_next_keep_alive_request_is_answered_while_the_canary_still_sleeps()
         // One connection, written by hand: a client library might open a second one
         // if the first were held, and hide it.
         let mut conn = TcpStream::connect(proxy.addr).await.unwrap();
-        for n in 0..3 {
+        // Both framings: with a length, and chunked (the proxy's server then polls
+        // the body to its end before it reads the next request: the end must not
+        // wait for the mirror).
+        for n in 0..4 {
             let started = Instant::now();
-            let status = raw_get(&mut conn, &format!("/users/{n}")).await;
+            let query = if n % 2 == 0 { "" } else { "?chunked" };
+            let status = raw_get(&mut conn, &format!("/users/{n}{query}")).await;
             let took = started.elapsed();
             assert!(status.starts_with("http/1.1 200"), "{status}");
             assert!(
@@ -446,10 +501,10 @@ async fn the_next_keep_alive_request_is_answered_while_the_canary_still_sleeps()
                 "request {n} on the kept-alive connection waited {took:?}"
             );
         }
-        // Every mirror is still at the canary (it sleeps 5 s): the three answers did
+        // Every mirror is still at the canary (it sleeps 5 s): the four answers did
         // not wait for any of them.
         let s = shadow_json(&proxy).await;
-        assert_eq!(s["in_flight"], 3, "{s}");
+        assert_eq!(s["in_flight"], 4, "{s}");
         assert_eq!(s["totals"]["samples"], 0, "{s}");
         drop(conn);
         proxy.stop().await;
