@@ -18,6 +18,8 @@ use serde_json::Value;
 /// Fields named in one comparison at most: a body that differs everywhere must not
 /// make a report grow with its size.
 pub const MAX_FIELDS: usize = 64;
+/// Bytes of a field's path kept.
+pub const MAX_PATH_BYTES: usize = 200;
 
 /// One answer, as far as it is compared.
 #[derive(Debug, Clone, Default)]
@@ -122,8 +124,23 @@ fn json_differences(a: &Value, b: &Value, path: &mut String, out: &mut BTreeSet<
 
 fn insert(out: &mut BTreeSet<String>, path: &str) {
     if out.len() < MAX_FIELDS {
-        out.insert(path.to_owned());
+        out.insert(cut_path(path));
     }
+}
+
+/// A path as kept: at most [`MAX_PATH_BYTES`], then `…`. Keys come from the
+/// answers (an API may echo a client's input as a key), and every route keeps up to
+/// [`MAX_FIELDS`] of them twice (differing, noise): a cap on their length bounds
+/// the report's memory.
+fn cut_path(path: &str) -> String {
+    if path.len() <= MAX_PATH_BYTES {
+        return path.to_owned();
+    }
+    let mut end = MAX_PATH_BYTES;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &path[..end])
 }
 
 /// `.key` when it reads as a name, else `['key']`.
@@ -295,5 +312,16 @@ mod tests {
         );
         let b = a.replace(":1", ":2");
         assert_eq!(fields(&json(200, &a), &json(200, &b)).len(), MAX_FIELDS);
+    }
+
+    #[test]
+    fn a_long_key_is_cut() {
+        let key = "k".repeat(5_000);
+        let a = json(200, &format!(r#"{{"{key}": 1}}"#));
+        let b = json(200, &format!(r#"{{"{key}": 2}}"#));
+        let found = fields(&a, &b);
+        let field = &found[0];
+        assert_eq!(field.len(), MAX_PATH_BYTES + "…".len(), "{field}");
+        assert!(field.starts_with("$.kkk") && field.ends_with('…'));
     }
 }

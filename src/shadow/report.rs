@@ -52,13 +52,27 @@ pub fn shown_headers(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Bytes of a header value shown in an example (a client's headers may be as long
+/// as the server's limits allow; each of the 3 examples of 256 routes keeps them).
+const EXAMPLE_HEADER_BYTES: usize = 256;
+
 /// A value with its query, if any, redacted: a `Referer` or `Location` URL may
-/// carry `?token=...` (the request's own query is never shown at all).
+/// carry `?token=...` (the request's own query is never shown at all); then cut to
+/// [`EXAMPLE_HEADER_BYTES`].
 fn without_query(value: &str) -> String {
-    match value.split_once('?') {
+    let mut shown = match value.split_once('?') {
         Some((before, _)) => format!("{before}?{REDACTED}"),
         None => value.to_owned(),
+    };
+    if shown.len() > EXAMPLE_HEADER_BYTES {
+        let mut end = EXAMPLE_HEADER_BYTES;
+        while !shown.is_char_boundary(end) {
+            end -= 1;
+        }
+        shown.truncate(end);
+        shown.push('…');
     }
+    shown
 }
 
 /// One answer in an example.
@@ -430,7 +444,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("referer", "https://a.test/login?token=s3cr3t".parse().unwrap());
         headers.insert("location", "/next".parse().unwrap());
-        let shown = shown_headers(&headers);
+        headers.insert("x-long", "a".repeat(10_000).parse().unwrap());
+        let mut shown = shown_headers(&headers);
+        let long = shown.pop().unwrap().1;
+        assert_eq!(long.len(), EXAMPLE_HEADER_BYTES + "…".len());
         assert_eq!(
             shown,
             [
