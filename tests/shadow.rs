@@ -711,3 +711,31 @@ async fn a_shadow_without_traffic_says_why_the_canary_waits_and_its_figures_foll
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_canary_is_an_error_at_once_and_costs_production_no_secondary() {
+    within(60, async {
+        let production = JsonApp::start(Version::Same).await;
+        let dead = dead_addr().await;
+        let shadow = "[health]\ninterval_ms = 100\nfall = 2";
+        let proxy = Proxy::start(&shadow_toml(&[production.addr], dead, shadow)).await;
+        let c = client();
+        let up = format!(r#"canarygate_backend_up{{backend="{dead}",pool="canary"}}"#);
+        eventually(Duration::from_secs(5), "the canary marked down", || {
+            let (c, up) = (c.clone(), up.clone());
+            async move { scrape_metrics(&c, proxy.admin_addr).await.get(&up) == Some(&0.0) }
+        })
+        .await;
+        for n in 0..10 {
+            assert_eq!(get(&c, &proxy.url(&format!("/users/{n}")), &[]).await.status, 200);
+        }
+        let s = settled(&proxy, 10).await;
+        assert_eq!(s["totals"]["candidate_errors"], 10, "{s}");
+        assert_eq!(s["totals"]["diff_ratio"], 1.0, "a dead canary fails the gate: {s}");
+        // Production saw the users' requests and no replay: nothing to compare it with.
+        assert_eq!(production.seen().len(), 10);
+        assert_eq!(production.users(), 10);
+        proxy.stop().await;
+    })
+    .await;
+}

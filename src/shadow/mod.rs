@@ -452,7 +452,13 @@ impl Job {
         let timeout = Duration::from_millis(self.config.shadow.timeout_ms);
         let deadline = tokio::time::Instant::now() + timeout;
         let now = now_ms();
-        let canary = self.pools.canary.pick(now, None);
+        let Some((_, canary)) = self.pools.canary.pick(now, None) else {
+            // No usable canary (down, or failing its checks): a canary error for the
+            // gate at once, and no secondary, which would be production's work for
+            // nothing.
+            let result = self.failed(&ShadowError::NoBackend("canary"), true);
+            return self.done(result);
+        };
         let production = &self.pools.production;
         let secondary = production
             .pick(now, primary_index)
@@ -463,11 +469,15 @@ impl Job {
                 .unwrap_or(Err(ShadowError::Timeout(timeout)))
         };
         let (candidate, secondary, primary) = tokio::join!(
-            bounded(self.fetch(canary.map(|(_, b)| b), "canary")),
+            bounded(self.fetch(Some(canary), "canary")),
             bounded(self.fetch(secondary.map(|(_, b)| b), "production")),
             tokio::time::timeout_at(deadline, primary),
         );
         let result = self.record(candidate, secondary, primary.ok().and_then(Result::ok));
+        self.done(result);
+    }
+
+    fn done(&self, result: ShadowResult) {
         debug!(
             route = self.template.as_str(),
             result = result.as_str(),
@@ -478,6 +488,17 @@ impl Job {
             let totals = slot.0.totals();
             slot.0.metrics.diff_ratio.set(totals.diff_ratio);
         }
+    }
+
+    /// A mirror that got no answer: the candidate's (`canary`) or the secondary's.
+    fn failed(&self, error: &ShadowError, canary: bool) -> ShadowResult {
+        let Some(shadow) = self.slot.as_ref().map(|s| &s.0) else {
+            return ShadowResult::Dropped;
+        };
+        let who = if canary { "candidate" } else { "secondary" };
+        debug!(route = self.template.as_str(), %error, "shadow {who} failed");
+        shadow.lock().failed(self.template.clone(), canary);
+        ShadowResult::Error
     }
 
     fn record(
@@ -495,19 +516,11 @@ impl Job {
         };
         let candidate = match candidate {
             Ok(answer) => answer,
-            Err(error) => {
-                debug!(route = self.template.as_str(), %error, "shadow candidate failed");
-                shadow.lock().failed(self.template.clone(), true);
-                return ShadowResult::Error;
-            }
+            Err(error) => return self.failed(&error, true),
         };
         let secondary = match secondary {
             Ok(answer) => answer,
-            Err(error) => {
-                debug!(route = self.template.as_str(), %error, "shadow secondary failed");
-                shadow.lock().failed(self.template.clone(), false);
-                return ShadowResult::Error;
-            }
+            Err(error) => return self.failed(&error, false),
         };
         let headers = &self.config.shadow.compare_headers;
         let fields = differences(&primary, &candidate, headers);
