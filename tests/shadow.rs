@@ -472,7 +472,11 @@ async fn raw_get(conn: &mut TcpStream, path: &str) -> String {
             }
         }
         let n = conn.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed after {:?}", String::from_utf8_lossy(&buf));
+        assert!(
+            n > 0,
+            "connection closed after {:?}",
+            String::from_utf8_lossy(&buf)
+        );
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -527,7 +531,11 @@ async fn a_client_cannot_mark_its_own_request_as_a_shadow() {
         let marks = |app: &JsonApp| app.seen().iter().map(|s| s.shadow).collect::<Vec<_>>();
         let mut production_marks = marks(&production);
         production_marks.sort_unstable();
-        assert_eq!(production_marks, [false, true], "user request, then the secondary");
+        assert_eq!(
+            production_marks,
+            [false, true],
+            "user request, then the secondary"
+        );
         assert_eq!(marks(&canary), [true]);
         proxy.stop().await;
         // Canary-bound, with the shadow off.
@@ -539,7 +547,11 @@ async fn a_client_cannot_mark_its_own_request_as_a_shadow() {
         .await;
         let got = get(&c, &proxy.url("/users/2"), &forged).await;
         assert_eq!((got.status.as_u16(), got.pool()), (200, "canary"));
-        assert_eq!(marks(&canary), [true, false], "the user's request was marked");
+        assert_eq!(
+            marks(&canary),
+            [true, false],
+            "the user's request was marked"
+        );
         proxy.stop().await;
     })
     .await;
@@ -698,12 +710,16 @@ async fn a_shadow_without_traffic_says_why_the_canary_waits_and_its_figures_foll
             get(&c, &proxy.url(&format!("/users/{n}")), &[]).await;
         }
         settled(&proxy, 5).await;
-        eventually(Duration::from_secs(10), "the figures of 5 samples", || async {
-            let figures: serde_json::Value =
-                serde_json::from_str(&field("figures")).unwrap_or_default();
-            figures["shadow"]["samples"] == 5
-                && field("reason").starts_with("shadowing: 5 of 30 mirrored requests compared")
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the figures of 5 samples",
+            || async {
+                let figures: serde_json::Value =
+                    serde_json::from_str(&field("figures")).unwrap_or_default();
+                figures["shadow"]["samples"] == 5
+                    && field("reason").starts_with("shadowing: 5 of 30 mirrored requests compared")
+            },
+        )
         .await;
         assert_eq!(field("state"), "shadowing");
         assert_eq!(canary.users(), 0);
@@ -727,11 +743,19 @@ async fn a_dead_canary_is_an_error_at_once_and_costs_production_no_secondary() {
         })
         .await;
         for n in 0..10 {
-            assert_eq!(get(&c, &proxy.url(&format!("/users/{n}")), &[]).await.status, 200);
+            assert_eq!(
+                get(&c, &proxy.url(&format!("/users/{n}")), &[])
+                    .await
+                    .status,
+                200
+            );
         }
         let s = settled(&proxy, 10).await;
         assert_eq!(s["totals"]["candidate_errors"], 10, "{s}");
-        assert_eq!(s["totals"]["diff_ratio"], 1.0, "a dead canary fails the gate: {s}");
+        assert_eq!(
+            s["totals"]["diff_ratio"], 1.0,
+            "a dead canary fails the gate: {s}"
+        );
         // Production saw the users' requests and no replay: nothing to compare it with.
         assert_eq!(production.seen().len(), 10);
         assert_eq!(production.users(), 10);

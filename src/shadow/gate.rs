@@ -158,10 +158,19 @@ mod tests {
             ..ShadowConfig::default()
         };
         let idle = waiting(&config, &totals(0, 0.0));
-        assert!(idle.contains("no mirrored request compared yet, 200 needed"), "{idle}");
-        assert!(idle.contains("10% of production's GET/HEAD requests"), "{idle}");
+        assert!(
+            idle.contains("no mirrored request compared yet, 200 needed"),
+            "{idle}"
+        );
+        assert!(
+            idle.contains("10% of production's GET/HEAD requests"),
+            "{idle}"
+        );
         let going = waiting(&config, &totals(37, 0.0));
-        assert!(going.starts_with("shadowing: 37 of 200 mirrored requests compared, 0.00%"), "{going}");
+        assert!(
+            going.starts_with("shadowing: 37 of 200 mirrored requests compared, 0.00%"),
+            "{going}"
+        );
     }
 
     #[test]

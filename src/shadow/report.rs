@@ -442,7 +442,10 @@ mod tests {
             assert!(!secret_header(name), "{name}");
         }
         let mut headers = HeaderMap::new();
-        headers.insert("referer", "https://a.test/login?token=s3cr3t".parse().unwrap());
+        headers.insert(
+            "referer",
+            "https://a.test/login?token=s3cr3t".parse().unwrap(),
+        );
         headers.insert("location", "/next".parse().unwrap());
         headers.insert("x-long", "a".repeat(10_000).parse().unwrap());
         let mut shown = shown_headers(&headers);
@@ -451,7 +454,10 @@ mod tests {
         assert_eq!(
             shown,
             [
-                ("referer".to_owned(), "https://a.test/login?[redacted]".to_owned()),
+                (
+                    "referer".to_owned(),
+                    "https://a.test/login?[redacted]".to_owned()
+                ),
                 ("location".to_owned(), "/next".to_owned()),
             ]
         );
