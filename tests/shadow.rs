@@ -10,6 +10,7 @@
 //! - the next request on a keep-alive connection is answered while the canary still
 //!   sleeps on the mirror of the one before;
 //! - a client cannot mark its own request as a shadow;
+//! - a dead canary is a canary error at once, with no replay sent to production;
 //! - the gate keeps users off a canary that differs and lets them on when not, and
 //!   says why it waits while it has no traffic.
 
