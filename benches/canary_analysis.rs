@@ -236,7 +236,10 @@ impl<'a> Verdicts<'a> {
             Action::Nothing
             | Action::Start { .. }
             | Action::Step { .. }
-            | Action::Manual { .. } => false,
+            | Action::Manual { .. }
+            // The shadow gate is not simulated here (`decide` never returns them).
+            | Action::Shadow
+            | Action::ShadowFailed { .. } => false,
         }
     }
 }

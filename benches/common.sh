@@ -16,7 +16,8 @@ start_backends() {
   wait_port "$P1"; wait_port "$P2"
 }
 
-# write_config FILE LISTEN_PORT ADMIN_PORT: the 66/33 unsticky split over the backends;
+# write_config FILE LISTEN_PORT ADMIN_PORT: the 66/33 unsticky split over the backends
+# ($CANARY_PERCENT, if set, instead of 33);
 # more TOML (flags, timeouts, limits) is read from standard input and appended, and
 # $SERVER_EXTRA (lines) goes into [server]. Access log off unless it says otherwise.
 write_config() {
@@ -32,7 +33,7 @@ backends = [$prod]
 [pools.canary]
 backends = [$canary]
 [routing]
-canary_percent = 33
+canary_percent = ${CANARY_PERCENT:-33}
 sticky = "none"
 TOML
   cat >> "$1"

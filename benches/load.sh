@@ -20,6 +20,9 @@
 #     the proxy's user/system CPU per request and how busy its core was; then medians, the
 #     per-round ratios canarygate/nginx and canarygate/HAProxy, and whether issue 30's target
 #     is met (STRICT=1: exit 1 if not). Details: benches/percore.sh
+#   MODE=shadow bash benches/load.sh     # issue 32: what the shadow stage costs production's
+#     clients, off / 10% / 100% / slow canary / dead canary, as ratios within the run
+#     (benches/shadow.sh); run it under `flock /tmp/cg-bench.lock`
 #   ROUNDS=1 DURATION=5 bash benches/load.sh
 #   ALT_BIN=/tmp/ring/release/canarygate MODE=tls bash benches/load.sh  # a second build as "alt",
 #     e.g. the *ring* provider: CARGO_TARGET_DIR=/tmp/ring cargo build --release --no-default-features
@@ -318,5 +321,7 @@ growth)
   . benches/growth.sh ;;
 percore)
   . benches/percore.sh ;;
-*) echo "MODE must be plain, log, tls, h2, growth or percore" >&2; exit 64 ;;
+shadow)
+  . benches/shadow.sh ;;
+*) echo "MODE must be plain, log, tls, h2, growth, percore or shadow" >&2; exit 64 ;;
 esac

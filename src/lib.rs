@@ -12,6 +12,8 @@
 //! - [`state`]: [`state::AppState`] and the immutable [`state::Snapshot`]
 //!   (config, flags, pools) behind one `ArcSwap`; [`state::Snapshots`], the handle
 //!   a task receives when it only reads or swaps the snapshot.
+//! - [`shadow`]: the shadow stage: mirrors production's requests to the canary,
+//!   compares the answers per route, and gates a new canary (`[shadow]`).
 //! - [`flags`]: the pure flag model, the Redis store (one server, Sentinel, Cluster)
 //!   and the watcher that follows it, publishing through
 //!   [`flags::watcher::FlagSink`] (the state implements it).
@@ -63,6 +65,7 @@ pub mod proxy;
 pub mod redact;
 pub mod routing;
 pub mod server;
+pub mod shadow;
 pub mod state;
 pub mod sticky;
 pub mod tls;

@@ -294,6 +294,22 @@ fn alert_test(config: &Config) -> ExitCode {
     }
 }
 
+/// The shadow's figures in the record's `figures` (written with `[shadow] gate`),
+/// as one line.
+fn shadow_figures(figures: &str) -> Option<String> {
+    let figures: serde_json::Value = serde_json::from_str(figures).ok()?;
+    let t = figures.get("shadow")?;
+    Some(format!(
+        "{} compared, {:.2}% differing ({} differences, {} canary errors, {} noise, {} match)",
+        t["samples"],
+        t["diff_ratio"].as_f64().unwrap_or(0.0) * 100.0,
+        t["diffs"],
+        t["candidate_errors"],
+        t["noise"],
+        t["matches"],
+    ))
+}
+
 /// `canary status`: the shared record, for the deploy playbook and humans.
 fn canary_status(config: &Config, as_json: bool) -> ExitCode {
     use canarygate::ops::analysis::{StoreError, shared_status};
@@ -315,6 +331,7 @@ fn canary_status(config: &Config, as_json: bool) -> ExitCode {
         }
     };
     let state = record.state.map_or("none", |s| s.as_str());
+    let shadow = shadow_figures(&record.figures);
     let mut fields: Vec<(String, String)> = vec![
         ("state".to_owned(), state.to_owned()),
         ("reason".to_owned(), record.reason),
@@ -323,6 +340,9 @@ fn canary_status(config: &Config, as_json: bool) -> ExitCode {
         ("step".to_owned(), record.step.to_string()),
         ("figures".to_owned(), record.figures),
     ];
+    if let Some(shadow) = shadow {
+        fields.push(("shadow".to_owned(), shadow));
+    }
     fields.extend(levers.into_iter().map(|(k, v)| (k.to_owned(), v)));
     if as_json {
         let object: serde_json::Map<String, serde_json::Value> = fields

@@ -178,6 +178,8 @@ pub struct AppState {
     /// The tracer, set once at start when `[tracing]` has an endpoint (changing
     /// `[tracing]` needs a restart).
     tracing: Arc<std::sync::OnceLock<crate::observe::trace::Tracing>>,
+    /// The shadow stage: mirrors in flight, findings, the gate's hold.
+    pub shadow: Arc<crate::shadow::Shadow>,
 }
 
 impl AppState {
@@ -231,7 +233,7 @@ impl AppState {
             tunnel_cut: tokio_util::sync::CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
             flag_settings,
-            metrics,
+            metrics: Arc::clone(&metrics),
             events,
             stats: Arc::default(),
             analysis: Arc::default(),
@@ -239,6 +241,7 @@ impl AppState {
             fleet: Arc::default(),
             sticky,
             tracing: Arc::default(),
+            shadow: Arc::new(crate::shadow::Shadow::new(metrics.shadow.clone())),
         }
     }
 

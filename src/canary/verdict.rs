@@ -33,16 +33,23 @@ pub enum State {
     Healthy,
     /// An operator took over; waits for `canary_auto on`.
     Manual,
+    /// `[shadow] gate`: the canary answers mirrored requests only, no users yet.
+    Shadowing,
+    /// The shadow found the canary answering differently; it keeps no users and
+    /// waits for `canary_auto on` (which shadows it again from scratch).
+    ShadowFailed,
 }
 
 impl State {
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 8] = [
         Self::Idle,
         Self::Progressing,
         Self::Holding,
         Self::RolledBack,
         Self::Healthy,
         Self::Manual,
+        Self::Shadowing,
+        Self::ShadowFailed,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -53,6 +60,8 @@ impl State {
             Self::RolledBack => "rolled_back",
             Self::Healthy => "healthy",
             Self::Manual => "manual",
+            Self::Shadowing => "shadowing",
+            Self::ShadowFailed => "shadow_failed",
         }
     }
 
@@ -64,6 +73,8 @@ impl State {
             Self::RolledBack => 3,
             Self::Healthy => 4,
             Self::Manual => 5,
+            Self::Shadowing => 6,
+            Self::ShadowFailed => 7,
         }
     }
 
@@ -193,6 +204,14 @@ pub enum Action {
     /// Record `manual` (and `canary_auto off`): someone else holds the levers.
     Manual {
         reason: String,
+    },
+    /// `[shadow] gate`: record `shadowing`; the canary gets no users meanwhile.
+    Shadow,
+    /// `[shadow] gate`: the shadow failed; record `shadow_failed`, set
+    /// `canary_percent` 0 and `canary_auto off` (as a rollback does).
+    ShadowFailed {
+        reason: String,
+        details: String,
     },
 }
 

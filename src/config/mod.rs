@@ -28,6 +28,7 @@ pub mod redis_url;
 mod resources;
 mod routing;
 mod server;
+pub mod shadow;
 pub mod sidecar;
 pub mod traces;
 mod upstream;
@@ -46,6 +47,7 @@ use crate::config::alerts::AlertsConfig;
 use crate::config::analysis::AnalysisConfig;
 use crate::config::doctor::DoctorConfig;
 use crate::config::maintenance::MaintenanceConfig;
+use crate::config::shadow::ShadowConfig;
 
 /// A config that could not be read, parsed or validated.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +125,8 @@ pub struct Config {
     pub fleet: FleetConfig,
     #[serde(default)]
     pub tracing: traces::TracingConfig,
+    #[serde(default)]
+    pub shadow: ShadowConfig,
 }
 
 /// A rule broken by an otherwise well-typed config: the key and what is wrong.
@@ -159,6 +163,7 @@ impl Config {
         self.fleet.validate(self.server.instance_id.as_deref())?;
         self.timeouts.validate()?;
         self.tracing.validate()?;
+        self.shadow.validate(&self.analysis)?;
         Ok(())
     }
 

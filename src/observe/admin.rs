@@ -1,8 +1,8 @@
 //! The admin listener: operational endpoints, on their own address so they are never
 //! exposed on the public port (`[server] admin_listen`, loopback by default).
 //!
-//! `/metrics` for Prometheus, `/healthz` and `/readyz` for orchestrators, `/flags` and
-//! `/events` as JSON for scripts, and `/`: a status page a person reads at a glance.
+//! `/metrics` for Prometheus, `/healthz` and `/readyz` for orchestrators, `/flags`,
+//! `/events` and `/shadow` as JSON for scripts, and `/`: a status page a person reads at a glance.
 //! The page is rendered on the server and refreshes itself with a meta tag: no
 //! JavaScript, CSS or fonts from anywhere else, so it works on an isolated host.
 
@@ -38,6 +38,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
             | "/events"
             | "/analysis"
             | "/fleet"
+            | "/shadow"
             | "/favicon.ico"
     );
     if !known {
@@ -71,6 +72,7 @@ pub fn respond<B>(state: &AppState, req: &Request<B>) -> Response<Full<Bytes>> {
             json_response(&analysis)
         }
         "/fleet" => json_response(&fleet_json(state)),
+        "/shadow" => json_response(&state.shadow.json(&state.snapshot().config)),
         "/favicon.ico" => respond_with(StatusCode::NO_CONTENT, "image/x-icon", Bytes::new()),
         _ => respond_with(
             StatusCode::OK,
@@ -352,7 +354,9 @@ fn status_page(state: &AppState) -> String {
         &state.analysis.view(),
         crate::clock::unix_ms(),
     ));
-
+    html.push_str(&crate::observe::shadow_page::section(
+        &state.shadow.json(&state.snapshot().config),
+    ));
     html.push_str(&fleet_section(state));
     let _ = write!(
         html,

@@ -65,7 +65,7 @@ impl AnalysisMetrics {
             state: must(IntGauge::new(
                 "canarygate_canary_state",
                 "Canary analysis state: 0 idle, 1 progressing, 2 holding, 3 rolled back, \
-                     4 healthy, 5 manual.",
+                     4 healthy, 5 manual, 6 shadowing, 7 shadow failed.",
             )),
             checks: must(IntCounterVec::new(
                 Opts::new(

@@ -77,8 +77,8 @@ pub fn unix(ms: u64) -> std::time::SystemTime {
 pub fn section(view: &View, now_ms: u64) -> String {
     let state = view.state.unwrap_or(State::Idle);
     let class = match state {
-        State::RolledBack => "bad",
-        State::Manual | State::Holding => "warn",
+        State::RolledBack | State::ShadowFailed => "bad",
+        State::Manual | State::Holding | State::Shadowing => "warn",
         State::Idle | State::Progressing | State::Healthy => "ok",
     };
     let mut html = format!(

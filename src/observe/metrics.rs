@@ -163,6 +163,8 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     /// The canary analysis' gauges and counters.
     pub analysis: super::analysis_metrics::AnalysisMetrics,
+    /// The shadow stage's counters (`canarygate_shadow_*`).
+    pub shadow: super::shadow_metrics::ShadowMetrics,
     /// The backends' connection limits (`canarygate_upstream_pending_rejected_total`..).
     pub conns: crate::observe::conn_metrics::ConnMetrics,
     /// `canarygate_trace_spans_*` (zero while `[tracing]` is off).
@@ -404,6 +406,7 @@ impl Metrics {
             &["result"],
         ));
         let analysis = super::analysis_metrics::AnalysisMetrics::new();
+        let shadow = super::shadow_metrics::ShadowMetrics::new();
 
         let conns = crate::observe::conn_metrics::ConnMetrics::new(&mut reg);
         let trace = crate::observe::trace_export::TraceMetrics::new(&mut reg);
@@ -439,7 +442,7 @@ impl Metrics {
         reg(Box::new(upgraded.clone()));
         reg(Box::new(failover_requests.clone()));
         reg(Box::new(config_reloads.clone()));
-        for collector in analysis.collectors() {
+        for collector in analysis.collectors().into_iter().chain(shadow.collectors()) {
             reg(collector);
         }
         #[cfg(target_os = "linux")]
@@ -502,6 +505,7 @@ impl Metrics {
             failover_requests,
             config_reloads,
             analysis,
+            shadow,
             conns,
             trace,
             recorder: crate::canary::window::Recorder::new(crate::worker::workers()),

@@ -24,6 +24,8 @@ pub mod events;
 pub mod html;
 pub mod metric_def;
 pub mod metrics;
+pub mod shadow_metrics;
+pub mod shadow_page;
 pub mod stats;
 pub mod trace;
 pub mod trace_export;

@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use crate::canary::board::Entry;
 use crate::canary::judge::{Check, Rules, judge};
 use crate::canary::sequential::Detector;
-use crate::canary::verdict::{Action, Levers, Record, Run, State, decide};
+use crate::canary::verdict::{Action, Levers, Record, Run, State};
 use crate::clock::{fleet_epoch, fleet_ms, now_ms};
 use crate::config::FlagsConfig;
 use crate::config::alerts::Severity;
@@ -37,12 +37,14 @@ use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT, FlagSet, build};
 use crate::flags::store::{Conn, Store as RedisDeployment};
 use crate::observe::events::{Level, Source};
 use crate::ops::alerts::Dispatcher;
+use crate::shadow::gate;
 use crate::state::AppState;
 
 /// Alert kinds.
 const ROLLBACK_ALERT: &str = "canary_rollback";
 const MANUAL_FAILING_ALERT: &str = "canary_failing_manual";
 const HEALTHY_ALERT: &str = "canary_healthy";
+const SHADOW_FAILED_ALERT: &str = "canary_shadow_failed";
 
 /// Why the shared record could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -366,15 +368,20 @@ impl Analysis {
     ) -> Result<(), StoreError> {
         let (record, levers) = store.read(&self.state).await?;
         self.follow(&record);
-        let action = decide(config, &record, &levers, &self.run, now);
+        let shadow = self.shadow_gate();
+        let gated = shadow.is_some();
+        let action = gate::decide(config, shadow, &record, &levers, &self.run, now);
         let mut next = record.clone();
         next.at = crate::ops::alerts::alert::now_rfc3339();
         next.instance.clone_from(&self.instance);
-        next.figures = serde_json::json!({
+        let mut figures = serde_json::json!({
             "production": check.production,
             "canary": check.canary,
-        })
-        .to_string();
+        });
+        if gated {
+            figures["shadow"] = serde_json::json!(self.state.shadow.totals());
+        }
+        next.figures = figures.to_string();
         let mut flags: Vec<(&str, String)> = Vec::new();
         match &action {
             Action::Nothing => {}
@@ -427,10 +434,42 @@ impl Analysis {
                     flags.push((CANARY_AUTO, "off".to_owned()));
                 }
             }
+            Action::Shadow => {
+                let shadow = &self.state.snapshot().config.shadow;
+                next.state = Some(State::Shadowing);
+                next.percent = levers.percent;
+                next.switch = levers.switch;
+                next.step = 0;
+                next.step_since_ms = now;
+                next.reason = format!(
+                    "shadowing: no users until {} mirrored requests compare with at most \
+                     {:.2}% differing",
+                    shadow.min_samples,
+                    shadow.max_diff_ratio * 100.0
+                );
+            }
+            Action::ShadowFailed { reason, .. } => {
+                next.state = Some(State::ShadowFailed);
+                next.percent = Some(0);
+                next.reason.clone_from(reason);
+                flags.push((CANARY_PERCENT, "0".to_owned()));
+                flags.push((CANARY_AUTO, "off".to_owned()));
+            }
         }
-        // Nothing to do writes nothing: Redis sees a write per action, not per check.
-        let acted =
-            action != Action::Nothing && store.write(&self.state, &record, &flags, &next).await?;
+        // While shadowing, each round rewrites the record's figures and why users are
+        // still held (one small write a round), so `canary status` and `/analysis`
+        // show the shadow's progress, or its lack of traffic, as it is now.
+        let shadowing = gated && record.state == Some(State::Shadowing);
+        if action == Action::Nothing && shadowing {
+            let snapshot = self.state.snapshot();
+            next.reason = gate::waiting(&snapshot.config.shadow, &self.state.shadow.totals());
+        }
+        // Nothing else to do writes nothing: Redis sees a write per action, not per check.
+        let progress = action == Action::Nothing
+            && shadowing
+            && (next.reason != record.reason || next.figures != record.figures);
+        let acted = (action != Action::Nothing || progress)
+            && store.write(&self.state, &record, &flags, &next).await?;
         let shown = if acted { next } else { record };
         if acted {
             self.announce(&action, &shown, check);
@@ -456,6 +495,9 @@ impl Analysis {
             Some(state) => state,
         };
         self.publish(true, display, &shown, now);
+        // Read by routing only with `[shadow] gate` on; after the publish, so while
+        // `/analysis` shows a state that holds users, they are held.
+        self.state.shadow.set_hold(gate::holds_users(shown.state));
         if self.rolled_back_locally && shown.state == Some(State::RolledBack) {
             self.rolled_back_locally = false;
         }
@@ -489,6 +531,9 @@ impl Analysis {
         if state == Some(State::Progressing) {
             self.state.metrics.recorder.clear();
             self.errors = Detector::default();
+        }
+        if state == Some(State::Shadowing) {
+            self.state.shadow.clear();
         }
     }
 
@@ -551,6 +596,30 @@ impl Analysis {
                     reason,
                 );
             }
+            Action::Shadow => {
+                self.alerts
+                    .resolve(SHADOW_FAILED_ALERT, "the canary is shadowed again");
+                events.report(
+                    Source::Analysis,
+                    Level::Info,
+                    "canary shadowing",
+                    &record.reason,
+                );
+            }
+            Action::ShadowFailed { reason, details } => {
+                events.report(
+                    Source::Analysis,
+                    Level::Warn,
+                    "canary failed its shadow",
+                    reason,
+                );
+                self.alerts.fire(
+                    Severity::Critical,
+                    SHADOW_FAILED_ALERT,
+                    &format!("canary failed its shadow; it keeps no users: {reason}"),
+                    details,
+                );
+            }
         }
     }
 
@@ -600,6 +669,16 @@ impl Analysis {
             State::Holding
         };
         self.publish(true, state, &shown, now);
+    }
+
+    /// The shadow's verdict with `[shadow] gate` on, else `None`.
+    fn shadow_gate(&self) -> Option<gate::Verdict> {
+        let snapshot = self.state.snapshot();
+        let config = &snapshot.config.shadow;
+        config.gate.then(|| {
+            let shadow = &self.state.shadow;
+            gate::verdict(config, &shadow.totals(), || shadow.failure_details())
+        })
     }
 
     fn publish(&self, enabled: bool, state: State, record: &Record, now: u64) {

@@ -20,6 +20,7 @@ use crate::observe::metrics::{Metrics, ResetStage};
 use crate::observe::trace::RequestTrace;
 use crate::proxy::error::ProxyError;
 use crate::routing::PoolKind;
+use crate::shadow::Tee;
 
 /// Which request a note is about; its `proxied` log line, found by `request_id`,
 /// has the rest (backend, status, time). Small, since every response body carries
@@ -119,6 +120,8 @@ pub struct TrackedBody {
     note: RequestNote,
     /// The body ended or failed: dropping it is no reset.
     over: bool,
+    /// The shadow's copy of a mirrored request's body (`crate::shadow`).
+    tee: Option<Tee>,
 }
 
 impl std::fmt::Debug for TrackedBody {
@@ -136,6 +139,24 @@ impl TrackedBody {
             inner,
             note,
             over: false,
+            tee: None,
+        }
+    }
+
+    /// Hands the body's chunks to a mirrored request's comparison as they pass.
+    #[must_use]
+    pub fn teed(mut self, tee: Option<Tee>) -> Self {
+        self.tee = tee;
+        self.end_tee_if_over();
+        self
+    }
+
+    /// hyper does not poll a body again once it says it has ended.
+    fn end_tee_if_over(&mut self) {
+        if self.inner.is_end_stream()
+            && let Some(tee) = &mut self.tee
+        {
+            tee.end();
         }
     }
 
@@ -163,6 +184,7 @@ impl Body for TrackedBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Err(error))) => {
                 this.over = true;
+                this.tee = None;
                 let error = ProxyError::from_exchange(error);
                 let note = &mut this.note;
                 if let Some(trace) = &mut note.trace {
@@ -189,9 +211,18 @@ impl Body for TrackedBody {
             }
             Poll::Ready(None) => {
                 this.over = true;
+                if let Some(tee) = &mut this.tee {
+                    tee.end();
+                }
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(tee), Some(data)) = (&mut this.tee, frame.data_ref()) {
+                    tee.data(data);
+                    this.end_tee_if_over();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -128,16 +128,21 @@ pub async fn handle(
         max_body_bytes: config.limits.max_body_bytes,
         upgrade: upgrade.as_ref().map(|(upgrade, _)| upgrade),
     };
+    // The shadow's copy of this request, when it is mirrored (`crate::shadow`).
+    let mut mirror = None;
     let (result, backend) = match checked {
         Err(error) => (Err(error), None),
         Ok(_) => {
+            let flags = (&config.flags.header.0, &snapshot.flags.header_value);
+            let (pools, id) = (&snapshot.pools, &request_id);
+            mirror = state.shadow.sample(config, pools, flags, kind, &req, id);
             let pool = snapshot.pools.get(kind);
             let _waiting = peer.conn.wait_for_backend();
             proxy_to_pool(state, &snapshot, pool, req, peer, &extra, now).await
         }
     };
     let backend_addr = backend.map_or("-", |b| b.authority.as_str());
-    let tracked = |body| {
+    let tracked = |body, tee| {
         let note = RequestNote {
             metrics: Arc::clone(&state.metrics),
             pool: kind,
@@ -145,7 +150,7 @@ pub async fn handle(
             judged: None,
             trace: None,
         };
-        Either::Left(TrackedBody::new(body, note))
+        Either::Left(TrackedBody::new(body, note).teed(tee))
     };
 
     // Whether the request failed for the canary analysis: a 5xx from the backend or
@@ -180,7 +185,7 @@ pub async fn handle(
                         pool_metrics.upgraded.clone(),
                         state.tunnel_cut.clone(),
                     ));
-                    (response.map(tracked), false)
+                    (response.map(|body| tracked(body, None)), false)
                 }
             }
         }
@@ -196,7 +201,8 @@ pub async fn handle(
         (Ok(mut response), _) => {
             strip_hop_by_hop(response.headers_mut());
             let failed = response.status().is_server_error();
-            (response.map(tracked), failed)
+            let tee = mirror.take().map(|m| m.start(&response, backend));
+            (response.map(|body| tracked(body, tee)), failed)
         }
         (Err(error), _) => {
             let class = error.class();
@@ -392,7 +398,11 @@ fn route(
     };
     let flags = &snapshot.flags.set;
     let canary = &snapshot.pools.canary;
-    let percent = flags.canary_percent.unwrap_or(routing.canary_percent);
+    let mut percent = flags.canary_percent.unwrap_or(routing.canary_percent);
+    if snapshot.config.shadow.gate && state.shadow.holds_users() {
+        // `[shadow] gate`: no users on a canary the shadow has not passed.
+        percent = 0;
+    }
     let mut canary_state = Canary {
         enabled: flags.canary_enabled,
         configured: !canary.is_empty(),

@@ -20,6 +20,7 @@ use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
 use crate::routing;
 use crate::server::conn_state::ConnState;
+use crate::shadow::SHADOW_HEADER;
 use crate::sticky::StickySigner;
 
 /// Header on every proxied response naming the pool that served it.
@@ -128,6 +129,9 @@ pub fn upstream_request(
         }
     }
     strip_hop_by_hop(&mut parts.headers);
+    // The shadow's mark is the proxy's alone: a client sending it could make the
+    // application skip the side effects of its real request (`crate::shadow`).
+    parts.headers.remove(SHADOW_HEADER);
     parts.version = Version::HTTP_11;
     if extra.trace.is_some() {
         // Each attempt sets its own; a caller's tracestate goes on only through the
