@@ -224,21 +224,20 @@ fn span_name(method: &str) -> &'static str {
 /// unsampled trace.
 fn traceparent(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 55];
-    out[..3].copy_from_slice(b"00-");
-    let ids = trace_id.to_bytes().into_iter().chain(span_id.to_bytes());
-    let mut at = 3;
-    for (i, byte) in ids.enumerate() {
-        if i == 16 {
-            out[at] = b'-';
-            at += 1;
+    let mut out = Vec::with_capacity(55);
+    out.extend_from_slice(b"00-");
+    let hex = |out: &mut Vec<u8>, bytes: &[u8]| {
+        for &byte in bytes {
+            out.push(HEX[usize::from(byte >> 4)]);
+            out.push(HEX[usize::from(byte & 0xf)]);
         }
-        out[at] = HEX[usize::from(byte >> 4)];
-        out[at + 1] = HEX[usize::from(byte & 0xf)];
-        at += 2;
-    }
-    out[at..].copy_from_slice(if sampled { b"-01" } else { b"-00" });
-    HeaderValue::from_bytes(&out).unwrap_or(HeaderValue::from_static(""))
+    };
+    hex(&mut out, &trace_id.to_bytes());
+    out.push(b'-');
+    hex(&mut out, &span_id.to_bytes());
+    out.extend_from_slice(if sampled { b"-01" } else { b"-00" });
+    // No copy: the header shares the buffer.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).unwrap_or(HeaderValue::from_static(""))
 }
 
 /// `tracestate`, if the trace has one.

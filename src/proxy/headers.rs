@@ -15,7 +15,7 @@ use crate::client::codec::SetFields;
 use crate::client::request_body::UpstreamBody;
 use crate::http1::strip_hop_by_hop;
 use crate::observe::baggage;
-use crate::observe::trace::{BAGGAGE, RequestTrace, TRACEPARENT, TRACESTATE, Tracing};
+use crate::observe::trace::{BAGGAGE, RequestTrace, TRACESTATE, Tracing};
 use crate::proxy::error::ProxyError;
 use crate::proxy::upgrade::{UpgradeRequest, websocket_key};
 use crate::routing;
@@ -134,9 +134,9 @@ pub fn upstream_request(
     parts.headers.remove(SHADOW_HEADER);
     parts.version = Version::HTTP_11;
     if extra.trace.is_some() {
-        // Each attempt sets its own; a caller's tracestate goes on only through the
-        // trace it continued.
-        parts.headers.remove(TRACEPARENT);
+        // Each attempt sets its own `traceparent` (the field list replaces the
+        // client's); a caller's tracestate goes on only through the trace it
+        // continued.
         parts.headers.remove(TRACESTATE);
     }
     let baggage = match extra.baggage {
