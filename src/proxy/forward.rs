@@ -107,7 +107,9 @@ fn start_attempt(
 ) -> Option<AttemptSpan> {
     let (tracing, trace) = extra.trace?;
     let attempt = tracing.attempt(trace, method.as_str(), backend.authority.as_str(), resend);
-    set.retain(|(name, _)| name != TRACEPARENT && name != TRACESTATE);
+    if resend > 0 {
+        set.retain(|(name, _)| name != TRACEPARENT && name != TRACESTATE);
+    }
     set.push((TRACEPARENT, attempt.traceparent()));
     if let Some(state) = attempt.tracestate() {
         set.push((TRACESTATE, state));

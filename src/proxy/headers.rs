@@ -129,9 +129,21 @@ pub fn upstream_request(
         }
     }
     strip_hop_by_hop(&mut parts.headers);
-    // The shadow's mark is the proxy's alone: a client sending it could make the
-    // application skip the side effects of its real request (`crate::shadow`).
-    parts.headers.remove(SHADOW_HEADER);
+    // One pass over the client's fields for the two the proxy may take out: a
+    // lookup each cost more, on every request, than a request's few fields.
+    let (mut shadow_mark, mut own_baggage) = (false, false);
+    for (name, value) in &parts.headers {
+        if *name == SHADOW_HEADER {
+            shadow_mark = true;
+        } else if *name == BAGGAGE && !own_baggage {
+            own_baggage = baggage::mentions_canarygate(std::iter::once(value.as_bytes()));
+        }
+    }
+    if shadow_mark {
+        // The shadow's mark is the proxy's alone: a client sending it could make the
+        // application skip the side effects of its real request (`crate::shadow`).
+        parts.headers.remove(SHADOW_HEADER);
+    }
     parts.version = Version::HTTP_11;
     if extra.trace.is_some() {
         // Each attempt sets its own `traceparent` (the field list replaces the
@@ -143,14 +155,7 @@ pub fn upstream_request(
         Some(baggage) => Some(baggage.clone()),
         // Tracing off: baggage passes, but never a `canarygate.*` member (services
         // behind may trust `canarygate.pool`; a client must not set it).
-        None if baggage::mentions_canarygate(
-            parts
-                .headers
-                .get_all(BAGGAGE)
-                .iter()
-                .map(HeaderValue::as_bytes),
-        ) =>
-        {
+        None if own_baggage => {
             let incoming = baggage::parse(
                 parts
                     .headers

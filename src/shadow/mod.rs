@@ -197,7 +197,7 @@ impl Shadow {
         kind: PoolKind,
         req: &Request<B>,
         request_id: &HeaderValue,
-    ) -> Option<Mirror> {
+    ) -> Option<Box<Mirror>> {
         let shadow = &config.shadow;
         if !shadow.enabled || kind != PoolKind::Production || pools.canary.is_empty() {
             return None;
@@ -231,7 +231,9 @@ impl Shadow {
         if let Some(host) = host {
             set.push((header::HOST, host));
         }
-        Some(Mirror {
+        // Boxed: the request's future holds it across the forward, and every request
+        // would pay for its size in moves.
+        Some(Box::new(Mirror {
             slot: Some(slot),
             template: template::template(req.method(), target.path()),
             method: req.method().clone(),
@@ -240,7 +242,7 @@ impl Shadow {
             set,
             config: Arc::clone(config),
             pools: Arc::clone(pools),
-        })
+        }))
     }
 }
 
