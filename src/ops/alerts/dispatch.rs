@@ -361,6 +361,32 @@ pub async fn send_test(
     Ok(results)
 }
 
+/// Sends `alert` once through every channel of `config` whose `min_severity` it
+/// meets, each bounded by [`SEND_NOW_TIMEOUT`], for a process that exits right after
+/// (`canarygate canary <change>`): the channels it did not reach, and why.
+pub async fn send_now(config: &AlertsConfig, alert: &Alert) -> Vec<(&'static str, String)> {
+    let channels = match Channel::all(config) {
+        Ok(channels) => channels,
+        Err(error) => return vec![("alerts", error.to_string())],
+    };
+    let mut failures = Vec::new();
+    for mut channel in channels {
+        if alert.severity < channel.min_severity() {
+            continue;
+        }
+        let name = channel.name();
+        match tokio::time::timeout(SEND_NOW_TIMEOUT, channel.send(alert)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.push((name, error.to_string())),
+            Err(_) => failures.push((name, format!("no answer within {SEND_NOW_TIMEOUT:?}"))),
+        }
+    }
+    failures
+}
+
+/// How long [`send_now`] waits for one channel.
+pub const SEND_NOW_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
