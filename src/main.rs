@@ -247,8 +247,10 @@ fn main() -> ExitCode {
             })
         })),
         Command::Doctor { config, once } => co_located(
+            "doctor",
             config,
             canarygate::config::doctor::DoctorFile::validate,
+            canarygate::config::doctor::DoctorFile::changed_sections,
             once.then_some(|file| async move { Ok(canarygate::ops::doctor::once(&file).await?) }),
             |file, shutdown| async move { Ok(canarygate::ops::doctor::run(file, shutdown).await?) },
         ),
@@ -257,8 +259,10 @@ fn main() -> ExitCode {
             once,
             dry_run,
         } => co_located(
+            "maintenance",
             config,
             canarygate::config::maintenance::MaintenanceFile::validate,
+            canarygate::config::maintenance::MaintenanceFile::changed_sections,
             once.then_some(|file| async move {
                 Ok(canarygate::ops::maintenance::once(&file, *dry_run).await?)
             }),
@@ -434,15 +438,17 @@ fn config_failure(error: &config::ConfigError) -> ExitCode {
 
 /// A co-located process (`doctor`, `maintenance`): reads its sections of `path`
 /// (exit 64 when they are wrong), then prints one report (`--once`) or runs until
-/// SIGTERM/SIGINT.
+/// SIGTERM/SIGINT, re-reading `path` on SIGHUP.
 fn co_located<F, O, R>(
+    name: &'static str,
     path: &std::path::Path,
     validate: fn(&F) -> Result<(), config::Violation>,
+    sections: fn(&F, &F) -> Vec<&'static str>,
     once: Option<impl FnOnce(F) -> O>,
-    run: impl FnOnce(F, CancellationToken) -> R,
+    run: impl Fn(F, CancellationToken) -> R,
 ) -> ExitCode
 where
-    F: serde::de::DeserializeOwned,
+    F: serde::de::DeserializeOwned + Clone,
     O: std::future::Future<Output = anyhow::Result<String>>,
     R: std::future::Future<Output = anyhow::Result<()>>,
 {
@@ -458,7 +464,16 @@ where
             }
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
-            run(file, shutdown).await
+            canarygate::ops::sidecar::run_reloading(
+                name,
+                path,
+                |p| config::load_as::<F>(p, validate),
+                sections,
+                file,
+                run,
+                shutdown,
+            )
+            .await
         })
     }))
 }
