@@ -246,14 +246,23 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
-        Command::Doctor { config, once } => co_located(
-            "doctor",
-            config,
-            canarygate::config::doctor::DoctorFile::validate,
-            canarygate::config::doctor::DoctorFile::changed_sections,
-            once.then_some(|file| async move { Ok(canarygate::ops::doctor::once(&file).await?) }),
-            |file, shutdown| async move { Ok(canarygate::ops::doctor::run(file, shutdown).await?) },
-        ),
+        Command::Doctor { config, once } => {
+            // The kill log outlives each reload's doctor: the breaker's window holds.
+            let kills = canarygate::ops::doctor::breaker::KillLog::default();
+            co_located(
+                "doctor",
+                config,
+                canarygate::config::doctor::DoctorFile::validate,
+                canarygate::config::doctor::DoctorFile::changed_sections,
+                once.then_some(
+                    |file| async move { Ok(canarygate::ops::doctor::once(&file).await?) },
+                ),
+                move |file, shutdown| {
+                    let kills = std::sync::Arc::clone(&kills);
+                    async move { Ok(canarygate::ops::doctor::run(file, shutdown, kills).await?) }
+                },
+            )
+        }
         Command::Maintenance {
             config,
             once,
