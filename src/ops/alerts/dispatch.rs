@@ -320,10 +320,10 @@ impl ChannelTask {
                     () = self.queue.ready.notified() => continue,
                 }
             };
-            let retired = self.queue.retired.clone();
+            // A reload does not cut a delivery under way: the alert it holds is no
+            // longer in any queue, so cutting it would lose it.
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = retired.cancelled() => return,
                 () = self.deliver(&alert) => {}
             }
         }
