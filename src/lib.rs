@@ -247,6 +247,10 @@ pub async fn serve_all(
         .instrument(info_span!("analysis")),
     ));
     background.push(tokio::spawn(
+        ops::alerts::dispatch::follow(alerts.clone(), state.alerts_settings(), tasks.clone())
+            .instrument(info_span!("alerts")),
+    ));
+    background.push(tokio::spawn(
         ops::resources::run(state.clone(), alerts, tasks.clone())
             .instrument(info_span!("resources")),
     ));
@@ -638,13 +642,23 @@ pub fn reload(state: &AppState, path: &std::path::Path) -> Result<(), config::Co
             if old.tracing != new.tracing {
                 warn!("[tracing] applies at the next restart");
             }
+            let inbound = |c: &Config| c.alerts.twilio.as_ref().and_then(|t| t.inbound_listen);
+            if inbound(&old) != inbound(&new) {
+                warn!("[alerts.twilio] inbound_listen applies at the next restart");
+            }
+            let sections = new.changed_sections(&old);
+            let sections = if sections.is_empty() {
+                "none".to_owned()
+            } else {
+                sections.join(", ")
+            };
             state.apply_config(new);
             state.metrics.count_reload(true);
             state.events.report(
                 Source::Config,
                 Level::Info,
                 "config reloaded",
-                path.display(),
+                format_args!("{}: sections changed: {sections}", path.display()),
             );
             Ok(())
         }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use canarygate::config::{self, Config};
 use canarygate::demo::{self, AppIdentity};
+use canarygate::ops::control::{Change, ControlError};
 use canarygate::server::nofile;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
@@ -140,6 +141,51 @@ enum CanaryCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Set `canary_percent` (0 to 100) for the fleet and take the levers from the
+    /// analysis (`canary_auto off`). Like every change below: one Redis transaction,
+    /// the audit alert to every channel; exit 0 when done, 64 on a bad argument or
+    /// config, 69 when Redis does not answer (nothing changed).
+    Set {
+        /// A whole number from 0 to 100 (anything else: exit 64, saying so).
+        #[arg(allow_negative_numbers = true)]
+        percent: String,
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// `canary_auto off`: nothing moves; the analysis keeps judging and alerting.
+    Pause {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// `canary_auto on`: the analysis takes the levers back at its next round.
+    Resume {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// `canary_percent 0` and `canary_auto off`: every user to production.
+    Rollback {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// `canary_percent 100` and `canary_auto off`; prints the next step.
+    Promote {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+impl CanaryCommand {
+    /// The change and the config file of a `canary` command other than `status`.
+    fn change(&self) -> Option<(Result<Change, ControlError>, &Path)> {
+        Some(match self {
+            Self::Status { .. } => return None,
+            Self::Set { percent, config } => (Change::percent(percent).map(Change::Set), config),
+            Self::Pause { config } => (Ok(Change::Pause), config),
+            Self::Resume { config } => (Ok(Change::Resume), config),
+            Self::Rollback { config } => (Ok(Change::Rollback), config),
+            Self::Promote { config } => (Ok(Change::Promote), config),
+        })
+    }
 }
 
 /// Exit status when a service the command needs does not answer (EX_UNAVAILABLE).
@@ -200,19 +246,32 @@ fn main() -> ExitCode {
                 Ok(())
             })
         })),
-        Command::Doctor { config, once } => co_located(
-            config,
-            canarygate::config::doctor::DoctorFile::validate,
-            once.then_some(|file| async move { Ok(canarygate::ops::doctor::once(&file).await?) }),
-            |file, shutdown| async move { Ok(canarygate::ops::doctor::run(file, shutdown).await?) },
-        ),
+        Command::Doctor { config, once } => {
+            // The kill log outlives each reload's doctor: the breaker's window holds.
+            let kills = canarygate::ops::doctor::breaker::KillLog::default();
+            co_located(
+                "doctor",
+                config,
+                canarygate::config::doctor::DoctorFile::validate,
+                canarygate::config::doctor::DoctorFile::changed_sections,
+                once.then_some(
+                    |file| async move { Ok(canarygate::ops::doctor::once(&file).await?) },
+                ),
+                move |file, shutdown| {
+                    let kills = std::sync::Arc::clone(&kills);
+                    async move { Ok(canarygate::ops::doctor::run(file, shutdown, kills).await?) }
+                },
+            )
+        }
         Command::Maintenance {
             config,
             once,
             dry_run,
         } => co_located(
+            "maintenance",
             config,
             canarygate::config::maintenance::MaintenanceFile::validate,
+            canarygate::config::maintenance::MaintenanceFile::changed_sections,
             once.then_some(|file| async move {
                 Ok(canarygate::ops::maintenance::once(&file, *dry_run).await?)
             }),
@@ -223,6 +282,10 @@ fn main() -> ExitCode {
         } => match config::load(config) {
             Ok(cfg) => canary_status(&cfg, *json),
             Err(e) => config_failure(&e),
+        },
+        Command::Canary { command } => match command.change() {
+            Some((change, path)) => canary_change(change, path),
+            None => unreachable!("status is matched above"),
         },
         Command::AlertTest { config } => match config::load(config) {
             Ok(cfg) => alert_test(&cfg),
@@ -358,6 +421,33 @@ fn canary_status(config: &Config, as_json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `canary set|pause|resume|rollback|promote`: the change for the fleet
+/// ([`canarygate::ops::control`]), with `canary status`'s exit codes.
+fn canary_change(change: Result<Change, ControlError>, path: &Path) -> ExitCode {
+    let done = change.and_then(|change| {
+        let config = config::load(path).map_err(|e| ControlError::Usage(e.to_string()))?;
+        let rt = runtime().map_err(|e| ControlError::Usage(format!("{e:#}")))?;
+        rt.block_on(canarygate::ops::control::from_cli(&config, change))
+    });
+    match done {
+        Ok(done) => {
+            println!("{}", done.message);
+            for failure in &done.alert_failures {
+                eprintln!("warning: audit alert not sent: {failure}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error @ (ControlError::Usage(_) | ControlError::Settings(_))) => {
+            eprintln!("error: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(error @ ControlError::Redis(_)) => {
+            eprintln!("error: {error}; nothing changed");
+            ExitCode::from(EXIT_UNAVAILABLE)
+        }
+    }
+}
+
 /// What `run` checks beyond the file itself, before binding anything: the
 /// environment variables the config names, and the TLS certificate and key.
 fn preflight(config: &Config) -> Result<(), String> {
@@ -377,15 +467,17 @@ fn config_failure(error: &config::ConfigError) -> ExitCode {
 
 /// A co-located process (`doctor`, `maintenance`): reads its sections of `path`
 /// (exit 64 when they are wrong), then prints one report (`--once`) or runs until
-/// SIGTERM/SIGINT.
+/// SIGTERM/SIGINT, re-reading `path` on SIGHUP.
 fn co_located<F, O, R>(
+    name: &'static str,
     path: &std::path::Path,
     validate: fn(&F) -> Result<(), config::Violation>,
+    sections: fn(&F, &F) -> Vec<&'static str>,
     once: Option<impl FnOnce(F) -> O>,
-    run: impl FnOnce(F, CancellationToken) -> R,
+    run: impl Fn(F, CancellationToken) -> R,
 ) -> ExitCode
 where
-    F: serde::de::DeserializeOwned,
+    F: serde::de::DeserializeOwned + Clone,
     O: std::future::Future<Output = anyhow::Result<String>>,
     R: std::future::Future<Output = anyhow::Result<()>>,
 {
@@ -401,7 +493,16 @@ where
             }
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone())?;
-            run(file, shutdown).await
+            canarygate::ops::sidecar::run_reloading(
+                name,
+                path,
+                |p| config::load_as::<F>(p, validate),
+                sections,
+                file,
+                run,
+                shutdown,
+            )
+            .await
         })
     }))
 }

@@ -166,6 +166,9 @@ pub struct AppState {
     /// The flag settings in force; receivers are told only when a reload changes
     /// where flags are read from: the watcher restarts with them.
     flag_settings: Arc<watch::Sender<FlagsConfig>>,
+    /// The `[alerts]` in force; receivers are told when a reload changes it (the
+    /// dispatcher rebuilds its channels).
+    alerts_settings: Arc<watch::Sender<crate::config::alerts::AlertsConfig>>,
     /// `[server] access_log`, unless it is `"off"`.
     pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
     /// This instance's id (`server.instance_id`, or `hostname:port`), set once the
@@ -201,6 +204,7 @@ impl AppState {
         );
         metrics.observe_backends(snapshot.pools.backend_states(now_ms()));
         let flag_settings = Arc::new(watch::Sender::new(snapshot.config.flags.clone()));
+        let alerts_settings = Arc::new(watch::Sender::new(snapshot.config.alerts.clone()));
         let server = &snapshot.config.server;
         let access_log = crate::observe::access_log::AccessLog::new(
             &server.access_log,
@@ -233,6 +237,7 @@ impl AppState {
             tunnel_cut: tokio_util::sync::CancellationToken::new(),
             draining: Arc::new(AtomicBool::new(false)),
             flag_settings,
+            alerts_settings,
             metrics: Arc::clone(&metrics),
             events,
             stats: Arc::default(),
@@ -316,6 +321,18 @@ impl AppState {
             settings.clone_from(new_flags);
             store_changed
         });
+        self.alerts_settings.send_if_modified(|settings| {
+            let changed = *settings != config.alerts;
+            if changed {
+                settings.clone_from(&config.alerts);
+            }
+            changed
+        });
+    }
+
+    /// The `[alerts]` in force, for the dispatcher: told when a reload changes it.
+    pub fn alerts_settings(&self) -> watch::Receiver<crate::config::alerts::AlertsConfig> {
+        self.alerts_settings.subscribe()
     }
 
     /// The flag settings in force, for the flag watcher: it is told when a reload

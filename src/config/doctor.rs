@@ -215,7 +215,7 @@ impl DoctorConfig {
 }
 
 /// What `canarygate doctor` reads of the config file: other sections are ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct DoctorFile {
     #[serde(default)]
     pub doctor: DoctorConfig,
@@ -226,6 +226,18 @@ pub struct DoctorFile {
 }
 
 impl DoctorFile {
+    /// The sections that differ from `other`'s (a SIGHUP says what it applied).
+    pub fn changed_sections(&self, other: &Self) -> Vec<&'static str> {
+        [
+            ("doctor", self.doctor != other.doctor),
+            ("alerts", self.alerts != other.alerts),
+            ("server", self.server != other.server),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// What the doctor checks at start: its keys, its alerts, and that every
     /// protected user exists on this host. An entry that does not resolve (an LDAP
     /// user while the directory is down, a user not created yet) is refused: taken

@@ -268,7 +268,7 @@ pub fn target_kind(url: &str) -> Result<TargetKind, String> {
 }
 
 /// What `canarygate maintenance` reads of the config file: other sections are ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct MaintenanceFile {
     #[serde(default)]
     pub maintenance: MaintenanceConfig,
@@ -279,6 +279,18 @@ pub struct MaintenanceFile {
 }
 
 impl MaintenanceFile {
+    /// The sections that differ from `other`'s (a SIGHUP says what it applied).
+    pub fn changed_sections(&self, other: &Self) -> Vec<&'static str> {
+        [
+            ("maintenance", self.maintenance != other.maintenance),
+            ("alerts", self.alerts != other.alerts),
+            ("server", self.server != other.server),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     pub fn validate(&self) -> Result<(), Violation> {
         self.maintenance.validate_to_run()?;
         self.alerts.validate()

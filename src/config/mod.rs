@@ -171,6 +171,36 @@ impl Config {
     /// `flags.redis_url` is set, and so are `routing.sticky_secret_env` and
     /// `tracing.headers_env` if named. `run` calls it; `check` does not, so a config can be
     /// checked on a machine without the secrets.
+    /// The sections whose values differ from `other`'s, by name (a reload says
+    /// what it applied).
+    pub fn changed_sections(&self, other: &Self) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        macro_rules! each {
+            ($($section:ident),*) => {
+                $(if self.$section != other.$section {
+                    changed.push(stringify!($section));
+                })*
+            };
+        }
+        each!(
+            server,
+            pools,
+            routing,
+            timeouts,
+            flags,
+            health,
+            limits,
+            alerts,
+            resources,
+            analysis,
+            doctor,
+            maintenance,
+            fleet,
+            tracing
+        );
+        changed
+    }
+
     pub fn check_environment(&self) -> Result<(), Violation> {
         if let Some(name) = &self.routing.sticky_secret_env
             && let Some(message) = routing::sticky_secret_problem(name)

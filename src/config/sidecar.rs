@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::config::Violation;
 
 /// `server.admin_listen` alone (the rest of `[server]` is the proxy's business).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct ServerAddress {
     pub admin_listen: Option<SocketAddr>,
 }

@@ -155,6 +155,9 @@ pub struct Metrics {
     /// `canarygate_sms_refusals_withheld_total{what}`: notices and replies not sent
     /// for messages from numbers not allowed (throttled).
     pub sms_refusals_withheld: IntCounterVec,
+    /// `canarygate_canary_commands_total{command,source}`: operators' changes to
+    /// the rollout over the fleet, as counted in Redis (`ops::control`).
+    pub canary_commands: IntCounterVec,
     host_cpu: Gauge,
     host_memory: Gauge,
     host_disk: GaugeVec,
@@ -313,6 +316,16 @@ impl Metrics {
             ),
             &["what"],
         ));
+        let canary_commands = must(IntCounterVec::new(
+            Opts::new(
+                "canarygate_canary_commands_total",
+                "Operators' changes to the rollout over the fleet (the count kept in Redis \
+                 next to the analysis record, read on each fleet round): command (set, \
+                 switch_on, switch_off, pause, resume, rollback, promote) and source (sms, \
+                 cli). Every proxy shows the fleet's figure: take max, not sum.",
+            ),
+            &["command", "source"],
+        ));
         let host_cpu = must(Gauge::new(
             "canarygate_host_cpu_ratio",
             "Host CPU busy, 0..1 over all cores, from the resource watch.",
@@ -427,6 +440,7 @@ impl Metrics {
         reg(Box::new(alerts.clone()));
         reg(Box::new(sms_commands.clone()));
         reg(Box::new(sms_refusals_withheld.clone()));
+        reg(Box::new(canary_commands.clone()));
         reg(Box::new(host_cpu.clone()));
         reg(Box::new(host_memory.clone()));
         reg(Box::new(host_disk.clone()));
@@ -498,6 +512,7 @@ impl Metrics {
             alerts,
             sms_commands,
             sms_refusals_withheld,
+            canary_commands,
             host_cpu,
             host_memory,
             host_disk,

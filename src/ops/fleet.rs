@@ -16,7 +16,12 @@
 //! keeps the last view it read and says so (`connected: false`, and since when);
 //! the flags it serves are the watcher's last good snapshot. Without Redis the fleet
 //! is this instance alone.
+//!
+//! Each round also reads the fleet's count of operators' changes to the rollout
+//! ([`crate::ops::control`]) into `canarygate_canary_commands_total`, since a change
+//! from the CLI is made by a process nobody scrapes.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -26,6 +31,8 @@ use crate::clock::{fleet_ms, from_redis_time, set_fleet_time};
 use crate::config::{FlagsConfig, FleetConfig};
 use crate::flags::store::{Conn, Store};
 use crate::fleet::{Member, View};
+use crate::observe::events::{Level, Source};
+use crate::ops::control::{self, Change, Via};
 use crate::state::AppState;
 
 /// Why one heartbeat round failed.
@@ -44,7 +51,17 @@ pub async fn run(state: AppState, cancel: CancellationToken) {
         store: None,
         conn: None,
         connected: None,
+        commands: None,
     };
+    for change in Change::ALL {
+        for via in Via::ALL {
+            fleet
+                .state
+                .metrics
+                .canary_commands
+                .with_label_values(&[change.label(), via.as_str()]);
+        }
+    }
     loop {
         fleet.round().await;
         let period = fleet.state.snapshot().config.fleet.heartbeat_ms.max(1);
@@ -62,6 +79,8 @@ struct Fleet {
     conn: Option<Conn>,
     /// Whether the last round reached Redis (to log changes once).
     connected: Option<bool>,
+    /// Operators' changes counted in Redis, as last read (`None`: not read yet).
+    commands: Option<HashMap<(&'static str, Via), u64>>,
 }
 
 impl Fleet {
@@ -95,8 +114,10 @@ impl Fleet {
                 shared: false,
             });
         }
+        let record_key = self.state.snapshot().config.analysis.redis_key.clone();
         match self.beat(&flags_config, &config, &mut me).await {
             Ok(members) => {
+                self.follow_commands(&record_key).await;
                 read_at_ms = me.at_ms;
                 self.note_connected(true, None);
                 self.publish(View {
@@ -196,6 +217,53 @@ impl Fleet {
             .collect();
         members.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(members)
+    }
+
+    /// Reads the fleet's count of operators' changes ([`crate::ops::control`]) into
+    /// `canarygate_canary_commands_total`; each one new since the last round is an
+    /// event here (a change from the CLI shows nowhere else in the proxies).
+    async fn follow_commands(&mut self, record_key: &str) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let counts = match control::read_counts(conn, record_key).await {
+            Ok(counts) => counts,
+            Err(error) => {
+                warn!(%error, "cannot read the canary command counts");
+                return;
+            }
+        };
+        let first = self.commands.is_none();
+        let seen = self.commands.get_or_insert_with(HashMap::new);
+        for (change, via, count) in counts {
+            let before = seen.insert((change.label(), via), count).unwrap_or(0);
+            let new = count.saturating_sub(before);
+            if new == 0 {
+                continue;
+            }
+            self.state
+                .metrics
+                .canary_commands
+                .with_label_values(&[change.label(), via.as_str()])
+                .inc_by(new);
+            if !first {
+                info!(
+                    command = change.label(),
+                    source = via.as_str(),
+                    count = new,
+                    "canary command seen"
+                );
+                self.state.events.report(
+                    Source::Analysis,
+                    Level::Warn,
+                    "canary command",
+                    format_args!(
+                        "{} by {via} ({new} since the last fleet round)",
+                        change.label()
+                    ),
+                );
+            }
+        }
     }
 
     fn note_connected(&mut self, up: bool, error: Option<&FleetError>) {

@@ -11,6 +11,7 @@
 //! - [`doctor`]: `canarygate doctor`, a process of its own: stops CPU hogs.
 //! - [`maintenance`]: `canarygate maintenance`, a process of its own: archives logs
 //!   to secondary storage, verified, before the disk fills.
+//! - [`control`]: an operator's change to the rollout (SMS and `canarygate canary`).
 //! - [`sms`]: commands by SMS (Twilio's webhook): ACK, ROLLBACK, CANARY, STATUS.
 //! - [`service`], [`sidecar`]: what those two share (the proxy's metrics as they
 //!   read them; their own metrics, admin listener and alert channels).
@@ -18,6 +19,7 @@
 pub mod alerts;
 pub mod analysis;
 pub mod cmdline;
+pub mod control;
 pub mod disk;
 pub mod doctor;
 pub mod fleet;

@@ -176,3 +176,58 @@ fn text(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
     *response.status_mut() = status;
     response
 }
+
+/// Runs a co-located process (`run`, with its sections `F` of `path`) until
+/// `shutdown`, re-reading `path` on SIGHUP: a file that does not load is logged
+/// with its file, line and key and the running settings stay; a valid one that
+/// differs stops the running round loop (as SIGTERM would, so a kill or an archive
+/// under way finishes) and starts it again with the new settings, logging the
+/// sections that changed. `sections` names what differs between two files.
+pub async fn run_reloading<F, R, E>(
+    name: &'static str,
+    path: &std::path::Path,
+    load: impl Fn(&std::path::Path) -> Result<F, crate::config::ConfigError>,
+    sections: impl Fn(&F, &F) -> Vec<&'static str>,
+    mut file: F,
+    run: impl Fn(F, CancellationToken) -> R,
+    shutdown: CancellationToken,
+) -> Result<(), E>
+where
+    F: Clone,
+    R: std::future::Future<Output = Result<(), E>>,
+{
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    loop {
+        let generation = shutdown.child_token();
+        let running = run(file.clone(), generation.clone());
+        tokio::pin!(running);
+        let next = loop {
+            tokio::select! {
+                result = &mut running => return result,
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    tracing::info!(process = name, signal = "SIGHUP", "reloading config");
+                    match load(path) {
+                        Err(error) => tracing::warn!(process = name, %error, "config reload refused; keeping the running config"),
+                        Ok(new) => {
+                            let changed = sections(&file, &new);
+                            if changed.is_empty() {
+                                tracing::info!(process = name, sections = "none", "config reloaded");
+                            } else {
+                                break (new, changed);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        let (new, changed) = next;
+        generation.cancel();
+        running.await?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        tracing::info!(process = name, sections = %changed.join(", "), "config reloaded");
+        file = new;
+    }
+}

@@ -12,7 +12,10 @@
 //! times with doubling delays, then logged and counted.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, Instant};
 
 use prometheus::IntCounterVec;
@@ -39,10 +42,13 @@ pub struct Dispatcher {
 }
 
 struct Inner {
-    repeat: Duration,
+    /// `repeat_ms`, which a reload may change.
+    repeat_ms: AtomicU64,
     instance: String,
     episodes: Mutex<HashMap<String, Episode>>,
-    queues: Vec<Arc<Queue>>,
+    /// The channels' queues; a reload swaps in a new set at once
+    /// ([`Dispatcher::reconfigure`]).
+    queues: ArcSwap<Vec<Arc<Queue>>>,
     counter: IntCounterVec,
     events: Arc<Events>,
 }
@@ -60,6 +66,8 @@ struct Queue {
     min_severity: Severity,
     items: Mutex<VecDeque<Alert>>,
     ready: Notify,
+    /// Cancelled when a reload replaces this channel: its task ends.
+    retired: CancellationToken,
 }
 
 /// A channel's sending loop, to be spawned ([`ChannelTask::run`]).
@@ -79,32 +87,12 @@ impl Dispatcher {
         counter: IntCounterVec,
         events: Arc<Events>,
     ) -> Result<(Self, Vec<ChannelTask>), SendError> {
-        let channels = Channel::all(config)?;
-        let mut queues = Vec::new();
-        let mut tasks = Vec::new();
-        for channel in channels {
-            let queue = Arc::new(Queue {
-                channel: channel.name(),
-                min_severity: channel.min_severity(),
-                items: Mutex::new(VecDeque::new()),
-                ready: Notify::new(),
-            });
-            for result in ["sent", "failed", "dropped", "suppressed"] {
-                counter.with_label_values(&[channel.name(), result]);
-            }
-            queues.push(Arc::clone(&queue));
-            tasks.push(ChannelTask {
-                channel,
-                queue,
-                counter: counter.clone(),
-                retry_base: Duration::from_millis(config.retry_base_ms),
-            });
-        }
+        let (queues, tasks) = channel_tasks(config, &counter)?;
         let inner = Inner {
-            repeat: Duration::from_millis(config.repeat_ms),
+            repeat_ms: AtomicU64::new(config.repeat_ms),
             instance: instance.to_owned(),
             episodes: Mutex::new(HashMap::new()),
-            queues,
+            queues: ArcSwap::from_pointee(queues),
             counter,
             events,
         };
@@ -114,6 +102,36 @@ impl Dispatcher {
             },
             tasks,
         ))
+    }
+
+    /// A reload's `[alerts]`: the new channels replace the old ones at once (alerts
+    /// waiting for a channel of the same name move to its new queue; the old tasks
+    /// end), and `repeat_ms` applies to the next repeat. On an error (a channel that
+    /// cannot be built) nothing changes. The new channels' tasks, to be spawned, and
+    /// their names.
+    pub fn reconfigure(&self, config: &AlertsConfig) -> Result<Vec<ChannelTask>, SendError> {
+        let inner = &self.inner;
+        let (queues, tasks) = channel_tasks(config, &inner.counter)?;
+        inner.repeat_ms.store(config.repeat_ms, Ordering::Relaxed);
+        let old = inner.queues.swap(Arc::new(queues));
+        let new = inner.queues.load();
+        for queue in old.iter() {
+            queue.retired.cancel();
+            let waiting: Vec<Alert> = lock(&queue.items).drain(..).collect();
+            if let Some(successor) = new.iter().find(|q| q.channel == queue.channel) {
+                let mut items = lock(&successor.items);
+                for alert in &waiting {
+                    push_bounded(&mut items, alert, QUEUE);
+                }
+                drop(items);
+                successor.ready.notify_one();
+            }
+        }
+        Ok(tasks)
+    }
+
+    fn repeat(&self) -> Duration {
+        Duration::from_millis(self.inner.repeat_ms.load(Ordering::Relaxed))
     }
 
     /// `kind` is firing: sent now if it is new or was last sent `repeat_ms` ago.
@@ -126,7 +144,7 @@ impl Dispatcher {
                     debug!(kind, id = %episode.alert.id, "alert still firing; acknowledged");
                     return;
                 }
-                Some(episode) if episode.sent_at.elapsed() < inner.repeat => {
+                Some(episode) if episode.sent_at.elapsed() < self.repeat() => {
                     debug!(kind, "alert still firing; repeat not due");
                     return;
                 }
@@ -242,7 +260,7 @@ impl Dispatcher {
     }
 
     fn enqueue_except(&self, alert: &Alert, skip: Option<&str>) {
-        for queue in &self.inner.queues {
+        for queue in self.inner.queues.load().iter() {
             if alert.severity < queue.min_severity || skip == Some(queue.channel) {
                 continue;
             }
@@ -298,9 +316,12 @@ impl ChannelTask {
             let Some(alert) = next else {
                 tokio::select! {
                     () = cancel.cancelled() => return,
+                    () = self.queue.retired.cancelled() => return,
                     () = self.queue.ready.notified() => continue,
                 }
             };
+            // A reload does not cut a delivery under way: the alert it holds is no
+            // longer in any queue, so cutting it would lose it.
             tokio::select! {
                 () = cancel.cancelled() => return,
                 () = self.deliver(&alert) => {}
@@ -360,6 +381,92 @@ pub async fn send_test(
     }
     Ok(results)
 }
+
+/// The queues and tasks of `config`'s channels, their metrics' series created.
+fn channel_tasks(
+    config: &AlertsConfig,
+    counter: &IntCounterVec,
+) -> Result<(Vec<Arc<Queue>>, Vec<ChannelTask>), SendError> {
+    let mut queues = Vec::new();
+    let mut tasks = Vec::new();
+    for channel in Channel::all(config)? {
+        let queue = Arc::new(Queue {
+            channel: channel.name(),
+            min_severity: channel.min_severity(),
+            items: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            retired: CancellationToken::new(),
+        });
+        for result in ["sent", "failed", "dropped", "suppressed"] {
+            counter.with_label_values(&[channel.name(), result]);
+        }
+        queues.push(Arc::clone(&queue));
+        tasks.push(ChannelTask {
+            channel,
+            queue,
+            counter: counter.clone(),
+            retry_base: Duration::from_millis(config.retry_base_ms),
+        });
+    }
+    Ok((queues, tasks))
+}
+
+/// Follows the `[alerts]` in force ([`crate::state::AppState::alerts_settings`]):
+/// each change reconfigures `dispatcher` and spawns the new channels' tasks, until
+/// `cancel`. A change that cannot be applied keeps the channels running.
+pub async fn follow(
+    dispatcher: Dispatcher,
+    mut settings: tokio::sync::watch::Receiver<AlertsConfig>,
+    cancel: CancellationToken,
+) {
+    use tracing::Instrument as _;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            changed = settings.changed() => if changed.is_err() { return },
+        }
+        let config = settings.borrow_and_update().clone();
+        match dispatcher.reconfigure(&config) {
+            Ok(tasks) => {
+                let names: Vec<&str> = tasks.iter().map(ChannelTask::channel).collect();
+                tracing::info!(channels = ?names, "alert channels reloaded");
+                for task in tasks {
+                    let span = tracing::info_span!("alerts", channel = task.channel());
+                    tokio::spawn(task.run(cancel.clone()).instrument(span));
+                }
+            }
+            Err(error) => {
+                warn!(%error, "[alerts] not applied; the running channels stay");
+            }
+        }
+    }
+}
+
+/// Sends `alert` once through every channel of `config` whose `min_severity` it
+/// meets, each bounded by [`SEND_NOW_TIMEOUT`], for a process that exits right after
+/// (`canarygate canary <change>`): the channels it did not reach, and why.
+pub async fn send_now(config: &AlertsConfig, alert: &Alert) -> Vec<(&'static str, String)> {
+    let channels = match Channel::all(config) {
+        Ok(channels) => channels,
+        Err(error) => return vec![("alerts", error.to_string())],
+    };
+    let mut failures = Vec::new();
+    for mut channel in channels {
+        if alert.severity < channel.min_severity() {
+            continue;
+        }
+        let name = channel.name();
+        match tokio::time::timeout(SEND_NOW_TIMEOUT, channel.send(alert)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => failures.push((name, error.to_string())),
+            Err(_) => failures.push((name, format!("no answer within {SEND_NOW_TIMEOUT:?}"))),
+        }
+    }
+    failures
+}
+
+/// How long [`send_now`] waits for one channel.
+pub const SEND_NOW_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)

@@ -7,51 +7,62 @@
 //! kill was recorded). A pure rule over instants, table-tested below.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+/// The kills decided, kept by the process across config reloads: a SIGHUP
+/// restarts the doctor's loop with new settings, and must not give it a fresh
+/// window of `max_kills`.
+pub type KillLog = Arc<Mutex<VecDeque<Instant>>>;
 
 /// Kills decided within the last `window`.
 #[derive(Debug, Clone)]
 pub struct Breaker {
     max: usize,
     window: Duration,
-    kills: VecDeque<Instant>,
+    kills: KillLog,
 }
 
 impl Breaker {
     pub fn new(max_kills: u32, window: Duration) -> Self {
+        Self::sharing(max_kills, window, KillLog::default())
+    }
+
+    /// A breaker counting the kills in `log`, which outlives it.
+    pub fn sharing(max_kills: u32, window: Duration, log: KillLog) -> Self {
         Self {
             max: usize::try_from(max_kills).unwrap_or(usize::MAX),
             window,
-            kills: VecDeque::new(),
+            kills: log,
         }
     }
 
-    /// Forgets kills older than the window at `now`.
-    fn prune(&mut self, now: Instant) {
-        while self
-            .kills
+    /// The kills still in the window at `now` (older ones forgotten).
+    fn pruned(&self, now: Instant) -> std::sync::MutexGuard<'_, VecDeque<Instant>> {
+        let mut kills = self.kills.lock().unwrap_or_else(PoisonError::into_inner);
+        while kills
             .front()
             .is_some_and(|t| now.saturating_duration_since(*t) > self.window)
         {
-            self.kills.pop_front();
+            kills.pop_front();
         }
+        kills
     }
 
     /// Takes one kill at `now` if the window has room: `Ok`, or `Err` with the kills
     /// already in it (the breaker is open).
     pub fn admit(&mut self, now: Instant) -> Result<(), usize> {
-        self.prune(now);
-        if self.kills.len() >= self.max {
-            return Err(self.kills.len());
+        let mut kills = self.pruned(now);
+        if kills.len() >= self.max {
+            return Err(kills.len());
         }
-        self.kills.push_back(now);
+        kills.push_back(now);
         Ok(())
     }
 
     /// Whether a kill at `now` would be refused.
     pub fn is_open(&mut self, now: Instant) -> bool {
-        self.prune(now);
-        self.kills.len() >= self.max
+        self.pruned(now).len() >= self.max
     }
 }
 
@@ -91,5 +102,19 @@ mod tests {
         assert!(b.is_open(t0 + ms(50)));
         assert_eq!(b.admit(t0 + ms(50)), Err(1));
         assert!(!b.is_open(t0 + ms(101)));
+    }
+
+    #[test]
+    fn a_reloaded_breaker_remembers_the_kills_of_the_one_before() {
+        let log = KillLog::default();
+        let t0 = Instant::now();
+        let mut before = Breaker::sharing(2, Duration::from_secs(60), Arc::clone(&log));
+        assert!(before.admit(t0).is_ok());
+        assert!(before.admit(t0).is_ok());
+        // A SIGHUP: a new breaker with new settings, the same process's log.
+        let mut after = Breaker::sharing(3, Duration::from_secs(60), log);
+        assert!(after.admit(t0).is_ok());
+        assert_eq!(after.admit(t0), Err(3));
+        assert!(after.is_open(t0));
     }
 }

@@ -125,11 +125,16 @@ impl Doctor {
         file: &DoctorFile,
         alerts: Dispatcher,
         metrics: Arc<DoctorMetrics>,
+        kills: breaker::KillLog,
     ) -> Result<Self, DoctorError> {
         let config = file.doctor.clone();
         Ok(Self {
             reach: Reach::new(&config),
-            breaker: Breaker::new(config.max_kills, Duration::from_millis(config.window_ms)),
+            breaker: Breaker::sharing(
+                config.max_kills,
+                Duration::from_millis(config.window_ms),
+                kills,
+            ),
             url: file.proxy_metrics_url(),
             sampler: Some(Sampler::new().ok_or(DoctorError::NoSampler)?),
             http: reqwest::Client::builder().build()?,
@@ -557,15 +562,20 @@ impl Kill {
 }
 
 /// Runs the doctor until `shutdown`: its admin listener, its alert channels, a round
-/// every `interval_ms`.
-pub async fn run(file: DoctorFile, shutdown: CancellationToken) -> Result<(), DoctorError> {
+/// every `interval_ms`. `kills` is the process's kill log: the breaker's window
+/// spans config reloads (each reload runs this again with the same log).
+pub async fn run(
+    file: DoctorFile,
+    shutdown: CancellationToken,
+    kills: breaker::KillLog,
+) -> Result<(), DoctorError> {
     let metrics = Arc::new(DoctorMetrics::new());
     let tasks = tokio_util::task::TaskTracker::new();
     let stop = CancellationToken::new();
     let addr = file.doctor.admin_listen;
     let alerts = sidecar::start("doctor", addr, &metrics.own, &file.alerts, &tasks, &stop).await?;
     info!(admin = %addr, proxy_metrics = %file.proxy_metrics_url(), mode = ?file.doctor.mode, "doctor running");
-    let mut doctor = Doctor::new(&file, alerts, metrics)?;
+    let mut doctor = Doctor::new(&file, alerts, metrics, kills)?;
     let kills = tokio_util::task::TaskTracker::new();
     let mut tick = tokio::time::interval(Duration::from_millis(file.doctor.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -598,7 +608,7 @@ pub async fn run(file: DoctorFile, shutdown: CancellationToken) -> Result<(), Do
 pub async fn once(file: &DoctorFile) -> Result<String, DoctorError> {
     let metrics = Arc::new(DoctorMetrics::new());
     let alerts = sidecar::silent(&metrics.own);
-    let mut doctor = Doctor::new(file, alerts, metrics)?;
+    let mut doctor = Doctor::new(file, alerts, metrics, breaker::KillLog::default())?;
     let interval = Duration::from_millis(file.doctor.interval_ms);
     let rounds = file.doctor.sustain_ms.div_ceil(file.doctor.interval_ms) + 1;
     let mut hogs = Vec::new();

@@ -40,13 +40,13 @@ use tracing::{info, warn};
 
 use crate::config::alerts::{TwilioConfig, secret};
 use crate::config::{Config, FlagsConfig};
-use crate::flags::model::{CANARY, CANARY_AUTO, CANARY_PERCENT};
 use crate::flags::store::{Conn, Store};
 use crate::observe::admin::{last_minute, respond_with};
 use crate::observe::events::{Level, Source};
 use crate::ops::alerts::alert::{ellipsize, escape_controls};
 use crate::ops::alerts::{Dispatcher, Severity};
 use crate::ops::analysis::apply_locally;
+use crate::ops::control::{self, Change, ControlError, Via};
 use crate::state::AppState;
 use command::{COMMAND_LABELS, Command, HELP, masked, parse_form, twiml};
 
@@ -497,38 +497,21 @@ impl Sms {
         command: &Command,
         who: &str,
     ) -> Outcome {
-        // The lever a change moves, the record's new state, and why (the record's
-        // reason and the audit's summary).
-        let (lever, state, why) = match command {
+        // The same change as `canarygate canary ...` (`control`): levers, record
+        // and count in one transaction.
+        let change = match command {
             Command::Ack(id) => return self.ack(id, who),
             Command::Status => return Outcome::new("ok", self.status()),
             Command::Invalid(_, reason) | Command::Help(reason) => {
                 return Outcome::new("invalid", format!("{reason}. {HELP}"));
             }
-            Command::Rollback => (
-                (CANARY_PERCENT, "0".to_owned()),
-                "rolled_back",
-                format!("canary rolled back by SMS from {who}"),
-            ),
-            Command::Percent(percent) => (
-                (CANARY_PERCENT, percent.to_string()),
-                "manual",
-                format!("canary_percent {percent} set by SMS from {who}"),
-            ),
-            Command::Switch(on) => {
-                let value = if *on { "on" } else { "off" };
-                (
-                    (CANARY, value.to_owned()),
-                    "manual",
-                    format!("canary switched {value} by SMS from {who}"),
-                )
-            }
+            Command::Rollback => Change::Rollback,
+            Command::Percent(percent) => Change::Set(*percent),
+            Command::Switch(on) => Change::Switch(*on),
         };
-        // The analysis must not move it back: canary_auto off, as after its own
-        // rollback; `canary_auto on` hands it back.
-        let levers = [lever, (CANARY_AUTO, "off".to_owned())];
+        let why = change.summary(Via::Sms, who);
         let switch_off = !self.state.snapshot().flags.set.canary_enabled;
-        match self.change(config, redis, &levers, state, &why).await {
+        match self.change(config, redis, change, &why).await {
             Err(error) => {
                 warn!(%error, "sms command failed");
                 Outcome::new(
@@ -588,34 +571,39 @@ impl Sms {
         }
     }
 
-    /// Writes the levers and the analysis record (`state`, `reason`) in one
-    /// transaction; without Redis, this instance's flags only. Where it took effect.
+    /// Writes the change ([`control::write`]: levers, record, count in one
+    /// transaction); without Redis, this instance's flags only, counted here. Where
+    /// it took effect.
     async fn change(
         &self,
         config: &Config,
         redis: &mut MessageRedis<'_>,
-        levers: &[(&str, String)],
-        state: &str,
+        change: Change,
         reason: &str,
     ) -> Result<&'static str, CommandError> {
         let Some(conn) = redis.conn().await? else {
-            apply_locally(&self.state, levers);
+            apply_locally(&self.state, &change.levers());
+            self.state
+                .metrics
+                .canary_commands
+                .with_label_values(&[change.label(), Via::Sms.as_str()])
+                .inc();
             return Ok("on this proxy (no Redis configured)");
         };
-        let record = [
-            ("state", state.to_owned()),
-            ("reason", reason.to_owned()),
-            ("at", crate::ops::alerts::alert::now_rfc3339()),
-            ("instance", self.instance.clone()),
-        ];
-        let () = redis::pipe()
-            .atomic()
-            .hset_multiple(&config.flags.key, levers)
-            .ignore()
-            .hset_multiple(&config.analysis.redis_key, &record)
-            .ignore()
-            .query_async(conn)
-            .await?;
+        control::write(
+            conn,
+            &config.flags.key,
+            &config.analysis.redis_key,
+            change,
+            Via::Sms,
+            reason,
+            &self.instance,
+        )
+        .await
+        .map_err(|e| match e {
+            ControlError::Redis(e) => CommandError::Redis(e),
+            other => CommandError::Settings(other.to_string()),
+        })?;
         Ok("on every proxy (Redis)")
     }
 
