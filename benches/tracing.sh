@@ -75,10 +75,18 @@ for round in $(seq "$ROUNDS"); do
     taskset -c 0 "$BIN" run --config "$work/cg.toml" --workers 1 >/dev/null 2>&1 & cg=$!
     wait_port "$port"
     wrk -t1 -c64 -d3s "http://127.0.0.1:$port/static" >/dev/null
-    r=$(wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$port/static" | awk '/Requests\/sec/ {print $2}')
+    ticks() { awk '{print $14 + $15}' "/proc/$cg/stat"; }
+    t0=$(ticks)
+    out=$(wrk -t1 -c64 -d"${DURATION}s" "http://127.0.0.1:$port/static")
+    t1=$(ticks)
     kill "$cg"; wait "$cg" 2>/dev/null || true
+    r=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    n=$(awk '/requests in/ {print $1}' <<<"$out")
+    hz=$(getconf CLK_TCK)
     rps[$round,$variant]=$r
-    echo "round $round, tracing $variant: $r req/s"
+    # The proxy's CPU per request (user + system) and how busy its core was: when
+    # it was not saturated, CPU 1 (wrk, backends) set the pace and req/s says less.
+    echo "round $round, tracing $variant: $r req/s, proxy CPU $(awk -v t=$((t1 - t0)) -v n="$n" -v hz="$hz" 'BEGIN {printf "%.2f us/request", t / hz / n * 1e6}'), busy $(awk -v t=$((t1 - t0)) -v d="$DURATION" -v hz="$hz" 'BEGIN {printf "%d%%", t / hz / d * 100}')"
   done
 done
 for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
