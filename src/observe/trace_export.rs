@@ -161,7 +161,7 @@ pub fn pipeline(
 }
 
 /// Exports queued spans in batches until `cancel`. Then what is still queued gets
-/// one last try of at most [`FINAL_EXPORT`] (none when the collector is failing):
+/// one last try of at most `FINAL_EXPORT` (2 s) (none when the collector is failing):
 /// a dead collector must not hold the shutdown; what is left is counted dropped.
 pub async fn run(mut export: Export, cancel: CancellationToken) {
     let mut batch = Vec::with_capacity(BATCH);

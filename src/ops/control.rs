@@ -224,7 +224,7 @@ pub async fn write(
     })
 }
 
-/// The fleet's counts of operators' changes, as [`write`] keeps them: (command,
+/// The fleet's counts of operators' changes, as [`write()`] keeps them: (command,
 /// source, count); fields this version does not know are left out.
 pub async fn read_counts(
     conn: &mut Conn,
