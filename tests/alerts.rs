@@ -565,15 +565,7 @@ async fn email_reaches_a_real_smtp_server() {
         let maildir = dir.0.join("mail");
         let port = free_port();
         // aiosmtpd's Mailbox handler delivers each message into a Maildir.
-        let _smtp = KillOnDrop(
-            std::process::Command::new("python3")
-                .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
-                .arg(&maildir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("python3 -m aiosmtpd (pip install aiosmtpd)"),
-        );
+        let _smtp = smtp_mailbox(port, &maildir);
         wait_port(port).await;
         let config = alerts_config(&format!(
             "[alerts.email]\nsmtp_url = \"smtp://127.0.0.1:{port}\"\nfrom = \"canarygate@example.com\"\n\

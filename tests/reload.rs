@@ -35,15 +35,7 @@ async fn a_sighup_that_adds_an_email_channel_mails_the_next_alert_and_a_bad_file
         let dir = TempDir::new("reload-smtp");
         let maildir = dir.0.join("mail");
         let port = free_port();
-        let _smtp = KillOnDrop(
-            std::process::Command::new("python3")
-                .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
-                .arg(&maildir)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("python3 -m aiosmtpd (pip install aiosmtpd)"),
-        );
+        let _smtp = smtp_mailbox(port, &maildir);
         wait_port(port).await;
         let production = AppBackend::start(0, 0).await;
         let canary = AppBackend::start(5, 0).await;

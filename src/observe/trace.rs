@@ -20,13 +20,14 @@
 //! off the request path ([`crate::observe::trace_export`]).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::propagation::TextMapPropagator as _;
 use opentelemetry::trace::Span as _;
 use opentelemetry::trace::{
     SpanContext, SpanId, SpanKind, Status, TraceContextExt as _, TraceId, TraceState, Tracer as _,
     TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider, Span};
 
@@ -104,7 +105,7 @@ impl Tracing {
             has_baggage |= *name == BAGGAGE;
         }
         let parent = has_parent
-            .then(|| TraceContextPropagator::new().extract(&Headers(headers)))
+            .then(|| TraceContextPropagator::new().extract(&HeaderExtractor(headers)))
             .filter(|cx| cx.span().span_context().is_valid());
         let baggage = if has_baggage {
             baggage::parse(headers.get_all(BAGGAGE).iter().map(HeaderValue::as_bytes))
@@ -406,19 +407,6 @@ impl AttemptSpan {
             span.set_attribute(KeyValue::new("error.type", error.to_owned()));
             span.set_status(Status::error(error.to_owned()));
         }
-    }
-}
-
-/// Header lookups for the propagators.
-struct Headers<'a>(&'a HeaderMap);
-
-impl Extractor for Headers<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(HeaderName::as_str).collect()
     }
 }
 

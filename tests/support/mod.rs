@@ -1217,6 +1217,29 @@ pub async fn terminate(
 
 pub struct KillOnDrop(pub Child);
 
+/// A real SMTP server (aiosmtpd) on 127.0.0.1:`port` whose Mailbox handler delivers
+/// each message into the Maildir `maildir`; killed on drop. Wait for the port
+/// before sending.
+pub fn smtp_mailbox(port: u16, maildir: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg(maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m aiosmtpd (pip install aiosmtpd)"),
+    )
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
